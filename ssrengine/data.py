@@ -1,0 +1,212 @@
+"""Input records: validation with precise errors, prompt rendering, tokenization with labels.
+
+Record format (DESIGN.md): ``{id, documents?, messages, response, answerable?}``. Prompts are
+rendered with the model's own chat template; documents enter through `render_documents` only.
+Every prompt token gets the label IGNORE_INDEX.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssrengine import IGNORE_INDEX
+from ssrengine.errors import InputError
+from ssrengine.io import iter_jsonl
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    messages: list[dict[str, str]]  # the conversation so far; the last turn is the user's
+    response: str  # gold answer for the next assistant turn
+    documents: list[dict[str, str]] = field(default_factory=list)
+    answerable: bool | None = None
+    file: str = ""
+    line: int = 0
+
+    def to_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "id": self.id,
+            "documents": self.documents,
+            "messages": self.messages,
+            "response": self.response,
+        }
+        if self.answerable is not None:
+            rec["answerable"] = self.answerable
+        return rec
+
+
+def parse_record(
+    obj: dict[str, Any], *, file: str, line: int, response_key: str = "response"
+) -> Example:
+    """Validate one JSON object against the record format; errors name file, line and field."""
+
+    def bad(msg: str, fld: str) -> InputError:
+        return InputError(msg, file=file, line=line, field=fld)
+
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not rid.strip():
+        raise bad("missing or empty id (a non-empty string)", "id")
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("missing or empty; expected a list of {role, content}", "messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad("expected an object {role, content}", f"messages[{i}]")
+        if m.get("role") not in ROLES:
+            raise bad(
+                f"unknown role {m.get('role')!r}; expected one of {', '.join(ROLES)}",
+                f"messages[{i}].role",
+            )
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise bad("missing or empty content", f"messages[{i}].content")
+    if msgs[-1]["role"] != "user":
+        raise bad(
+            "the last message must be the user's turn being answered",
+            f"messages[{len(msgs) - 1}].role",
+        )
+    resp = obj.get(response_key)
+    if not isinstance(resp, str):
+        raise bad("missing; expected the gold answer as a string", response_key)
+    if not resp.strip():
+        raise bad("empty response", response_key)
+    docs = obj.get("documents", [])
+    if docs is None:
+        docs = []
+    if not isinstance(docs, list):
+        raise bad("expected a list of {title, text}", "documents")
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+            raise bad("expected an object with a string 'text'", f"documents[{i}]")
+        if "title" in d and not isinstance(d["title"], str):
+            raise bad("expected a string", f"documents[{i}].title")
+    ans = obj.get("answerable")
+    if ans is not None and not isinstance(ans, bool):
+        raise bad(f"expected true/false, got {ans!r}", "answerable")
+    return Example(
+        id=rid,
+        messages=[{"role": m["role"], "content": m["content"]} for m in msgs],
+        response=resp,
+        documents=[{"title": d.get("title", ""), "text": d["text"]} for d in docs],
+        answerable=ans,
+        file=file,
+        line=line,
+    )
+
+
+def resolve_data_file(spec: str, seed: int = 0) -> Path:
+    """A path, or ``builtin:SPLIT`` → the embedded generator's split, written once to the cache."""
+    if spec.startswith("builtin:"):
+        from ssrengine.datasets.builtin import SPLITS, materialize
+
+        split = spec.removeprefix("builtin:")
+        if split not in SPLITS:
+            raise InputError(
+                f"unknown builtin split {split!r}; expected one of {', '.join(SPLITS)}",
+                field="data.train_file",
+            )
+        return materialize(split, seed)
+    return Path(spec)
+
+
+def load_examples(
+    path: str | Path, *, on_invalid: str = "error", max_examples: int = 0
+) -> list[Example]:
+    """Read and validate a JSONL file. Duplicate ids are always an error (they break resume)."""
+    path = Path(path)
+    out: list[Example] = []
+    seen: dict[str, int] = {}
+    skipped = 0
+    for lineno, obj in iter_jsonl(path):
+        try:
+            ex = parse_record(obj, file=str(path), line=lineno)
+        except InputError as e:
+            if on_invalid != "skip":
+                raise
+            skipped += 1
+            log.warning("skipping invalid record: %s", e)
+            continue
+        if ex.id in seen:
+            raise InputError(
+                f"duplicate id {ex.id!r} (first on line {seen[ex.id]})",
+                file=str(path),
+                line=lineno,
+                field="id",
+            )
+        seen[ex.id] = lineno
+        out.append(ex)
+        if max_examples and len(out) >= max_examples:
+            break
+    if skipped:
+        log.warning("%s: skipped %d invalid record(s) (data.on_invalid = skip)", path, skipped)
+    if not out:
+        raise InputError("no usable examples", file=str(path))
+    return out
+
+
+def render_documents(documents: list[dict[str, str]]) -> str:
+    """The one place documents become prompt text."""
+    parts = []
+    for i, d in enumerate(documents, 1):
+        title = f" {d['title']}" if d.get("title") else ""
+        parts.append(f"[Document {i}]{title}\n{d['text']}")
+    return "\n\n".join(parts)
+
+
+def prompt_messages(
+    messages: list[dict[str, str]], documents: list[dict[str, str]], system_prompt: str
+) -> list[dict[str, str]]:
+    """Chat messages for the model: instruction + documents as the system turn, then the dialog."""
+    system = system_prompt
+    if documents:
+        system = (
+            f"{system}\n\n{render_documents(documents)}" if system else render_documents(documents)
+        )
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [m for m in messages if m["role"] != "system"]
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_completion(
+    tokenizer: Any, messages: list[dict[str, str]], target: str
+) -> tuple[str, str]:
+    """(prompt text, completion text): the completion is everything the template adds after the
+    generation prompt for this assistant turn, end-of-turn tokens included."""
+    prompt = render_prompt(tokenizer, messages)
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": target}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise InputError(
+            "the chat template does not render the prompt as a prefix of prompt + answer; "
+            "cannot locate the target tokens",
+            field="model.path (chat template)",
+        )
+    return prompt, full[len(prompt) :]
+
+
+def encode(
+    tokenizer: Any, messages: list[dict[str, str]], target: str
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE_INDEX on every prompt token.
+
+    Prompt and completion are tokenized separately so the boundary is exactly the chat
+    template's generation prompt, whatever the BPE merges would do across it."""
+    prompt, completion = render_completion(tokenizer, messages, target)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return p + c, [IGNORE_INDEX] * len(p) + c
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]

