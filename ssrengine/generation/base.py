@@ -62,3 +62,13 @@ class Generator(Protocol):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class BackendError(RuntimeError):
+    """A backend failed after its retries (server down, malformed replies...).
+
+    ``server`` names the endpoint; the stage runner adds how many rows were already saved."""
+
+    def __init__(self, message: str, *, server: str = "") -> None:
+        self.server = server
+        super().__init__(f"{server}: {message}" if server else message)
