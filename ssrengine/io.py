@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,37 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [obj for _, obj in iter_jsonl(path)]
 
 
-class RowWriter:
-    """Append-only JSONL keyed by ``id``: ``done`` holds the ids already written."""
+def _parse_rows(data: bytes, path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise InputError(
+                "corrupt row in a stage output; delete the file to redo this stage",
+                file=str(path),
+                line=lineno,
+            ) from None
+    return rows
 
-    def __init__(self, path: str | Path) -> None:
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a stage file, in order, ignoring a torn last line (the writer cuts it on reopen)."""
+    path = Path(path)
+    data = path.read_bytes()
+    return _parse_rows(data[: data.rfind(b"\n") + 1], path)
+
+
+class RowWriter:
+    """Append-only JSONL keyed by ``key(row)`` (default: the id); ``done`` holds written keys."""
+
+    def __init__(
+        self, path: str | Path, key: Callable[[dict[str, Any]], str] = lambda r: r["id"]
+    ) -> None:
         self.path = Path(path)
+        self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: dict[str, dict[str, Any]] = {}
         if self.path.exists():
@@ -73,29 +99,20 @@ class RowWriter:
         if keep < len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(keep)
-        for lineno, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(
-                    "corrupt row in a stage output; delete the file to redo this stage",
-                    file=str(self.path),
-                    line=lineno,
-                ) from None
-            self.rows[row["id"]] = row
+        for row in _parse_rows(data[:keep], self.path):
+            self.rows[self.key(row)] = row
 
     @property
     def done(self) -> set[str]:
         return set(self.rows)
 
     def write(self, row: dict[str, Any]) -> None:
-        if row["id"] in self.rows:
-            raise ValueError(f"{self.path}: id {row['id']!r} written twice")
+        k = self.key(row)
+        if k in self.rows:
+            raise ValueError(f"{self.path}: row {k!r} written twice")
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
-        self.rows[row["id"]] = row
+        self.rows[k] = row
 
     def close(self) -> None:
         self._f.close()

@@ -1,0 +1,5 @@
+import sys
+
+from ssrengine.cli import main
+
+sys.exit(main())

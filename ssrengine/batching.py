@@ -1,0 +1,121 @@
+"""From rehearsal rows to training micro-batches.
+
+`encode_rows` renders every row with the chat template (loss on the target only) and applies
+the over-long policy; `micro_batches` cuts one epoch into micro-batches, padded or packed.
+Labels are shifted here, once: ``labels[t]`` is the target of position ``t``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ssrengine import IGNORE_INDEX
+from ssrengine.config import DataConfig, TrainConfig
+from ssrengine.data import encode, prompt_messages
+from ssrengine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    id: str
+    input_ids: list[int]
+    labels: list[int]  # unshifted: IGNORE_INDEX on prompt tokens, the token itself on targets
+    source: str = "gold"
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), shifted: labels[:, t] is the target of position t
+    model_kwargs: dict[str, Any]  # attention_mask (padded) or position_ids/cu_seqlens (packed)
+    supervised_tokens: int  # known on the host from the data: no device sync to normalize
+    real_tokens: int
+    ids: list[str]
+
+
+def shift_labels(labels: list[int]) -> list[int]:
+    """Position t predicts token t+1; the last position of a sequence predicts nothing."""
+    return labels[1:] + [IGNORE_INDEX]
+
+
+def encode_rows(
+    rows: list[dict[str, Any]], tokenizer: Any, data: DataConfig, *, file: str = "rehearsal.jsonl"
+) -> list[Encoded]:
+    """Tokenize rehearsal rows; over-long examples follow data.on_overlong (targets are never cut)."""
+    out, dropped, trimmed = [], 0, 0
+    for lineno, r in enumerate(rows, 1):
+        docs = list(r.get("documents") or [])
+        while True:
+            msgs = prompt_messages(r["messages"], docs, data.system_prompt)
+            ids, labels = encode(tokenizer, msgs, r["target"])
+            if len(ids) <= data.max_seq_len or data.on_overlong == "error":
+                break
+            if data.on_overlong == "trim_documents" and docs:
+                docs.pop()  # the last document goes first; the target is never touched
+                continue
+            break
+        if len(ids) > data.max_seq_len:
+            if data.on_overlong == "error":
+                raise InputError(
+                    f"example {r['id']!r} is {len(ids)} tokens, longer than data.max_seq_len={data.max_seq_len} "
+                    "(set data.on_overlong = trim_documents or skip, or raise data.max_seq_len)",
+                    file=file,
+                    line=lineno,
+                    field="documents" if docs else "messages",
+                )
+            dropped += 1
+            continue
+        trimmed += len(docs) < len(r.get("documents") or [])
+        out.append(Encoded(r["id"], ids, labels, r.get("source", "gold")))
+    if trimmed:
+        log.warning(
+            "trimmed documents of %d over-long example(s) to fit data.max_seq_len=%d",
+            trimmed,
+            data.max_seq_len,
+        )
+    if dropped:
+        log.warning(
+            "dropped %d over-long example(s) (data.on_overlong = %s)", dropped, data.on_overlong
+        )
+    if not out:
+        raise InputError("no training example fits data.max_seq_len", file=file)
+    return out
+
+
+def padded_batch(items: list[Encoded], pad_id: int) -> MicroBatch:
+    width = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(shift_labels(e.labels))
+        mask[i, :n] = 1
+    return MicroBatch(
+        input_ids=ids,
+        labels=labels,
+        model_kwargs={"attention_mask": mask},
+        supervised_tokens=int((labels != IGNORE_INDEX).sum()),
+        real_tokens=int(mask.sum()),
+        ids=[e.id for e in items],
+    )
+
+
+def micro_batches(
+    encoded: list[Encoded], train: TrainConfig, *, epoch: int, pad_id: int
+) -> list[MicroBatch]:
+    """One epoch of micro-batches in a seeded order (seed, epoch): resumable by index alone."""
+    rng = random.Random(train.seed * 1_000_003 + epoch)
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    items = [encoded[i] for i in order]
+    bs = train.micro_batch_size
+    return [padded_batch(items[i : i + bs], pad_id) for i in range(0, len(items), bs)]

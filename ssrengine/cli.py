@@ -1,0 +1,76 @@
+"""Command line: ``python -m ssrengine {run,generate,judge,build,train,config} ...``.
+
+Every command takes ``--config FILE`` and ``--section.field=value`` overrides. Bad input
+exits with status 2 and one line naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ssrengine.config import load_config, markdown_table
+from ssrengine.errors import InputError
+from ssrengine.generation import BackendError
+
+COMMANDS = {
+    "run": "all stages in order into run.dir (same as python -m ssrengine.train)",
+    "generate": "the base model answers every training prompt -> generations.jsonl",
+    "judge": "the judge marks acceptable answers -> verdicts.jsonl",
+    "build": "accepted own answers + gold for the rest -> rehearsal.jsonl",
+    "train": "fine-tune on rehearsal.jsonl -> checkpoints/, metrics.jsonl",
+    "config": "print the resolved config (or --markdown: the key reference)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ssrengine", description="Selective Self-Rehearsal fine-tuning."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in COMMANDS.items():
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("--config", help="TOML run config (e.g. configs/demo.toml)")
+        if name in ("run", "train"):
+            s.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue from the newest checkpoint (error if none)",
+            )
+        if name == "config":
+            s.add_argument(
+                "--markdown", action="store_true", help="print the config key reference table"
+            )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "config" and args.markdown:
+            print(markdown_table())
+            return 0
+        cfg = load_config(args.config, overrides)
+        if args.command == "config":
+            import json
+
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        from ssrengine.pipeline import run_all, run_stage
+
+        if args.command == "run":
+            run_all(cfg, resume=args.resume)
+        else:
+            run_stage(cfg, args.command, resume=getattr(args, "resume", False))
+        return 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BackendError as e:
+        print(f"error: generation backend failed: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,165 @@
+"""Judges decide whether the base model's own answer is an acceptable target.
+
+Two kinds (DESIGN.md): a rule judge (refusal agreement + answer token-F1, the CPU default) and
+an LLM judge that reads P(Yes) vs P(No) from one step of next-token logprobs on any backend.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ssrengine.data import Example, render_documents
+from ssrengine.generation.base import Generator, Request, SamplingParams
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accept: bool
+    score: float
+    reason: str
+
+
+class Judge(Protocol):
+    name: str  # recorded in verdicts.jsonl; part of the resume key
+
+    def judge(self, example: Example, candidate: str) -> Verdict: ...
+
+    def judge_batch(
+        self, examples: Sequence[Example], candidates: Sequence[str]
+    ) -> list[Verdict]: ...
+
+
+_REFUSAL = re.compile(
+    r"\b(do(es)?n[o']?t (say|mention|contain|provide|specify|state|include|have|answer)|"
+    r"(is|are) not (mentioned|provided|specified|stated|given|available|included)|"
+    r"no (information|mention|details?|answer)|not (enough|sufficient) information|"
+    r"cannot (be )?(answer|determine|find)|can't (answer|determine|find)|unable to (answer|determine|find)|"
+    r"unanswerable|i don'?t know|not possible to (answer|determine)|does not appear)\b",
+    re.IGNORECASE,
+)
+
+
+def is_refusal(text: str) -> bool:
+    """Whether an answer declines to answer from the documents (gold templates and model phrasings)."""
+    return bool(_REFUSAL.search(text))
+
+
+def _normalize_tokens(text: str) -> list[str]:
+    """SQuAD-style: lowercase, drop punctuation and articles, split on whitespace."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return [t for t in text.split() if t not in ("a", "an", "the")]
+
+
+def token_f1(candidate: str, reference: str) -> float:
+    c, r = _normalize_tokens(candidate), _normalize_tokens(reference)
+    common = sum((Counter(c) & Counter(r)).values())
+    if not c or not r or common == 0:
+        return 0.0
+    p, rec = common / len(c), common / len(r)
+    return 2 * p * rec / (p + rec)
+
+
+def token_recall(candidate: str, reference: str) -> float:
+    c, r = _normalize_tokens(candidate), _normalize_tokens(reference)
+    return sum((Counter(c) & Counter(r)).values()) / len(r) if r else 0.0
+
+
+class RuleJudge:
+    """Accept when candidate and gold agree on refusing, and an answer has token-F1 ≥ threshold."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        self.name = f"rule(f1>={threshold:g})"
+
+    def judge(self, example: Example, candidate: str) -> Verdict:
+        if not candidate.strip():
+            return Verdict(False, 0.0, "empty answer")
+        gold_refuses = example.answerable is False or is_refusal(example.response)
+        cand_refuses = is_refusal(candidate)
+        if gold_refuses:
+            if cand_refuses:
+                return Verdict(True, 1.0, "both decline: unanswerable from the documents")
+            return Verdict(False, 0.0, "answers a question the documents cannot answer")
+        if cand_refuses:
+            return Verdict(False, 0.0, "declines an answerable question")
+        f1 = token_f1(candidate, example.response)
+        ok = f1 >= self.threshold
+        return Verdict(ok, f1, f"token F1 {f1:.2f} {'>=' if ok else '<'} {self.threshold:g}")
+
+    def judge_batch(self, examples: Sequence[Example], candidates: Sequence[str]) -> list[Verdict]:
+        return [self.judge(e, c) for e, c in zip(examples, candidates)]
+
+
+# The fixed rubric goes first and the example last, so a prefix cache (SGLang's RadixAttention)
+# shares the rubric's KV across every judge call.
+RUBRIC = (
+    "You are a strict grader of answers to questions about documents. You are given documents, "
+    "a conversation, a reference answer written by an annotator and a candidate answer. The "
+    "candidate is acceptable if it is correct and consistent with the reference answer and the "
+    "documents: it must give the same information (wording may differ, extra correct detail is "
+    "fine), and if the reference says the documents do not contain the answer, the candidate "
+    "must also decline to answer. Reply with one word: Yes if acceptable, No otherwise."
+)
+
+
+def judge_messages(example: Example, candidate: str) -> list[dict[str, str]]:
+    dialog = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in example.messages)
+    body = (
+        f"Documents:\n{render_documents(example.documents) or '(none)'}\n\n"
+        f"Conversation:\n{dialog}\n\n"
+        f"Reference answer: {example.response}\n"
+        f"Candidate answer: {candidate}\n\n"
+        "Is the candidate answer acceptable? Answer Yes or No."
+    )
+    return [{"role": "system", "content": RUBRIC}, {"role": "user", "content": body}]
+
+
+class LLMJudge:
+    """P(Yes)/(P(Yes)+P(No)) from one prefill + one decode step; accept at ``threshold``.
+
+    Where a backend returns no logprobs, falls back to constrained choice: the first generated
+    word must be Yes or No."""
+
+    def __init__(self, generator: Generator, threshold: float = 0.5) -> None:
+        self.gen = generator
+        self.threshold = threshold
+        self.yes, self.no = generator.token_id("Yes"), generator.token_id("No")
+        self.name = f"llm({generator.model},p>={threshold:g})"
+
+    def judge(self, example: Example, candidate: str) -> Verdict:
+        return self.judge_batch([example], [candidate])[0]
+
+    def judge_batch(self, examples: Sequence[Example], candidates: Sequence[str]) -> list[Verdict]:
+        reqs = [Request(messages=judge_messages(e, c)) for e, c in zip(examples, candidates)]
+        outs = self.gen.generate(
+            reqs, SamplingParams(max_new_tokens=1, logprob_token_ids=(self.yes, self.no))
+        )
+        verdicts = []
+        for out in outs:
+            if out.logprobs:
+                ly, ln = out.logprobs[0][self.yes], out.logprobs[0][self.no]
+                m = max(ly, ln)
+                p = math.exp(ly - m) / (math.exp(ly - m) + math.exp(ln - m))
+                ok = p >= self.threshold
+                verdicts.append(
+                    Verdict(ok, p, f"P(Yes)={p:.3f} {'>=' if ok else '<'} {self.threshold:g}")
+                )
+                continue
+            word = (
+                out.text.strip().split()[0].strip(string.punctuation).lower()
+                if out.text.strip()
+                else ""
+            )
+            if word in ("yes", "no"):
+                verdicts.append(
+                    Verdict(word == "yes", float(word == "yes"), f"constrained choice: {word}")
+                )
+            else:
+                verdicts.append(Verdict(False, 0.0, f"unparseable verdict {out.text[:40]!r}"))
+        return verdicts

@@ -1,0 +1,99 @@
+"""A run: prepare the run directory, then generate → judge → build → train, skipping done work."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ssrengine.config import Config
+from ssrengine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generate", "judge", "build", "train")
+# Changing these under an existing run would silently mix artifacts of two different runs.
+_PINNED = ("model", "data", "run.mode")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if any(k == p or k.startswith(p + ".") for p in keys) and a.get(k) != b.get(k)
+    ]
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create run.dir and save config.json; refuse a run dir made with another model/data/mode."""
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.json"
+    if saved.exists():
+        diff = config_diff(json.loads(saved.read_text()), cfg.to_dict(), _PINNED)
+        if diff:
+            raise InputError(
+                "this run directory was made with a different config (" + "; ".join(diff) + "); "
+                "use a new run.dir",
+                file=str(saved),
+            )
+    cfg.save(saved)
+    return run_dir
+
+
+def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
+    from ssrengine import stages
+
+    run_dir = prepare_run_dir(cfg)
+    if stage in ("generate", "judge") and cfg.run.mode == "sft":
+        log.info("%s: skipped (run.mode = sft trains on gold answers only)", stage)
+        return None
+    if stage == "generate":
+        return stages.run_generate(cfg, run_dir)
+    if stage == "judge":
+        verdicts = stages.run_judge(cfg, run_dir)
+        if cfg.judge.paraphrase:
+            rejected = [e for e in stages.train_examples(cfg) if not verdicts[e.id].accept]
+            stages.run_paraphrase(cfg, run_dir, rejected)
+        return verdicts
+    if stage == "build":
+        stats = stages.run_build(cfg, run_dir)
+        print(f"rehearsal set ({cfg.run.mode}):\n{stages.format_stats(stats)}")
+        return stats
+    if stage == "train":
+        from ssrengine.trainer import train
+
+        return train(cfg, run_dir, require_resume=resume)
+    raise InputError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+def run_all(cfg: Config, *, resume: bool = False) -> Path:
+    """Every stage in order into run.dir; finished work is skipped. Returns the final checkpoint."""
+    for stage in STAGES[:-1]:
+        run_stage(cfg, stage)
+    final = run_stage(cfg, "train", resume=resume)
+    run_dir = Path(cfg.run.dir)
+    stats = json.loads((run_dir / "build_stats.json").read_text())["overall"]
+    last = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    print(f"\nrun dir:     {run_dir}")
+    print(
+        f"R/G split:   R (self) {stats['self']}  paraphrase {stats['paraphrase']}  G (gold) {stats['gold']}  "
+        f"(R share {stats['R_share']:.1%})"
+    )
+    if last:
+        print(f"final loss:  {last[-1]['loss']:.4f} at step {last[-1]['step']}")
+    print(f"checkpoint:  {final}")
+    return final

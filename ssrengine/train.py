@@ -1,0 +1,16 @@
+"""``python -m ssrengine.train --config FILE [--section.field=value ...] [--resume]``: every stage
+of a run (generate → judge → build → train) into run.dir, skipping finished work."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ssrengine.cli import main as cli_main
+
+    return cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
