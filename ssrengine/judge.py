@@ -36,7 +36,7 @@ class Judge(Protocol):
 
 
 _REFUSAL = re.compile(
-    r"\b(do(es)?n[o']?t (say|mention|contain|provide|specify|state|include|have|answer)|"
+    r"\b(do(es)?( not|n'?t) (say|mention|contain|provide|specify|state|include|have|answer)|"
     r"(is|are) not (mentioned|provided|specified|stated|given|available|included)|"
     r"no (information|mention|details?|answer)|not (enough|sufficient) information|"
     r"cannot (be )?(answer|determine|find)|can't (answer|determine|find)|unable to (answer|determine|find)|"

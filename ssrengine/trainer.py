@@ -50,6 +50,24 @@ def loss_sum(model: Any, mb: MicroBatch, impl: str = "auto") -> torch.Tensor:
     )
 
 
+def accumulate(
+    model: Any, mbs: list[MicroBatch], *, impl: str = "auto", autocast: Any = None
+) -> tuple[torch.Tensor, int]:
+    """Backward over one optimizer step's micro-batches; returns (summed loss, supervised tokens).
+
+    The supervised-token count of the whole step is known before the first backward, so every
+    micro-batch's summed loss is divided by the same global count."""
+    device = next(model.parameters()).device
+    n_sup = sum(mb.supervised_tokens for mb in mbs)
+    total = torch.zeros((), device=device)
+    for mb in mbs:
+        with autocast or nullcontext():
+            loss = loss_sum(model, _to(mb, device), impl)
+        (loss / max(n_sup, 1)).backward()
+        total += loss.detach()
+    return total, n_sup
+
+
 def lr_lambda(cfg: Config) -> Any:
     t = cfg.train
 
@@ -187,13 +205,7 @@ def train(
             while step < t.max_steps:
                 t0 = time.perf_counter()
                 mbs = [stream[step * t.grad_accum + i] for i in range(t.grad_accum)]
-                n_sup = sum(mb.supervised_tokens for mb in mbs)
-                total = torch.zeros((), device=device)
-                for mb in mbs:
-                    with autocast:
-                        loss = loss_sum(model, _to(mb, device), t.loss_impl)
-                    (loss / max(n_sup, 1)).backward()
-                    total += loss.detach()
+                total, n_sup = accumulate(model, mbs, impl=t.loss_impl, autocast=autocast)
                 clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 lr = opt.param_groups[0]["lr"]

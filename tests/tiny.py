@@ -73,3 +73,39 @@ def build_tiny(out: Path, *, tie: bool = True) -> Path:
     build_tokenizer(out)
     build_model(out, len(AutoTokenizer.from_pretrained(out)), tie=tie)
     return out
+
+
+def records(n: int = 12) -> list[dict]:
+    """Small content-grounded QA records in the DESIGN.md format; every third is unanswerable."""
+    out = []
+    for i in range(n):
+        answerable = i % 3 != 0
+        question = "When was Acme founded?" if answerable else "Who is the CEO of Acme?"
+        msgs = [{"role": "user", "content": question}]
+        if i % 4 == 1:  # multi-turn
+            msgs = [
+                {"role": "user", "content": "Where is Acme?"},
+                {"role": "assistant", "content": "In Oslo."},
+                *msgs,
+            ]
+        out.append(
+            {
+                "id": f"ex-{i:03d}",
+                "documents": [
+                    {"title": "Acme", "text": f"Acme was founded in {1900 + i} in Oslo."}
+                ],
+                "messages": msgs,
+                "response": f"Founded in {1900 + i}."
+                if answerable
+                else "The documents do not say.",
+                "answerable": answerable,
+            }
+        )
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,129 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ssrengine.batching import encode_rows, padded_batch
+from ssrengine.config import load_config
+from ssrengine.io import read_rows
+from ssrengine.trainer import accumulate, train
+from tests.tiny import records, write_jsonl
+
+
+def rehearsal(n=16):
+    return [{**r, "target": r["response"], "source": "gold"} for r in records(n)]
+
+
+def _cfg(tiny, run_dir, *extra):
+    return load_config(
+        None,
+        [
+            f"--model.path={tiny}",
+            f"--run.dir={run_dir}",
+            "--train.lr=1e-3",
+            "--train.warmup_steps=2",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize("impl", ["naive"])
+def test_eight_micro_batches_of_one_equal_one_of_eight(tiny_model_dir, impl):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    enc = encode_rows(rehearsal(8), tok, load_config().data)
+    grads = []
+    for mbs in (
+        [padded_batch(enc, tok.pad_token_id)],
+        [padded_batch([e], tok.pad_token_id) for e in enc],
+    ):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        total, n = accumulate(model, mbs, impl=impl)
+        grads.append(({k: p.grad.clone() for k, p in model.named_parameters()}, total / n))
+    (g1, l1), (g8, l8) = grads
+    torch.testing.assert_close(l1, l8, rtol=1e-5, atol=1e-6)
+    for k in g1:
+        torch.testing.assert_close(
+            g1[k], g8[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
+def test_checkpoint_reloads_in_transformers_and_generates(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, "--train.max_steps=3", "--train.loss_impl=naive")
+    final = train(cfg, tmp_path, rows=rehearsal())
+    assert final.name == "step-3"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4
+    trained = load_file(str(final / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert json.loads((final / "run_config.json").read_text())["train"]["max_steps"] == 3
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("step", "loss", "lr", "supervised_tokens", "tokens_per_s", "grad_norm"):
+        assert all(key in r for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_killed_training_resumes_to_identical_weights(tiny_model_dir, tmp_path):
+    steps = 12
+    args = [
+        f"--model.path={tiny_model_dir}",
+        "--train.lr=1e-3",
+        f"--train.max_steps={steps}",
+        "--train.save_every=1",
+        "--train.loss_impl=naive",
+        "--train.micro_batch_size=2",
+        "--train.grad_accum=2",
+    ]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    for d in (ref_dir, run_dir):
+        d.mkdir()
+        write_jsonl(d / "rehearsal.jsonl", rehearsal(10))
+    ref = train(load_config(None, [*args, f"--run.dir={ref_dir}"]), ref_dir)
+
+    cmd = [sys.executable, "-m", "ssrengine", "train", *args, f"--run.dir={run_dir}"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step-3").exists():
+        assert proc.poll() is None and time.time() < deadline, (
+            "training ended before it could be killed"
+        )
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    assert max(done) < steps, "the kill came too late to test a resume"
+    res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    a = load_file(str(ref / "model.safetensors"))
+    b = load_file(str(run_dir / "checkpoints" / f"step-{steps}" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    ref_losses = [r["loss"] for r in read_rows(ref_dir / "metrics.jsonl")]
+    run_rows = read_rows(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in run_rows] == list(range(1, steps + 1))
+    assert [r["loss"] for r in run_rows] == pytest.approx(ref_losses, abs=1e-6)
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_model_dir, tmp_path):
+    from ssrengine.errors import InputError
+
+    with pytest.raises(InputError, match="no checkpoint to resume from"):
+        train(_cfg(tiny_model_dir, tmp_path), tmp_path, rows=rehearsal(), require_resume=True)
