@@ -148,7 +148,8 @@ def generate_rows(
 
     done = {key(r) for r in read_rows(run_dir / file)} if (run_dir / file).exists() else set()
     todo = [e for e in examples if f"{e.id}|{generator.model}|{hashes[e.id]}" not in done]
-    chunk = g.batch_size * max(1, g.concurrency)
+    # Local hf generates one batch at a time; server backends keep `concurrency` batches in flight.
+    chunk = g.batch_size * (1 if generator.backend == "hf" else max(1, g.concurrency))
     rows = _run_rows(
         run_dir / file,
         todo,

@@ -67,3 +67,11 @@ def test_demo_config_loads_and_every_key_is_documented():
     for sec, values in cfg.to_dict().items():
         for key in values:
             assert f"`{sec}.{key}`" in table
+
+
+def test_readme_config_table_is_current():
+    """The README's config reference is the generated table, verbatim."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate it: python -m ssrengine config --markdown"
