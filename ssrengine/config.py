@@ -147,6 +147,22 @@ class TrainConfig:
     keep_checkpoints: int = _f(
         2, "Keep the newest N step checkpoints (the final one is always kept)."
     )
+    parallel: str = _f(
+        "fsdp",
+        "Under `torchrun --nproc-per-node N` (N > 1): FSDP2 `fully_shard` (parameters, gradients and optimizer state sharded per rank) or DDP (replicated). A single process ignores it.",
+        ("fsdp", "ddp"),
+    )
+    lora: bool = _f(
+        False,
+        "Train LoRA adapters (peft) instead of all weights; checkpoints hold the adapter (`adapter/`) and a merged HF export.",
+    )
+    lora_r: int = _f(8, "LoRA rank (S3FT used r = 8).")
+    lora_alpha: int = _f(16, "LoRA scaling numerator: the update is scaled by alpha / r.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input path.")
+    lora_target_modules: str = _f(
+        "all-linear",
+        "Comma-separated module names to adapt (e.g. `q_proj,v_proj`), or `all-linear` (every linear layer but the lm_head).",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
