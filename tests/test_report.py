@@ -1,0 +1,149 @@
+import json
+import math
+
+import pytest
+
+from ssrengine.cli import main as cli_main
+from ssrengine.report import (
+    average_drop,
+    build_table,
+    claim_check,
+    load_run,
+    relative_drops,
+    write_report,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _split(score_f1, recall, matrix):
+    return {
+        "n": sum(map(sum, matrix)),
+        "confusion": {
+            "rows": ["answerable", "unanswerable"],
+            "cols": ["answered", "declined"],
+            "matrix": matrix,
+        },
+        "unanswerable": {"f1": score_f1},
+        "answer_recall": recall,
+        "score": 100 * (score_f1 + recall) / 2,
+    }
+
+
+def _write_run(
+    root, name, mode, *, f1, recall, probe, mc, own, build=None, losses=None, fig1=False
+):
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    ev = {
+        "name": name,
+        "mode": mode,
+        "splits": {
+            "in_domain": _split(f1, recall, [[60, 10], [5, 25]]),
+            "out_of_domain": _split(f1 - 0.1, recall - 0.1, [[50, 20], [10, 20]]),
+        },
+        "retention_metrics": {"probe_acc": probe, "mc_acc": mc, "own_answer_prob": own},
+    }
+    (d / "eval" / "eval.json").write_text(json.dumps(ev))
+    if build is not None:
+        n = 100
+        s = {"n": n, "self": build, "paraphrase": 0, "gold": n - build, "R_share": build / n}
+        (d / "build_stats.json").write_text(
+            json.dumps({"overall": s, "answerable": s, "unanswerable": {**s, "n": 0}})
+        )
+    if losses:
+        rows = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if fig1:
+        rows = [
+            {"id": f"x{i}", "gold_logprob": -3.0 - 0.1 * i, "own_logprob": -0.5 - 0.05 * i}
+            for i in range(20)
+        ]
+        (d / "eval" / "self_vs_gold.json").write_text(json.dumps({"rows": rows}))
+    return d
+
+
+@pytest.fixture
+def three_runs(tmp_path):
+    base = _write_run(tmp_path, "base", "base", f1=0.2, recall=0.5, probe=0.5, mc=0.4, own=0.8)
+    sft = _write_run(
+        tmp_path, "sft", "sft", f1=0.8, recall=0.7, probe=0.4, mc=0.3, own=0.4,
+        build=0, losses=[2.0, 1.5, 1.2],
+    )  # fmt: skip
+    ssr = _write_run(
+        tmp_path, "ssr", "ssr", f1=0.78, recall=0.71, probe=0.5, mc=0.38, own=0.76,
+        build=40, losses=[1.0, 0.8, 0.7], fig1=True,
+    )  # fmt: skip
+    return base, sft, ssr
+
+
+def test_relative_drop_hand_computed():
+    base = {"a": 0.5, "b": 0.4, "c": 0.8, "z": 0.0}
+    run = {"a": 0.4, "b": 0.3, "c": 0.4, "z": 0.1}
+    d = relative_drops(base, run, ["a", "b", "c", "z"])
+    assert d == pytest.approx({"a": 20.0, "b": 25.0, "c": 50.0})  # zero base skipped
+    assert average_drop(d) == pytest.approx(95 / 3)
+    assert math.isnan(average_drop({}))
+
+
+def test_table_and_claim(three_runs):
+    runs = [load_run(p) for p in three_runs]
+    table = build_table(runs, runs[0])
+    rows = {r["run"]: r for r in table["rows"]}
+    assert table["splits"] == ["in_domain", "out_of_domain"]
+    assert rows["base"]["avg_drop"] == pytest.approx(0.0)
+    assert rows["sft"]["avg_drop"] == pytest.approx((20 + 25 + 50) / 3)
+    assert rows["ssr"]["avg_drop"] == pytest.approx((0 + 5 + 5) / 3)
+    assert rows["sft"]["in_domain/score"] == pytest.approx(75.0)
+    assert rows["ssr"]["R_share"] == 0.4 and rows["base"]["R_share"] is None
+    [c] = claim_check(table)
+    assert c["in_domain_gap_points"] == pytest.approx(74.5 - 75.0)
+    assert c["in_domain_ok"] and c["retention_ok"] and c["holds"]
+
+
+def test_claim_fails_when_ssr_loses_task_score_or_retention(tmp_path):
+    base = _write_run(tmp_path, "b", "base", f1=0.2, recall=0.5, probe=0.5, mc=0.4, own=0.8)
+    sft = _write_run(tmp_path, "s", "sft", f1=0.8, recall=0.7, probe=0.4, mc=0.3, own=0.4)
+    bad = _write_run(tmp_path, "r", "ssr", f1=0.7, recall=0.7, probe=0.45, mc=0.35, own=0.7)
+    runs = [load_run(p) for p in (base, sft, bad)]
+    [c] = claim_check(build_table(runs, runs[0]))
+    assert c["in_domain_gap_points"] == pytest.approx(-5.0)
+    assert not c["in_domain_ok"] and not c["retention_ok"] and not c["holds"]
+
+
+def test_report_writes_markdown_html_and_plots(three_runs, tmp_path):
+    out = tmp_path / "report"
+    argv = ["report", *map(str, three_runs), "--out", str(out)]
+    assert cli_main(argv) == 0
+    for f in (
+        "rg_share.png",
+        "loss_curves.png",
+        "logprob_hist.png",
+        "confusion.png",
+        "retention.png",
+    ):
+        assert (out / f).read_bytes()[:8] == PNG, f
+    md = (out / "report.md").read_text()
+    assert "| run | mode | R share | in-domain score" in md
+    assert "| ssr | ssr | 0.40 | 74.5 |" in md
+    assert "the claim holds" in md
+    assert "![" in md and "(logprob_hist.png)" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and "<table>" in page
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base"] == "base" and summary["claim"][0]["holds"]
+
+
+def test_report_without_base_or_training_artifacts(tmp_path):
+    a = _write_run(tmp_path, "a", "ssr", f1=0.5, recall=0.5, probe=0.5, mc=0.5, own=0.5)
+    summary = write_report([load_run(a)], None, tmp_path / "out")
+    assert summary["plots"] == ["confusion.png"]
+    assert "avg_drop" not in summary["table"]["rows"][0]
+    assert "No base run given" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_errors(tmp_path, capsys):
+    assert cli_main(["report", str(tmp_path)]) == 2
+    assert "run `python -m ssrengine eval" in capsys.readouterr().err
+    a = _write_run(tmp_path, "a", "ssr", f1=0.5, recall=0.5, probe=0.5, mc=0.5, own=0.5)
+    assert cli_main(["report", str(a), "--base", "zzz", "--out", str(tmp_path / "o")]) == 2
