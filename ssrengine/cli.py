@@ -1,4 +1,4 @@
-"""Command line: ``python -m ssrengine {run,generate,judge,build,train,config} ...``.
+"""Command line: ``python -m ssrengine {run,generate,judge,build,train,eval,report,config} ...``.
 
 Every command takes ``--config FILE`` and ``--section.field=value`` overrides. Bad input
 exits with status 2 and one line naming the file, line and field.
@@ -20,6 +20,8 @@ COMMANDS = {
     "judge": "the judge marks acceptable answers -> verdicts.jsonl",
     "build": "accepted own answers + gold for the rest -> rehearsal.jsonl",
     "train": "fine-tune on rehearsal.jsonl -> checkpoints/, metrics.jsonl",
+    "eval": "task metrics + retention of a run or a model -> OUT/eval/eval.json",
+    "report": "one table and plots across evaluated runs -> markdown/HTML report",
     "config": "print the resolved config (or --markdown: the key reference)",
 }
 
@@ -31,7 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in COMMANDS.items():
         s = sub.add_parser(name, help=help_, description=help_)
+        if name == "report":
+            from ssrengine.report import add_arguments
+
+            add_arguments(s)
+            continue
         s.add_argument("--config", help="TOML run config (e.g. configs/demo.toml)")
+        if name == "eval":
+            from ssrengine.evaluate import add_arguments
+
+            add_arguments(s)
         if name in ("run", "train"):
             s.add_argument(
                 "--resume",
@@ -52,6 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config" and args.markdown:
             print(markdown_table())
             return 0
+        if args.command == "report":
+            if overrides:
+                raise InputError(
+                    f"unexpected arguments: {' '.join(overrides)}", file="<command line>"
+                )
+            from ssrengine.report import main as report_main
+
+            return report_main(args)
+        if args.command == "eval":
+            from ssrengine.evaluate import main as eval_main
+
+            return eval_main(args, overrides)
         cfg = load_config(args.config, overrides)
         if args.command == "config":
             import json
