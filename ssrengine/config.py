@@ -101,8 +101,11 @@ class JudgeConfig:
         "`rule`: refusal agreement + answer token-F1; `llm`: P(Yes) from one step of next-token logprobs.",
         ("rule", "llm"),
     )
-    threshold: float = _f(
-        0.5, "Accept when score >= threshold (rule: token F1; llm: P(Yes)/(P(Yes)+P(No)))."
+    threshold: float = _f(0.5, "LLM judge: accept when P(Yes)/(P(Yes)+P(No)) >= threshold.")
+    min_f1: float = _f(
+        0.3,
+        "Rule judge: accept an answer when its token F1 against the gold answer is >= min_f1 "
+        "and it contains every number of the gold answer.",
     )
     model: str = _f("", "LLM judge model; empty = model.path.")
     backend: str = _f(

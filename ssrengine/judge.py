@@ -56,6 +56,10 @@ def _normalize_tokens(text: str) -> list[str]:
     return [t for t in text.split() if t not in ("a", "an", "the")]
 
 
+def _numbers(text: str) -> list[str]:
+    return [n.replace(",", "") for n in re.findall(r"\d[\d,]*(?:\.\d+)?", text)]
+
+
 def token_f1(candidate: str, reference: str) -> float:
     c, r = _normalize_tokens(candidate), _normalize_tokens(reference)
     common = sum((Counter(c) & Counter(r)).values())
@@ -71,11 +75,13 @@ def token_recall(candidate: str, reference: str) -> float:
 
 
 class RuleJudge:
-    """Accept when candidate and gold agree on refusing, and an answer has token-F1 ≥ threshold."""
+    """Accept when candidate and gold agree on refusing, and an answer has token-F1 ≥ min_f1
+    and contains every number of the gold answer (F1 alone accepts "founded in 1990" for
+    "Founded in 1987.")."""
 
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = threshold
-        self.name = f"rule(f1>={threshold:g})"
+    def __init__(self, min_f1: float = 0.3) -> None:
+        self.min_f1 = min_f1
+        self.name = f"rule(f1>={min_f1:g},numbers)"
 
     def judge(self, example: Example, candidate: str) -> Verdict:
         if not candidate.strip():
@@ -89,8 +95,11 @@ class RuleJudge:
         if cand_refuses:
             return Verdict(False, 0.0, "declines an answerable question")
         f1 = token_f1(candidate, example.response)
-        ok = f1 >= self.threshold
-        return Verdict(ok, f1, f"token F1 {f1:.2f} {'>=' if ok else '<'} {self.threshold:g}")
+        missing = sorted(set(_numbers(example.response)) - set(_numbers(candidate)))
+        if missing:
+            return Verdict(False, f1, f"token F1 {f1:.2f}, but misses {', '.join(missing)}")
+        ok = f1 >= self.min_f1
+        return Verdict(ok, f1, f"token F1 {f1:.2f} {'>=' if ok else '<'} {self.min_f1:g}")
 
     def judge_batch(self, examples: Sequence[Example], candidates: Sequence[str]) -> list[Verdict]:
         return [self.judge(e, c) for e, c in zip(examples, candidates)]

@@ -215,7 +215,7 @@ def judge_rows(
 
 def make_judge(cfg: Config, generator: Generator | None = None) -> Judge:
     if cfg.judge.kind == "rule":
-        return RuleJudge(cfg.judge.threshold)
+        return RuleJudge(cfg.judge.min_f1)
     if generator is None:
         raise InputError("judge.kind = llm needs a generator", field="judge.kind")
     return LLMJudge(generator, cfg.judge.threshold)

@@ -32,6 +32,8 @@ def ex(response, answerable=True):
         ("The documents do not say.", False, "The documents don't say who the CEO is.", True),
         ("The documents do not say.", False, "The CEO is Mara Quill.", False),
         ("Founded in 1987.", True, "   ", False),
+        ("Founded in 1987.", True, "It was founded in 1990.", False),
+        ("3,380 employees.", True, "Fefa Works has 3380 employees.", True),
     ],
 )
 def test_rule_judge(gold, answerable, cand, accept):
