@@ -1,0 +1,245 @@
+"""What the server backends share: a fault-tolerant JSON-over-HTTP client and client-side
+tokenization.
+
+`HTTPClient` sends each request to the next server URL in turn (round-robin), retries
+transport failures (refused or dropped connections, timeouts), retryable statuses (408, 429,
+5xx) and malformed replies with exponential backoff and jitter, and runs at most
+``concurrency`` requests at once. After ``max_retries`` retries it raises `BackendError`
+naming the server. A 4xx other than 408/429 means the request itself is wrong: it is not
+retried. Standard library only (http.client + a thread pool), so the CPU install stays small.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ssrengine.errors import InputError
+from ssrengine.generation.base import BackendError, Request
+from ssrengine.models import load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+RETRY_STATUS = frozenset({408, 425, 429})  # plus every 5xx
+
+
+class MalformedReply(ValueError):
+    """A reply that is not the documented shape; retried like a transport failure."""
+
+
+class _RetryableStatus(Exception):
+    pass
+
+
+def parse_urls(urls: str | Sequence[str]) -> list[str]:
+    """``"http://a:30000,http://b:30000"`` (or a list) → base URLs without trailing slashes."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out = []
+    for u in (x.strip().rstrip("/") for x in items):
+        if not u:
+            continue
+        parts = urllib.parse.urlsplit(u)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"not an http(s) URL: {u!r}", field="generation.url")
+        out.append(u)
+    return out
+
+
+def _describe(e: BaseException, timeout_s: float) -> str:
+    if isinstance(e, TimeoutError):
+        return f"no reply within {timeout_s:g}s (timeout)"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    if isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+        return f"connection dropped by the server ({type(e).__name__})"
+    if isinstance(e, MalformedReply):
+        return f"malformed reply: {e}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _snippet(body: bytes, n: int = 200) -> str:
+    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
+    return text[:n] + ("..." if len(text) > n else "")
+
+
+class HTTPClient:
+    """JSON requests to one or more servers with retries, timeouts and bounded concurrency."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        concurrency: int = 4,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.urls = parse_urls(urls)
+        if not self.urls:
+            raise InputError("no server URL given", field="generation.url")
+        self.timeout_s = timeout_s
+        self.max_retries = max(0, max_retries)
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        # The pool size is the bound on requests in flight, across every call to `map`.
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, concurrency), thread_name_prefix="ssrengine-http"
+        )
+
+    @property
+    def name(self) -> str:
+        return ", ".join(self.urls)
+
+    def _first_url(self) -> int:
+        with self._lock:
+            return next(self._next)
+
+    def _delay(self, attempt: int) -> float:
+        # Exponential backoff with jitter, so clients that failed together do not retry together.
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def _send(self, url: str, method: str, path: str, payload: Any) -> tuple[int, bytes]:
+        parts = urllib.parse.urlsplit(url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.hostname or "", parts.port, timeout=self.timeout_s)
+        try:
+            body = None if payload is None else json.dumps(payload).encode()
+            conn.request(method, parts.path + path, body=body, headers=self.headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        parse: Callable[[Any], T] = lambda obj: obj,
+    ) -> T:
+        """Send one request (to the next server) and return ``parse(reply JSON)``, retrying.
+
+        ``parse`` validates the reply; a KeyError/TypeError/ValueError from it counts as a
+        malformed reply and is retried."""
+        attempts = self.max_retries + 1
+        url, error = self.urls[0], ""
+        # Requests take turns over the servers; a retry goes to the server after the one that
+        # failed, so one dead server among several costs a retry, never the request.
+        first = self._first_url()
+        for attempt in range(attempts):
+            url = self.urls[(first + attempt) % len(self.urls)]
+            try:
+                status, body = self._send(url, method, path, payload)
+                if status >= 500 or status in RETRY_STATUS:
+                    raise _RetryableStatus(f"HTTP {status}: {_snippet(body)}")
+                if status >= 400:
+                    raise BackendError(
+                        f"{method} {path} was rejected with HTTP {status} (not retried): "
+                        f"{_snippet(body)}",
+                        server=url,
+                    )
+                try:
+                    obj = json.loads(body)
+                except ValueError:
+                    raise MalformedReply(f"not JSON: {_snippet(body, 80)!r}") from None
+                try:
+                    return parse(obj)
+                except MalformedReply:
+                    raise
+                except (KeyError, TypeError, ValueError, IndexError) as e:
+                    raise MalformedReply(f"{type(e).__name__}: {e}") from None
+            except (OSError, http.client.HTTPException, MalformedReply, _RetryableStatus) as e:
+                error = str(e) if isinstance(e, _RetryableStatus) else _describe(e, self.timeout_s)
+                if attempt + 1 < attempts:
+                    wait = self._delay(attempt)
+                    log.warning(
+                        "%s %s%s: %s; retry %d/%d in %.1fs",
+                        method,
+                        url,
+                        path,
+                        error,
+                        attempt + 1,
+                        self.max_retries,
+                        wait,
+                    )
+                    time.sleep(wait)
+        tried = f" (servers tried in turn: {self.name})" if len(self.urls) > 1 else ""
+        raise BackendError(
+            f"{method} {path} failed after {attempts} attempt(s){tried}; last error: {error}",
+            server=url,
+        )
+
+    def map(self, fn: Callable[[U], T], items: Iterable[U]) -> list[T]:
+        """``[fn(x) for x in items]`` with at most ``concurrency`` calls running at once, in order.
+
+        On the first failure, calls not yet started are cancelled and the error is raised."""
+        futures = [self._pool.submit(fn, x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class PromptEncoder:
+    """Client-side tokenization for the backends that do not run transformers here: chat
+    messages are rendered with the model's own chat template, exactly as the hf backend does,
+    and sent as token ids, so every backend sees the same prompt tokens."""
+
+    def __init__(self, model: str, *, trust_remote_code: bool = False, tokenizer: Any = None):
+        self.tokenizer = tokenizer or load_tokenizer(model, trust_remote_code=trust_remote_code)
+        self.eos_ids = _eos_ids(model, self.tokenizer)
+
+    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        from ssrengine.data import encode_prompt
+
+        return encode_prompt(self.tokenizer, messages)
+
+    def token_id(self, text: str) -> int:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+    def prompt_ids(self, requests: Sequence[Request]) -> list[list[int]]:
+        return [
+            list(r.input_ids) if r.input_ids is not None else self.tokenize(r.messages or [])
+            for r in requests
+        ]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _eos_ids(model: str, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS plus generation_config.json's eos_token_id (what the hf backend and
+    SGLang stop on)."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        path = Path(resolve_model_path(model))
+    except InputError:
+        path = None
+    for name in ("generation_config.json", "config.json"):
+        if path is not None and (path / name).is_file():
+            eos = json.loads((path / name).read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos])
+            break
+    return sorted(i for i in ids if isinstance(i, int))

@@ -1,0 +1,96 @@
+"""In-process SGLang: ``sglang.Engine``'s offline batch API (GPU only; the ``gpu`` extra).
+
+The engine is started from the config (model path, ``tp_size``, ``dp_size``,
+``mem_fraction_static``) and shut down at close. Each ``generate`` call hands the whole chunk
+to ``Engine.generate(input_ids=[...], sampling_params=..., return_logprob=...,
+token_ids_logprob=...)``, whose continuous batching schedules it; the result dicts have the
+same shape as the HTTP server's /generate reply, parsed by the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ssrengine.errors import InputError
+from ssrengine.generation.base import BackendError, Completion, Generator, Request, SamplingParams
+from ssrengine.generation.http import MalformedReply, PromptEncoder
+from ssrengine.generation.launch import sglang_dtype
+from ssrengine.generation.sglang_http import (
+    parse_sglang_outputs,
+    sglang_logprob_args,
+    sglang_sampling,
+)
+from ssrengine.models import resolve_model_path
+
+
+class SGLangEngineGenerator(Generator):
+    backend = "sglang"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tp_size: int = 1,
+        dp_size: int = 1,
+        mem_fraction: float = 0.85,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        seed: int = 0,
+        tokenizer: Any = None,
+        **engine_args: Any,
+    ) -> None:
+        try:
+            import sglang
+        except ImportError as e:
+            raise InputError(
+                "generation.backend = sglang needs SGLang (GPU only): pip install 'ssrengine[gpu]'"
+                f" ({e})",
+                field="generation.backend",
+            ) from None
+        self.model = model
+        self.enc = PromptEncoder(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        self.tokenizer = self.enc.tokenizer
+        self.server = f"sglang.Engine({model})"
+        self.engine: Any = sglang.Engine(
+            model_path=str(resolve_model_path(model)),
+            tp_size=tp_size,
+            dp_size=dp_size,
+            mem_fraction_static=mem_fraction,
+            dtype=sglang_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            random_seed=seed,
+            **engine_args,
+        )
+
+    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.enc.tokenize(messages)
+
+    def token_id(self, text: str) -> int:
+        return self.enc.token_id(text)
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingParams) -> list[Completion]:
+        prompts = self.enc.prompt_ids(requests)
+        if not prompts:
+            return []
+        if self.engine is None:
+            raise BackendError("the engine is shut down", server=self.server)
+        try:
+            outs = self.engine.generate(
+                input_ids=prompts,
+                sampling_params=sglang_sampling(sampling),
+                **sglang_logprob_args(sampling, len(prompts)),
+            )
+        except Exception as e:  # CUDA OOM, a dead scheduler process, a prompt too long...
+            raise BackendError(
+                f"Engine.generate failed: {type(e).__name__}: {e}", server=self.server
+            ) from e
+        try:
+            return parse_sglang_outputs(outs, len(prompts), sampling)
+        except (MalformedReply, KeyError, TypeError, ValueError, IndexError) as e:
+            raise BackendError(f"unexpected Engine.generate result: {e}", server=self.server) from e
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

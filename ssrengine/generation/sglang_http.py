@@ -1,0 +1,176 @@
+"""SGLang server backend through its native ``POST /generate`` (token ids in, token ids out).
+
+Request (one per batch of ``batch_size`` prompts; SGLang's GenerateReqInput):
+    {"input_ids": [[...], ...],
+     "sampling_params": {"max_new_tokens", "temperature", "top_p", "stop"?},
+     "return_logprob": true, "token_ids_logprob": [[yes, no], ...]}   # only when asked
+Reply: a list, one per prompt, of
+    {"text", "output_ids",
+     "meta_info": {"finish_reason": {"type": "stop"|"length"|"abort", "matched"?: id|str},
+                   "prompt_tokens", "completion_tokens",
+                   "output_token_ids_logprobs": [[[logprob, token_id, text|null], ...], ...]}}
+``output_ids`` keeps the stop token that ended generation (SGLang trims it from the text
+only); it is dropped here so token ids match the hf backend. The server is one started by the
+user (``python -m sglang.launch_server``) or by us with ``generation.launch = true``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ssrengine.errors import InputError
+from ssrengine.generation.base import Completion, Generator, Request, SamplingParams
+from ssrengine.generation.http import HTTPClient, MalformedReply, PromptEncoder
+
+
+def sglang_sampling(s: SamplingParams) -> dict[str, Any]:
+    """SGLang ``sampling_params`` (temperature 0 = greedy)."""
+    out: dict[str, Any] = {
+        "max_new_tokens": s.max_new_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+    }
+    if s.stop:
+        out["stop"] = list(s.stop)
+    return out
+
+
+def sglang_logprob_args(s: SamplingParams, n: int) -> dict[str, Any]:
+    if not s.logprob_token_ids:
+        return {}
+    return {"return_logprob": True, "token_ids_logprob": [list(s.logprob_token_ids)] * n}
+
+
+def parse_sglang_outputs(obj: Any, n: int, s: SamplingParams) -> list[Completion]:
+    """A batched /generate reply (or Engine.generate result) → one Completion per prompt."""
+    if not isinstance(obj, list) or len(obj) != n:
+        got = f"a list of {len(obj)}" if isinstance(obj, list) else type(obj).__name__
+        raise MalformedReply(f"expected a list of {n} results, got {got}")
+    return [_parse_one(o, s) for o in obj]
+
+
+def _parse_one(o: dict[str, Any], s: SamplingParams) -> Completion:
+    meta = o["meta_info"]
+    reason = meta["finish_reason"]
+    kind = reason["type"]
+    if kind == "abort":
+        raise MalformedReply(f"request aborted by the server: {reason.get('message')}")
+    if kind not in ("stop", "length"):
+        raise MalformedReply(f"unknown finish_reason {reason!r}")
+    text, ids = o["text"], [int(t) for t in o["output_ids"]]
+    if not isinstance(text, str):
+        raise MalformedReply("'text' is not a string")
+    matched = reason.get("matched")
+    if kind == "stop" and isinstance(matched, int) and ids and ids[-1] == matched:
+        ids = ids[:-1]  # the EOS/stop token, as the hf backend leaves it out
+    logprobs = []
+    if s.logprob_token_ids:
+        steps = meta["output_token_ids_logprobs"]
+        # One position per kept token (at least the first), as the hf backend returns them.
+        need = max(1, len(ids)) if s.max_new_tokens > 0 else 0
+        if len(steps) < need:
+            raise MalformedReply(f"{len(steps)} logprob positions for {len(ids)} tokens")
+        for step in steps[:need]:
+            got = {int(t): float(lp) for lp, t, *_ in step}
+            missing = [t for t in s.logprob_token_ids if t not in got]
+            if missing:
+                raise MalformedReply(f"token_ids_logprob misses ids {missing}")
+            logprobs.append({t: got[t] for t in s.logprob_token_ids})
+    return Completion(
+        text=text.strip(),
+        token_ids=ids,
+        finish_reason=kind,
+        logprobs=logprobs,
+        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+    )
+
+
+class SGLangHTTPGenerator(Generator):
+    backend = "sglang-http"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        url: str = "",
+        batch_size: int = 16,
+        concurrency: int = 4,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        launch: bool = False,
+        tp_size: int = 1,
+        dp_size: int = 1,
+        mem_fraction: float = 0.85,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        tokenizer: Any = None,
+    ) -> None:
+        self.model = model
+        self.batch_size = max(1, batch_size)
+        self.enc = PromptEncoder(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        self.tokenizer = self.enc.tokenizer
+        self.server = None
+        if launch:
+            if url:
+                raise InputError(
+                    "set generation.url (a running server) or generation.launch = true, not both",
+                    field="generation.launch",
+                )
+            from ssrengine.generation.launch import launch_sglang
+
+            self.server = launch_sglang(
+                model,
+                tp_size=tp_size,
+                dp_size=dp_size,
+                mem_fraction=mem_fraction,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+            url = self.server.url
+        if not url:
+            raise InputError(
+                "sglang-http needs the server URL (or generation.launch = true)",
+                field="generation.url",
+            )
+        self.client = HTTPClient(
+            url,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            concurrency=concurrency,
+            backoff_s=backoff_s,
+        )
+        self.url = self.client.name
+
+    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.enc.tokenize(messages)
+
+    def token_id(self, text: str) -> int:
+        return self.enc.token_id(text)
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingParams) -> list[Completion]:
+        prompts = self.enc.prompt_ids(requests)
+        bs = self.batch_size
+        batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
+
+        def post(batch: list[list[int]]) -> list[Completion]:
+            payload = {
+                "input_ids": batch,
+                "sampling_params": sglang_sampling(sampling),
+                **sglang_logprob_args(sampling, len(batch)),
+            }
+            return self.client.request(
+                "POST",
+                "/generate",
+                payload,
+                parse=lambda obj: parse_sglang_outputs(obj, len(batch), sampling),
+            )
+
+        return [c for part in self.client.map(post, batches) for c in part]
+
+    def close(self) -> None:
+        self.client.close()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
