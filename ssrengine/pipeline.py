@@ -77,10 +77,19 @@ def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
 
 
 def run_all(cfg: Config, *, resume: bool = False) -> Path:
-    """Every stage in order into run.dir; finished work is skipped. Returns the final checkpoint."""
-    for stage in STAGES[:-1]:
-        run_stage(cfg, stage)
+    """Every stage in order into run.dir; finished work is skipped. Returns the final checkpoint.
+
+    Under torchrun the data stages run on rank 0 while the other ranks wait; all ranks train."""
+    from ssrengine import distributed
+
+    world = distributed.init(cfg.model.device)
+    if world.is_main:
+        for stage in STAGES[:-1]:
+            run_stage(cfg, stage)
+    distributed.barrier()
     final = run_stage(cfg, "train", resume=resume)
+    if not world.is_main:
+        return final
     run_dir = Path(cfg.run.dir)
     stats = json.loads((run_dir / "build_stats.json").read_text())["overall"]
     last = [
