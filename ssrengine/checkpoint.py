@@ -1,14 +1,19 @@
-"""Checkpoints: an HF directory `from_pretrained` loads, plus trainer state without pickle.
+"""Checkpoints: an HF directory `from_pretrained` and SGLang load, plus sharded trainer state.
 
 ```
 checkpoints/step-N/
-  config.json, model.safetensors, tokenizer files   (save_pretrained)
+  config.json, model.safetensors, tokenizer files   HF export (rank 0, full weights; LoRA: merged)
+  adapter/               LoRA only: adapter_config.json + adapter_model.safetensors (peft)
+  dcp/                   torch.distributed.checkpoint: trainable weights + AdamW state, one file
+                         per rank, keyed by parameter name, so it loads on any world size
   run_config.json        the resolved ssrengine config
-  trainer_state.json     step, scheduler, optimizer param groups, metrics summary
-  optimizer.safetensors  AdamW moments, flattened as state.{param_index}.{name}
-  rng.safetensors        torch (and CUDA) RNG state
+  trainer_state.json     step, data position, scheduler, metrics summary
+  rng.safetensors        torch (and CUDA) RNG state of rank 0
 ```
-A checkpoint is written to a temp dir and renamed, so ``step-N`` exists only when complete.
+Resuming reads dcp/ (never the export), so the optimizer state survives a change of world size
+or of train.parallel. No pickle anywhere. A checkpoint is written to a temp dir and renamed by
+rank 0 after every rank finished, so ``step-N`` exists only when complete. With several nodes,
+checkpoints/ must be on a filesystem all of them see.
 """
 
 from __future__ import annotations
@@ -16,15 +21,29 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
+from ssrengine import distributed
 from ssrengine.config import Config
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# Frozen weights (the LoRA base model) are not trainer state: they come from model.path.
+# Loading is non-strict only about them: dcp.load fails on any requested key the checkpoint lacks.
+_SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -43,87 +62,124 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _optimizer_tensors(
-    opt: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"state.{idx}.{name}"] = t.detach().cpu().contiguous()
-    return tensors, sd["param_groups"]
+def full_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Unsharded CPU weights on rank 0 (empty dict elsewhere); a collective under FSDP2.
 
-
-def _load_optimizer(
-    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
-) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = t
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    ``prefix`` (e.g. ``model.`` of the loss wrapper) is stripped from the keys."""
+    sd = get_model_state_dict(model, options=_FULL)
+    # A tied lm_head is stored once (as the embedding), as save_pretrained would.
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    aliases = {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    return {
+        k.removeprefix(prefix): v
+        for k, v in sd.items()
+        if k.startswith(prefix) and k not in aliases
+    }
 
 
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
     *,
-    model: Any,
+    model: nn.Module,
+    hf_model: Any,
     tokenizer: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: Config,
     extra: dict[str, Any],
     keep: int,
+    peft_model: Any = None,
+    prefix: str = "model.",
 ) -> Path:
+    """Collective: every rank calls it. ``model`` is the (wrapped) module the optimizer trains,
+    ``hf_model`` the transformers model inside it under ``prefix``; ``peft_model`` for LoRA."""
+    world = distributed.init()
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tensors, groups = _optimizer_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    state = {"step": step, "scheduler": sched, "param_groups": groups, **extra}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for s, p in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        if s != step:
-            shutil.rmtree(p, ignore_errors=True)
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    msd, osd = _train_state(_unwrap(model), optimizer)
+    with warnings.catch_warnings():  # "assuming ... a single process": yes, when size == 1
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(
+            {"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"), no_dist=world.size == 1
+        )
+    weights = full_state_dict(_unwrap(model), prefix)
+    if world.is_main:
+        _export_hf(tmp, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        state = {"step": step, "scheduler": sched, "world_size": world.size, **extra}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for s, p in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+            if s != step:
+                shutil.rmtree(p, ignore_errors=True)
+    distributed.barrier()
     return final
+
+
+def _export_hf(
+    out: Path, weights: dict[str, torch.Tensor], *, hf_model: Any, peft_model: Any, cfg: Config
+) -> None:
+    if peft_model is None:
+        hf_model.save_pretrained(out, state_dict=weights, safe_serialization=True)
+        return
+    from ssrengine import lora
+
+    lora.save_adapter(peft_model, weights, out / "adapter")
+    lora.export_merged(out / "adapter", cfg, out)
+
+
+def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Trainable weights and optimizer state, sharded as they live (DTensors under FSDP2)."""
+    msd, osd = get_state_dict(model, optimizer, options=_SHARDED)
+    # ignore_frozen_params misses a frozen tied alias (the LoRA lm_head): drop it here too.
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in msd.items() if k not in frozen}, osd
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """DDP's inner module (its state-dict keys carry no ``module.`` prefix); FSDP2 is in place."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def load_trainer_state(
     path: Path,
     *,
-    model: Any,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, schedule and RNG from ``path`` in place; return trainer_state."""
-    from safetensors.torch import load_model
+    """Restore weights, optimizer, schedule and RNG from ``path`` in place; return trainer_state.
 
+    Collective; resharded to this run's world size by torch.distributed.checkpoint."""
     state = json.loads((path / "trainer_state.json").read_text())
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    # Tied embeddings are stored once; anything else missing is a real mismatch.
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(
-            f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})"
-        )
-    _load_optimizer(
-        optimizer, load_file(str(path / "optimizer.safetensors")), state["param_groups"]
+    inner = _unwrap(model)
+    msd, osd = _train_state(inner, optimizer)
+    sd = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(path / "dcp"), no_dist=distributed.init().size == 1)
+    set_state_dict(
+        inner,
+        optimizer,
+        model_state_dict=sd["model"],
+        optim_state_dict=sd["optim"],
+        options=_SHARDED,
     )
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     rng = load_file(str(path / "rng.safetensors"))

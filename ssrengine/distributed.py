@@ -1,0 +1,144 @@
+"""Data-parallel training on torch's own stack: torchrun → process group → FSDP2 or DDP.
+
+    torchrun --nproc-per-node N -m ssrengine.train --config FILE --train.parallel=fsdp
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `init` reads them once per
+process (NCCL for CUDA tensors, gloo for CPU tensors). Without them everything here is a no-op
+and training runs in one process exactly as before.
+
+FSDP2 (`fully_shard`): every decoder layer is its own unit (all-gathered for its forward and
+backward, resharded after); the root unit holds what is left — embeddings, final norm and the
+lm_head, tied or not. The loss runs inside the root's forward (`trainer.CausalLMLoss`), where
+the root's parameters are unsharded plain tensors, so the fused cross-entropy kernel gets the
+full [V, H] lm_head weight and its gradient is reduce-scattered like any other.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Ranks > 0 wait here while rank 0 runs generate/judge/build, which can take hours: a separate
+# gloo group with a long timeout, so the training collectives keep their short default one.
+DATA_STAGE_TIMEOUT = timedelta(hours=48)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device  # this rank's device (cuda:LOCAL_RANK, or cpu)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_world: World | None = None
+_host_group: dist.ProcessGroup | None = None
+
+
+def init(device: str = "auto") -> World:
+    """The process group from torchrun's environment; idempotent; a single process without it.
+
+    ``device`` is model.device: `auto`/`cuda` give each rank cuda:LOCAL_RANK, `cpu` keeps the
+    ranks on the CPU (gloo)."""
+    global _world, _host_group
+    if _world is not None:
+        return _world
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from ssrengine.models import pick_device
+
+        return World(0, 1, 0, pick_device(device))  # not cached: nothing to set up
+    size = int(os.environ["WORLD_SIZE"])
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
+        atexit.register(_shutdown)
+    _host_group = dist.new_group(backend="gloo", timeout=DATA_STAGE_TIMEOUT)
+    if rank != 0:  # logging and progress bars on rank 0 only
+        logging.getLogger().setLevel(logging.WARNING)
+    _world = World(rank, size, local, dev)
+    log.info("distributed: %d ranks, backend %s, device %s", size, dist.get_backend(), dev.type)
+    return _world
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """All ranks meet (host-side, long timeout: rank 0 may be running a data stage)."""
+    if _world is not None:
+        dist.barrier(group=_host_group)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over the ranks in place (no host sync); returns it."""
+    if _world is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
+    return layers
+
+
+def wrap(
+    module: nn.Module,
+    world: World,
+    parallel: str,
+    *,
+    layers: list[nn.Module],
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Wrap the loss module for data parallelism; a single process gets it back unchanged.
+
+    Both FSDP2 and DDP average gradients over ranks: the trainer scales each rank's loss by the
+    world size so the result is the global sum divided by the global token count.
+    ``param_dtype`` (FSDP only): compute in that dtype, reduce gradients in fp32."""
+    if world.size == 1:
+        return module
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Inputs are moved to the device by the trainer; buffers (rotary tables) never change.
+        return DistributedDataParallel(module, device_ids=None, forward_sync_buffers=False)
+    if parallel != "fsdp":
+        raise ValueError(f"unknown train.parallel {parallel!r}")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(module, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, lm_head
+    return module
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's global value (e.g. the grad norm under FSDP2); plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
