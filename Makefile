@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.toml
 
-.PHONY: setup demo test lint format bench experiment clean
+.PHONY: setup demo test lint format bench experiment experiment-ablations clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,33 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt
 demo: $(STAMP)
 	$(PY) -m ssrengine.models fetch smollm2-135m
 	$(PY) -m ssrengine.train --config $(CONFIG)
+
+# The paper's experiment in miniature (README, "The experiment"): base vs SFT vs SSR on
+# SmolLM2-135M with the embedded data, on the CPU, then one report. EVAL_ARGS sizes the eval.
+EXP ?= runs/experiment
+EVAL_ARGS ?= --limit 60
+experiment: $(STAMP)
+	$(PY) -m ssrengine.models fetch smollm2-135m
+	$(PY) -m ssrengine eval smollm2-135m --config configs/experiment_sft.toml --out $(EXP)/base $(EVAL_ARGS)
+	$(PY) -m ssrengine.train --config configs/experiment_sft.toml --run.dir=$(EXP)/sft
+	$(PY) -m ssrengine eval $(EXP)/sft --base-eval $(EXP)/base $(EVAL_ARGS)
+	$(PY) -m ssrengine.train --config configs/experiment_ssr.toml --run.dir=$(EXP)/ssr
+	$(PY) -m ssrengine eval $(EXP)/ssr --base-eval $(EXP)/base $(EVAL_ARGS)
+	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr --out $(EXP)/report
+
+# Ablations, after `make experiment`: rule-judge threshold 0.3 / 0.7 and the LLM judge. They
+# reuse the SSR run's generations (same base model, same prompts); each trains and evals once.
+ABLATIONS ?= ssr-t0.3 ssr-t0.7 ssr-llm
+experiment-ablations: $(STAMP)
+	for a in $(ABLATIONS); do \
+	  case $$a in ssr-t*) cfg="configs/experiment_ssr.toml --judge.threshold=$${a#ssr-t}";; \
+	              ssr-llm) cfg=configs/experiment_ssr_llm.toml;; esac; \
+	  mkdir -p $(EXP)/$$a && cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$$a/ 2>/dev/null; \
+	  $(PY) -m ssrengine.train --config $$cfg --run.dir=$(EXP)/$$a && \
+	  $(PY) -m ssrengine eval $(EXP)/$$a --base-eval $(EXP)/base $(EVAL_ARGS) || exit 1; \
+	done
+	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr $(addprefix $(EXP)/,$(ABLATIONS)) \
+	  --out $(EXP)/report-ablations
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

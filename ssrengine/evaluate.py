@@ -117,6 +117,7 @@ class EvalOptions:
     lm_eval_local: tuple[str, ...] = ()  # empty = the shipped multiple-choice set
     lm_eval_limit: int = 0
     lm_eval_batch_size: int = 8
+    base_eval: str = ""  # an earlier eval of the base: reuse its probe answers
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,18 @@ def _lm_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
     )
 
 
+def _seed_base_answers(out: Path, base_eval: str) -> None:
+    """Start probe_base.jsonl from the base eval's rows. Rows are keyed by model + prompt +
+    sampling, so rows made with other settings are simply not reused."""
+    src = Path(base_eval) / EVAL_DIR / "probe_base.jsonl" if base_eval else None
+    dst = out / EVAL_DIR / "probe_base.jsonl"
+    if src is None or dst.exists() or src.resolve() == dst.resolve():
+        return
+    if not src.is_file():
+        raise InputError("no probe answers of the base here; eval the base first", file=str(src))
+    atomic_write_jsonl(dst, read_rows(src))
+
+
 def retention_metrics(retention: dict[str, Any]) -> dict[str, float]:
     """The flat "higher is better" numbers whose relative drop vs base the report averages."""
     out = {
@@ -382,6 +395,7 @@ def run_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
         res["retention"] = {"probe": pm, "mc": mc_accuracy(lm, tok, mc), "own_answers": own}
 
     with _loaded(t.cfg, t.base) as (gen, lm, tok):
+        _seed_base_answers(t.out, opts.base_eval)
         base_answers = _generate(t.cfg, t.out, probe_ex, gen, "probe_base.jsonl", chat=False)
         base_lp = score_sequences(
             lm, chat_sequences(tok, probe_msgs, [base_answers[e.id] for e in probe_ex])
@@ -458,6 +472,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--lm-eval-limit", type=int, default=0, help="examples per lm-eval task, 0 = all"
     )
     p.add_argument("--lm-eval-batch-size", type=int, default=8)
+    p.add_argument(
+        "--base-eval",
+        default="",
+        help="OUT dir of an earlier eval of the base model: reuse its probe answers",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
@@ -483,6 +502,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         lm_eval_local=tuple(args.lm_eval_local),
         lm_eval_limit=args.lm_eval_limit,
         lm_eval_batch_size=args.lm_eval_batch_size,
+        base_eval=args.base_eval,
     )
 
 

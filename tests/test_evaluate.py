@@ -248,8 +248,17 @@ def test_eval_run_dir_uses_checkpoint_base_drift_and_figure1(tiny_model_dir, tmp
     t = resolve_target(str(run))
     assert t.kind == "run" and t.mode == "ssr" and t.model.endswith("step-3")
     assert t.base == str(tiny_model_dir) and t.out == run
+    # an earlier eval of the base: its probe answers are reused, not regenerated
+    base = tmp_path / "base"
+    assert cli_main(["eval", str(tiny_model_dir), "--out", str(base), "--split", f"x={test}"]
+                    + EVAL_ARGS + FAST) == 0  # fmt: skip
+    seeded = [
+        {**r, "response": f"seeded {i}"}
+        for i, r in enumerate(read_rows(base / EVAL_DIR / "probe_base.jsonl"))
+    ]
+    write_jsonl(base / EVAL_DIR / "probe_base.jsonl", seeded)
     argv = ["eval", str(run), "--split", f"in_domain={test}", "--split", f"ood={test}"]
-    assert cli_main(argv + EVAL_ARGS + FAST) == 0
+    assert cli_main(argv + EVAL_ARGS + FAST + ["--base-eval", str(base)]) == 0
     res = json.loads((run / EVAL_DIR / "eval.json").read_text())
     assert set(res["splits"]) == {"in_domain", "ood"}
     own = res["retention"]["own_answers"]
@@ -263,6 +272,9 @@ def test_eval_run_dir_uses_checkpoint_base_drift_and_figure1(tiny_model_dir, tmp
     )
     assert {r["model"] for r in base_rows} == {str(tiny_model_dir)}
     assert {r["model"] for r in ft_rows} == {t.model}
+    assert [r["response"] for r in base_rows] == [f"seeded {i}" for i in range(4)]
+    details = read_rows(run / EVAL_DIR / "probe_details.jsonl")
+    assert [d["base_answer"] for d in details] == [f"seeded {i}" for i in range(4)]
     fig1 = json.loads((run / EVAL_DIR / "self_vs_gold.json").read_text())
     assert [r["accept"] for r in fig1["rows"]] == [True, False, True, False, True]
     assert all(r["gold_logprob"] < 0 and r["own_logprob"] < 0 for r in fig1["rows"])
