@@ -36,9 +36,9 @@ Reduction = Literal["sum", "mean", "none"]
 Impl = Literal["auto", "torch", "triton"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Logits of one row chunk of the torch path: about this many fp32 bytes. 32 MiB keeps the CPU
+# Logits of one row chunk of the torch path: about this many fp32 bytes. 64 MiB keeps the CPU
 # matmuls large enough to run near peak while staying far below the [N, V] logits.
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -109,10 +109,11 @@ def _shape(x: object) -> object:
 def _validate_values(
     labels: torch.Tensor, vocab: int, ignore_index: int, token_weights: torch.Tensor | None
 ) -> None:
-    """Value checks. Each `.any()` is a host sync (a GPU pipeline stall of tens of µs plus the
-    wait for queued kernels), which is why the trainer may pass validate=False on its hot path
-    once the data pipeline has been checked; an out-of-range label would then read past the
-    weight matrix in the Triton kernel instead of raising here."""
+    """Value checks. Each `.any()` is a host sync (the CPU waits for every queued GPU kernel),
+    which is why the trainer may pass validate=False on its hot path once its data pipeline
+    has checked the labels. The cost of skipping: a label outside [0, V) makes the torch path
+    raise an index error (a device-side assert on CUDA) and the Triton path silently count the
+    token with a target logit of 0 (labels are compared, never used as addresses there)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():
         i = int(bad.nonzero()[0, 0])
@@ -137,13 +138,22 @@ def chunk_rows_for(vocab: int) -> int:
     return max(8, min(4096, CHUNK_BYTES // (4 * vocab)))
 
 
+def _exp_shifted(logits: torch.Tensor, y: torch.Tensor):
+    """In place: logits (C, V) fp32 -> exp(logits - rowmax). Returns (lse, target logit, sum of
+    exp), each (C,). One tile of memory, unlike torch.logsumexp's temporary."""
+    target = logits.gather(1, y[:, None]).squeeze(1)
+    rowmax = logits.amax(dim=1)
+    logits.sub_(rowmax[:, None]).exp_()
+    sumexp = logits.sum(dim=1)
+    return rowmax + sumexp.log(), target, sumexp
+
+
 def _chunk_grad_logits(
     logits: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """In place: logits (C, V) fp32 -> scale * (softmax - onehot(y))."""
-    logits.sub_(lse[:, None]).exp_()
-    logits.scatter_add_(1, y[:, None], torch.full_like(lse, -1.0)[:, None])
-    return logits.mul_(scale[:, None])
+    logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])
+    return logits.scatter_add_(1, y[:, None], -scale[:, None])
 
 
 class _TorchLinearCrossEntropy(torch.autograd.Function):
@@ -183,15 +193,18 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
             r, yc = rows[s : s + chunk], y[s : s + chunk]
             hc = hidden[r]  # (C, H)
             logits = (hc @ weight.T).float()  # (C, V): the only logit tile alive
-            target = logits.gather(1, yc[:, None]).squeeze(1)
-            lse = torch.logsumexp(logits, dim=1)
+            lse, target, sumexp = _exp_shifted(logits, yc)
             losses[s : s + chunk] = lse - target
             if per_token:
                 lses[s : s + chunk] = lse
             if eager_grad:
                 scale = torch.ones_like(lse) if w is None else w[s : s + chunk]
-                g = _chunk_grad_logits(logits, lse, yc, scale).to(hidden.dtype)  # (C, V)
+                # scale * (softmax - onehot), in place
+                logits.mul_((scale / sumexp)[:, None])
+                logits.scatter_add_(1, yc[:, None], -scale[:, None])
+                g = logits.to(hidden.dtype)  # (C, V)
                 _accumulate(grad_h, grad_w, g, hc, r, weight)
+                del g
             del logits
         if w is not None:
             losses = losses * w
@@ -229,6 +242,7 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
                                    scale[s : s + ctx.chunk]).to(hidden.dtype)  # fmt: skip
             del logits
             _accumulate(grad_h, grad_w, g, hc, r, weight)
+            del g
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None

@@ -24,14 +24,14 @@ REDUCTIONS = ["sum", "mean", "none"]
 
 
 # ------------------------------------------------------------------------------- helpers
-def make_inputs(n, h, v, dtype, ignored=0.6, weighted=False, seed=0):
+def make_inputs(n, h, v, dtype, ignored=0.6, weighted=False, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g)
     weight = torch.randn(v, h, generator=g) * (2.0 / h**0.5)  # logits with std ~2
     labels = torch.randint(0, v, (n,), generator=g)
     labels[torch.randperm(n, generator=g)[: round(ignored * n)]] = IGNORE
-    tw = torch.rand(n, generator=g) * 2 if weighted else None
-    return hidden.to(dtype), weight.to(dtype), labels, tw
+    tw = torch.rand(n, generator=g).to(device) * 2 if weighted else None
+    return hidden.to(device, dtype), weight.to(device, dtype), labels.to(device), tw
 
 
 def naive(hidden, weight, labels, tw=None, reduction="sum"):
@@ -57,9 +57,9 @@ def loss_and_grads(fn, hidden, weight, labels, tw, reduction, dtype=None):
     t = None if tw is None else tw.to(torch.float64 if dtype == torch.float64 else tw.dtype)
     out = fn(h, w, labels, t, reduction)
     if reduction == "none":
-        go = torch.linspace(-1.0, 2.0, labels.shape[0], dtype=out.dtype)
+        go = torch.linspace(-1.0, 2.0, labels.shape[0], dtype=out.dtype, device=out.device)
     else:
-        go = torch.tensor(0.7, dtype=out.dtype)
+        go = torch.tensor(0.7, dtype=out.dtype, device=out.device)
     gh, gw = torch.autograd.grad(out, (h, w), go, allow_unused=True)
     zeros = torch.zeros_like
     return out.detach(), (zeros(h) if gh is None else gh), (zeros(w) if gw is None else gw)
@@ -307,3 +307,26 @@ def test_triton_path_under_torch_compile():
                           labels, tw, "sum")  # fmt: skip
     for name, a, b in zip(("loss", "grad_hidden", "grad_weight"), got, want):
         assert_close(name, a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ GPU only
+# Run with TRITON_INTERPRET=0 to test the compiled kernels (conftest defaults it to 1).
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_gpu_real_tiles(dtype, reduction):
+    """Compiled kernels at a shape with many row blocks, vocabulary tiles and splits."""
+    hidden, weight, labels, tw = make_inputs(2000, 576, 49_157, dtype, 0.6, True, device="cuda")
+    check_against_oracle(kernel_fn("triton"), hidden, weight, labels, tw, reduction, dtype)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_inductor_fullgraph():
+    dtype = torch.bfloat16
+    hidden, weight, labels, tw = make_inputs(1000, 256, 32_000, dtype, 0.6, True, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def step(h, w, y, t, reduction):
+        return fused_linear_cross_entropy(h, w, y, token_weights=t, validate=False)
+
+    check_against_oracle(step, hidden, weight, labels, tw, "sum", dtype)

@@ -1,0 +1,318 @@
+"""Benchmark: fused masked linear cross-entropy vs naive F.cross_entropy(hidden @ W.T).
+
+Forward, backward and forward+backward time and peak memory at real lm_head shapes with 60% of
+the tokens ignored (prompt tokens), reduction "sum":
+
+    python benchmarks/bench_cross_entropy.py                      # CPU: torch path vs naive
+    python benchmarks/bench_cross_entropy.py --shapes smollm2 --n 8192
+    python benchmarks/bench_cross_entropy.py --device cuda        # + Triton, Liger, CCE
+
+Timing. CUDA: triton.testing.do_bench (median). CPU: wall clock of whole iterations after one
+warm-up, median over --repeats; forward is timed with grad enabled (a training forward: the
+torch path and Liger compute the gradient there), backward is the backward call that follows.
+On CUDA, backward = (forward+backward) - forward, since eager-gradient implementations cannot
+replay a backward.
+
+Peak memory. CUDA: torch.cuda.max_memory_allocated over one forward+backward, minus the
+inputs. CPU: torch has no CPU peak counter and tracemalloc does not see its allocations, so
+each measurement runs in a fresh subprocess that builds the inputs, resets the kernel's
+resident-set high-water mark (echo 5 > /proc/self/clear_refs), runs one forward+backward and
+reads VmHWM - VmRSS (Linux). glibc is told to mmap every block >= 64 KiB
+(MALLOC_MMAP_THRESHOLD_) so freed tensors leave the RSS at once and the high-water mark tracks
+live tensors. Both figures include the gradient buffers (grad_hidden, grad_weight), which any
+implementation must produce; the JSON also gives them separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+# name: (hidden H, vocab V, N on CUDA, N on CPU). The 7-8B shapes use a smaller N on the CPU:
+# one naive forward+backward at N=16k would take minutes and ~25 GB there.
+SHAPES = {
+    "smollm2": (576, 49_152, 16_384, 8_192),
+    "mistral-7b": (4096, 32_000, 16_384, 1_024),
+    "llama-3-8b": (4096, 128_256, 16_384, 512),
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+# ------------------------------------------------------------------------------ the contenders
+def naive(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(h @ w.T, y, ignore_index=IGNORE, reduction="sum")
+
+
+def contenders(device: str) -> tuple[dict[str, Callable], dict[str, str]]:
+    """The implementations runnable here, and why the others are missing."""
+    from ssrengine.kernels import fused_linear_cross_entropy
+
+    def ours(impl: str) -> Callable:
+        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, impl=impl, validate=False)
+
+    fns: dict[str, Callable] = {"naive": naive, "ssr-torch": ours("torch")}
+    skipped: dict[str, str] = {}
+    if device != "cuda":
+        reason = "GPU only: under the CPU Triton interpreter its timing means nothing"
+        return fns, {"ssr-triton": reason, "liger": reason, "cut-cross-entropy": reason}
+    fns["ssr-triton"] = ours("triton")
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyFunction as Liger,
+        )
+
+        fns["liger"] = lambda h, w, y: Liger.apply(h, w, y, None, None, IGNORE, 0.0, 0.0, "sum")[0]
+    except ImportError as e:
+        skipped["liger"] = f"not importable: {e}"
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        fns["cut-cross-entropy"] = lambda h, w, y: linear_cross_entropy(
+            h, w, y, ignore_index=IGNORE, reduction="sum"
+        )
+    except ImportError as e:
+        skipped["cut-cross-entropy"] = f"not importable: {e}"
+    return fns, skipped
+
+
+def make_inputs(n: int, hdim: int, vocab: int, ignored: float, dtype, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hdim, generator=g).to(device, dtype)
+    w = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).to(device, dtype)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[torch.randperm(n, generator=g)[: round(ignored * n)]] = IGNORE
+    return h.requires_grad_(), w.requires_grad_(), y.to(device)
+
+
+# ----------------------------------------------------------------------------------- timing
+def time_cpu(fn: Callable, h, w, y, repeats: int, warmup: int) -> dict:
+    fwd, bwd = [], []
+    for i in range(warmup + repeats):
+        h.grad = w.grad = None
+        gc.collect()
+        t0 = time.perf_counter()
+        loss = fn(h, w, y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    tot = [a + b for a, b in zip(fwd, bwd)]
+    med = statistics.median
+    return {"fwd_ms": 1e3 * med(fwd), "bwd_ms": 1e3 * med(bwd), "fwd_bwd_ms": 1e3 * med(tot),
+            "fwd_bwd_ms_all": [round(1e3 * t, 1) for t in tot]}  # fmt: skip
+
+
+def time_cuda(fn: Callable, h, w, y) -> dict:
+    from triton.testing import do_bench
+
+    def fwd_bwd():
+        fn(h, w, y).backward()
+
+    kw = dict(grad_to_none=[h, w], return_mode="median")
+    fwd = do_bench(lambda: fn(h, w, y), **kw)
+    tot = do_bench(fwd_bwd, **kw)
+    return {"fwd_ms": fwd, "bwd_ms": max(tot - fwd, 0.0), "fwd_bwd_ms": tot}
+
+
+# ----------------------------------------------------------------------------------- memory
+def memory_cuda(fn: Callable, h, w, y) -> int:
+    h.grad = w.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(h, w, y).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _child(spec: dict) -> None:
+    """Runs in a fresh process: one forward+backward, peak RSS above the inputs."""
+    fns, _ = contenders("cpu")
+    dtype = getattr(torch, spec["dtype"])
+    h, w, y = make_inputs(spec["n"], spec["H"], spec["V"], spec["ignored"], dtype, "cpu")
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _proc_status("VmRSS")
+    fns[spec["impl"]](h, w, y).backward()
+    print(json.dumps({"peak_extra_bytes": _proc_status("VmHWM") - base}))
+
+
+def memory_cpu(impl: str, n: int, hdim: int, vocab: int, ignored: float, dtype: str) -> int:
+    spec = dict(impl=impl, n=n, H=hdim, V=vocab, ignored=ignored, dtype=dtype)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# ------------------------------------------------------------------------------------- main
+def main(
+    shapes: list[str],
+    n: int | None = None,
+    ignored: float = 0.6,
+    device: str = "cpu",
+    dtype: str | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    memory: bool = True,
+    impls: list[str] | None = None,
+    out: Path | None = None,
+) -> dict:
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    fns, skipped = contenders(device)
+    if impls:
+        fns = {k: v for k, v in fns.items() if k in impls}
+    rows, notes = [], []
+    load_before = os.getloadavg()  # the CPU machines are shared: record how busy they were
+    for name in shapes:
+        hdim, vocab, n_cuda, n_cpu = SHAPES[name]
+        n_here = n or (n_cuda if device == "cuda" else n_cpu)
+        if device != "cuda" and n is None and n_cpu < n_cuda:
+            notes.append(f"{name}: N={n_cpu} on the CPU instead of {n_cuda} (runtime, RAM)")
+        esize = torch.finfo(getattr(torch, dtype)).bits // 8
+        grad_bytes = (n_here + vocab) * hdim * esize
+        for impl, fn in fns.items():
+            h, w, y = make_inputs(n_here, hdim, vocab, ignored, getattr(torch, dtype), device)
+            if device == "cuda":
+                timing = time_cuda(fn, h, w, y)
+                peak = memory_cuda(fn, h, w, y) if memory else None
+            else:
+                timing = time_cpu(fn, h, w, y, repeats, warmup)
+                del h, w, y
+                gc.collect()
+                peak = memory_cpu(impl, n_here, hdim, vocab, ignored, dtype) if memory else None
+            row = dict(shape=name, H=hdim, V=vocab, N=n_here, supervised=round(n_here * (1 - ignored)),
+                       impl=impl, **timing, peak_extra_bytes=peak, grad_bytes=grad_bytes)  # fmt: skip
+            rows.append(row)
+            print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
+                              for k, v in row.items()}), flush=True)  # fmt: skip
+    result = dict(
+        device=_device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
+        dtype=dtype, ignored=ignored, reduction="sum", skipped=skipped, notes=notes,
+        load_average_1min=dict(start=load_before[0], end=os.getloadavg()[0]),
+        timing=("triton.testing.do_bench median; bwd = fwd_bwd - fwd" if device == "cuda" else
+                f"wall clock, median of {repeats} after {warmup} warm-up; fwd with grad enabled"),
+        memory=("torch.cuda.max_memory_allocated minus inputs" if device == "cuda" else
+                "VmHWM - VmRSS in a fresh subprocess per measurement (clear_refs reset, "
+                "MALLOC_MMAP_THRESHOLD_=65536); includes grad buffers"),
+        results=rows, summary=_summary(rows),
+    )  # fmt: skip
+    out = out or RESULTS / f"cross_entropy_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """Each implementation relative to naive at the same shape (time and memory ratios)."""
+    out = []
+    for r in rows:
+        base = next((b for b in rows if b["shape"] == r["shape"] and b["impl"] == "naive"), None)
+        if base is None or r["impl"] == "naive":
+            continue
+        s = dict(shape=r["shape"], N=r["N"], impl=r["impl"],
+                 time_vs_naive=round(r["fwd_bwd_ms"] / base["fwd_bwd_ms"], 3))  # fmt: skip
+        if r["peak_extra_bytes"] and base["peak_extra_bytes"]:
+            s["memory_vs_naive"] = round(r["peak_extra_bytes"] / base["peak_extra_bytes"], 4)
+            s["memory_vs_grad_buffers"] = round(r["peak_extra_bytes"] / r["grad_bytes"], 3)
+            # Beyond the gradient buffers both must produce: the logits-related memory.
+            extra, base_extra = (x["peak_extra_bytes"] - x["grad_bytes"] for x in (r, base))
+            if base_extra > 0:
+                s["memory_beyond_grads_vs_naive"] = round(max(extra, 0) / base_extra, 4)
+        out.append(s)
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(impls)
+    panels = [
+        ("fwd_bwd_ms", "forward+backward (ms)"),
+        ("peak_extra_bytes", "peak extra memory (MiB)"),
+    ]
+    for ax, (key, label) in zip(axes, panels):
+        for i, impl in enumerate(impls):
+            vals = []
+            for s in shapes:
+                r = next((r for r in rows if r["shape"] == s and r["impl"] == impl), None)
+                v = r.get(key) if r else None
+                vals.append((v / 2**20 if key == "peak_extra_bytes" else v) if v else 0)
+            xs = [j + i * width for j in range(len(shapes))]
+            bars = ax.bar(xs, vals, width, label=impl)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        labels = [f"{s}\nN={next(r['N'] for r in rows if r['shape'] == s)}" for s in shapes]
+        ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(shapes))], labels)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"linear cross-entropy, {result['dtype']}, {int(100 * result['ignored'])}% "
+                 f"ignored — {result['device']}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cli() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--n", type=int, help="tokens per batch (default: per shape and device)")
+    p.add_argument("--ignored", type=float, default=0.6, help="fraction of ignored tokens")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 GPU)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--impls", help="comma list to run a subset (default: all available)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return _child(json.loads(a.child))
+    main(a.shapes.split(","), a.n, a.ignored, a.device, a.dtype, a.repeats, a.warmup,
+         not a.no_memory, a.impls.split(",") if a.impls else None, a.out)  # fmt: skip
+
+
+if __name__ == "__main__":
+    cli()
