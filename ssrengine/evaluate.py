@@ -329,13 +329,17 @@ def _seed_base_answers(out: Path, base_eval: str) -> None:
 
 def retention_metrics(retention: dict[str, Any]) -> dict[str, float]:
     """The flat "higher is better" numbers whose relative drop vs base the report averages."""
+    from ssrengine.retention import MC_TASK
+
     out = {
         "probe_acc": retention["probe"]["accuracy"],
         "mc_acc": retention["mc"]["acc"],
         "own_answer_prob": retention["own_answers"]["prob_per_token"],
     }
     for task, metrics in retention.get("lm_eval", {}).items():
-        if isinstance(metrics, dict):
+        # The shipped multiple-choice set through lm-eval is a cross-check of mc_acc (the same
+        # scoring): it is counted once.
+        if isinstance(metrics, dict) and task != MC_TASK:
             for k, v in metrics.items():
                 out[f"lm_eval:{task}/{k}"] = v
     return out

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ssrengine.errors import InputError
+from ssrengine.evaluate import retention_metrics
 from ssrengine.io import atomic_write_text, read_rows
 
 RETENTION_LABELS = {
@@ -56,6 +57,8 @@ def load_run(path: str | Path) -> RunData:
     if not ev.is_file():
         raise InputError(f"missing; run `python -m ssrengine eval {p}` first", file=str(ev))
     data = json.loads(ev.read_text())
+    if "retention" in data:  # recomputed, so a report always applies the current definition
+        data["retention_metrics"] = retention_metrics(data["retention"])
     metrics = read_rows(p / "metrics.jsonl") if (p / "metrics.jsonl").is_file() else []
     build = (
         json.loads((p / "build_stats.json").read_text())
@@ -329,7 +332,7 @@ def plot_confusion(runs: list[RunData], splits: list[str], path: Path) -> bool:
 
 
 def plot_retention(table: dict[str, Any], path: Path) -> bool:
-    rows = [r for r in table["rows"] if "drops" in r]
+    rows = [r for r in table["rows"] if "drops" in r and r["mode"] != "base"]
     keys = table["retention_keys"]
     if not rows or not keys:
         return False

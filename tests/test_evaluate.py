@@ -287,3 +287,25 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["eval", str(run)]) == 2
     assert "no finished checkpoint" in capsys.readouterr().err
     assert cli_main(["eval", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_retention_metrics_count_the_shipped_mc_set_once():
+    from ssrengine.evaluate import retention_metrics
+    from ssrengine.retention import MC_TASK
+
+    ret = {
+        "probe": {"accuracy": 0.5},
+        "mc": {"acc": 0.4},
+        "own_answers": {"prob_per_token": 0.7},
+        "lm_eval": {MC_TASK: {"acc": 0.4}, "hellaswag": {"acc": 0.3, "acc_norm": 0.35}},
+    }
+    assert retention_metrics(ret) == {
+        "probe_acc": 0.5,
+        "mc_acc": 0.4,
+        "own_answer_prob": 0.7,
+        "lm_eval:hellaswag/acc": 0.3,
+        "lm_eval:hellaswag/acc_norm": 0.35,
+    }
+    assert retention_metrics({**ret, "lm_eval": {"skipped": "not installed"}}) == {
+        "probe_acc": 0.5, "mc_acc": 0.4, "own_answer_prob": 0.7,
+    }  # fmt: skip
