@@ -6,6 +6,7 @@ an LLM judge that reads P(Yes) vs P(No) from one step of next-token logprobs on 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -138,8 +139,15 @@ class LLMJudge:
     def __init__(self, generator: Generator, threshold: float = 0.5) -> None:
         self.gen = generator
         self.threshold = threshold
-        self.yes, self.no = generator.token_id("Yes"), generator.token_id("No")
         self.name = f"llm({generator.model},p>={threshold:g})"
+
+    @functools.cached_property
+    def yes(self) -> int:
+        return self.gen.token_id("Yes")
+
+    @functools.cached_property
+    def no(self) -> int:
+        return self.gen.token_id("No")
 
     def judge(self, example: Example, candidate: str) -> Verdict:
         return self.judge_batch([example], [candidate])[0]

@@ -42,25 +42,55 @@ def train_examples(cfg: Config) -> list[Example]:
     return load_examples(path, on_invalid=cfg.data.on_invalid, max_examples=cfg.data.max_examples)
 
 
+class _LazyGenerator(Generator):
+    """Opens the backend on first use, so a finished stage never loads a model or starts a
+    server; rows record the configured model name, a key that is stable across reruns."""
+
+    def __init__(self, backend: str, model: str, open_fn: Callable[[], Generator]) -> None:
+        self.backend, self.model, self._open, self._gen = backend, model, open_fn, None
+
+    def _get(self) -> Generator:
+        if self._gen is None:
+            self._gen = self._open()
+        return self._gen
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingParams) -> list[Any]:
+        return self._get().generate(requests, sampling)
+
+    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        return self._get().tokenize(messages)
+
+    def token_id(self, text: str) -> int:
+        return self._get().token_id(text)
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+
+
 def open_generator(cfg: Config, *, for_judge: bool = False) -> Generator:
     g, j = cfg.generation, cfg.judge
     backend = (j.backend or g.backend) if for_judge else g.backend
     model = (j.model or g.model or cfg.model.path) if for_judge else (g.model or cfg.model.path)
-    return make_generator(
+    return _LazyGenerator(
         backend,
         model,
-        url=(j.url or g.url) if for_judge else g.url,
-        batch_size=j.batch_size if for_judge else g.batch_size,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        trust_remote_code=cfg.model.trust_remote_code,
-        launch=g.launch,
-        tp_size=g.tp_size,
-        dp_size=g.dp_size,
-        mem_fraction=g.mem_fraction,
-        concurrency=g.concurrency,
-        timeout_s=g.timeout_s,
-        max_retries=g.max_retries,
+        lambda: make_generator(
+            backend,
+            model,
+            url=(j.url or g.url) if for_judge else g.url,
+            batch_size=j.batch_size if for_judge else g.batch_size,
+            dtype=cfg.model.dtype,
+            device=cfg.model.device,
+            trust_remote_code=cfg.model.trust_remote_code,
+            launch=g.launch,
+            tp_size=g.tp_size,
+            dp_size=g.dp_size,
+            mem_fraction=g.mem_fraction,
+            concurrency=g.concurrency,
+            timeout_s=g.timeout_s,
+            max_retries=g.max_retries,
+        ),
     )
 
 
