@@ -8,7 +8,7 @@ checkpoints/step-N/
                          per rank, keyed by parameter name, so it loads on any world size
   run_config.json        the resolved ssrengine config
   trainer_state.json     step, data position, scheduler, metrics summary
-  rng.safetensors        torch (and CUDA) RNG state of rank 0
+  rng.safetensors        torch (and CUDA) RNG state of rank 0, restored on every rank
 ```
 Resuming reads dcp/ (never the export), so the optimizer state survives a change of world size
 or of train.parallel. No pickle anywhere. A checkpoint is written to a temp dir and renamed by
@@ -115,8 +115,8 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         (tmp / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        if world.device.type == "cuda":  # this rank's device only: no context on the others
+            rng["cuda"] = torch.cuda.get_rng_state(world.device)
         save_file(rng, str(tmp / "rng.safetensors"))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         state = {"step": step, "scheduler": sched, "world_size": world.size, **extra}
@@ -184,8 +184,7 @@ def load_trainer_state(
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
+    device = distributed.init().device
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
     return state

@@ -33,7 +33,12 @@ from ssrengine.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.io import atomic_write_jsonl, read_rows
-from ssrengine.models import hidden_and_head, load_model, load_tokenizer
+from ssrengine.models import (
+    hidden_and_head,
+    load_model,
+    load_tokenizer,
+    pick_attn_implementation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +169,7 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         dtype=cfg.model.dtype,
         # FSDP2: load on the CPU; fully_shard moves only this rank's shards to the device.
         device="cpu" if fsdp else str(world.device),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=pick_attn_implementation(cfg.model.attn_implementation, world.device),
         trust_remote_code=cfg.model.trust_remote_code,
     )
     peft_model = None

@@ -1,8 +1,8 @@
 """Data parallelism on CPU/gloo: `torchrun --nproc-per-node 2 -m ssrengine.train` must train
 exactly what one process trains with the same global batch (2 ranks × grad_accum 1 == 1 rank ×
 grad_accum 2): same losses, and after 10 steps the same weights to fp32 rounding. FSDP2 runs
-the fused cross-entropy on the root unit's unsharded lm_head (tied here), so a wrong gather or
-normalization would show up as a loss or weight mismatch."""
+the fused cross-entropy on the root unit's unsharded lm_head (tied, and untied with LoRA), so a
+wrong gather or normalization would show up as a loss or weight mismatch."""
 
 import json
 import os
@@ -56,13 +56,15 @@ def _torchrun(args: list[str]) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
 
+LORA = ["--train.lora=true", "--train.lora_dropout=0"]  # no dropout: no random draws
+# name: (tiny model, its 1-process reference, 2-rank arguments)
 VARIANTS = {
-    "fsdp": ["--train.parallel=fsdp"],
-    "ddp": ["--train.parallel=ddp"],
-    # LoRA under FSDP2: frozen and trainable parameters share units; no dropout, so the
-    # one-process run draws the same (no) random numbers.
-    "fsdp-lora": ["--train.parallel=fsdp", "--train.lora=true", "--train.lora_dropout=0"],
+    "fsdp": ("tied", "one:full", ["--train.parallel=fsdp"]),
+    "ddp": ("tied", "one:full", ["--train.parallel=ddp"]),
+    # LoRA under FSDP2 (frozen and trainable parameters in one unit) with an untied lm_head.
+    "fsdp-lora": ("untied", "one:lora", ["--train.parallel=fsdp", *LORA]),
 }
+REFERENCES = {"one:full": ("tied", []), "one:lora": ("untied", LORA)}
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +73,22 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, data, tmp_path_factory):
-    """Run directories by name, each trained once on first use: `one:full` / `one:lora` are the
-    single-process references (grad_accum 2), the VARIANTS names the 2-rank runs."""
+def runs(tiny_model_dir, tiny_untied_model_dir, data, tmp_path_factory):
+    """Run directories by name, each trained once on first use: REFERENCES run in this process
+    with grad_accum 2, VARIANTS under torchrun on 2 ranks with grad_accum 1."""
     base = tmp_path_factory.mktemp("dist")
+    models = {"tied": tiny_model_dir, "untied": tiny_untied_model_dir}
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in done:
             run_dir = base / name.replace(":", "-")
-            if name.startswith("one:"):
-                extra = VARIANTS["fsdp-lora"][1:] if name == "one:lora" else []
-                run_all(load_config(None, _args(tiny_model_dir, data, run_dir, 2, *extra)))
+            if name in REFERENCES:
+                model, extra = REFERENCES[name]
+                run_all(load_config(None, _args(models[model], data, run_dir, 2, *extra)))
             else:
-                _torchrun(_args(tiny_model_dir, data, run_dir, 1, *VARIANTS[name]))
+                model, _, extra = VARIANTS[name]
+                _torchrun(_args(models[model], data, run_dir, 1, *extra))
             done[name] = run_dir
         return done[name]
 
@@ -108,7 +112,7 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs, variant):
     two = runs(variant)
-    one = runs("one:lora" if variant.endswith("lora") else "one:full")
+    one = runs(VARIANTS[variant][1])
     rows = read_rows(two / "metrics.jsonl")
     # Rank 0 alone logs, once per step; counts are global (all ranks).
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
