@@ -18,6 +18,7 @@ from ssrengine import IGNORE_INDEX
 from ssrengine.config import DataConfig, TrainConfig
 from ssrengine.data import encode, prompt_messages
 from ssrengine.errors import InputError
+from ssrengine.packing import PackedBatch, model_inputs, pack
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,35 @@ def padded_batch(items: list[Encoded], pad_id: int) -> MicroBatch:
     )
 
 
+def packed_micro_batch(batch: PackedBatch) -> MicroBatch:
+    """One packed row (1, T): position_ids + varlen boundaries, right for any attention impl."""
+    kwargs = model_inputs(batch, None)
+    return MicroBatch(
+        input_ids=kwargs.pop("input_ids"),
+        labels=batch.labels[None],  # shifted within each example by pack()
+        model_kwargs=kwargs,
+        supervised_tokens=batch.num_targets,
+        real_tokens=batch.num_tokens,
+        ids=batch.ids,
+    )
+
+
 def micro_batches(
     encoded: list[Encoded], train: TrainConfig, *, epoch: int, pad_id: int
 ) -> list[MicroBatch]:
-    """One epoch of micro-batches in a seeded order (seed, epoch): resumable by index alone."""
+    """One epoch of micro-batches in a seeded order (seed, epoch): resumable by index alone.
+
+    train.packing: best-fit-decreasing bins of train.max_tokens (the shuffle decides only which
+    equal-length examples share a bin), in a seeded bin order; else padded micro_batch_size."""
     rng = random.Random(train.seed * 1_000_003 + epoch)
     order = list(range(len(encoded)))
     rng.shuffle(order)
     items = [encoded[i] for i in order]
+    if train.packing:
+        bins = pack(
+            [(e.input_ids, e.labels) for e in items], train.max_tokens, ids=[e.id for e in items]
+        )
+        rng.shuffle(bins)
+        return [packed_micro_batch(b) for b in bins]
     bs = train.micro_batch_size
     return [padded_batch(items[i : i + bs], pad_id) for i in range(0, len(items), bs)]

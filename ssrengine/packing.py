@@ -302,7 +302,7 @@ def block_causal_mask(batch: PackedBatch, dtype: torch.dtype = torch.float32) ->
 
 def model_inputs(
     batch: PackedBatch,
-    attn_impl: str,
+    attn_impl: str | None,
     *,
     block_mask: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -310,19 +310,25 @@ def model_inputs(
     """Forward kwargs for a packed batch under ``attn_impl`` (the model's
     ``config._attn_implementation``), for ``hidden_and_head(model, **model_inputs(...))``.
 
-    Tensors stay on the batch's device (move the batch with ``batch.to(device)``). Every
-    implementation gets ``position_ids`` (RoPE restarts per example). flash-attn variants also
-    get the precomputed varlen boundaries; sdpa/eager rely on transformers deriving the
+    Every implementation gets ``position_ids`` (RoPE restarts per example). flash-attn variants
+    also get the precomputed varlen boundaries; sdpa/eager rely on transformers deriving the
     block-diagonal mask from the position restarts, which requires ``use_cache=False`` (as
     `hidden_and_head` passes), or get an explicit mask in ``dtype`` with ``block_mask=True``.
+    ``attn_impl=None`` (not known yet, e.g. when micro-batches are built before the model):
+    position_ids and the varlen boundaries, right for every implementation, since sdpa and
+    eager take the boundary kwargs and ignore them (tested). Tensors stay on the batch's
+    device: move the batch first with ``batch.to(device)``.
     """
     kwargs: dict[str, Any] = {
         "input_ids": batch.input_ids[None],  # (1, T)
         "position_ids": batch.position_ids[None],  # (1, T)
     }
-    if "flash" in attn_impl:
-        if block_mask:
-            raise ValueError("flash attention takes no mask; it uses cu_seqlens")
+    varlen = attn_impl is None or "flash" in attn_impl
+    if block_mask:
+        if varlen:
+            raise ValueError("block_mask needs a non-flash attn_impl (sdpa or eager)")
+        kwargs["attention_mask"] = block_causal_mask(batch, dtype)
+    if varlen:
         cu = batch.cu_seqlens  # (n + 1,) int32 already
         kwargs.update(
             cu_seq_lens_q=cu,
@@ -330,6 +336,4 @@ def model_inputs(
             max_length_q=batch.max_seqlen,
             max_length_k=batch.max_seqlen,
         )
-    elif block_mask:
-        kwargs["attention_mask"] = block_causal_mask(batch, dtype)
     return kwargs

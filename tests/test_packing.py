@@ -245,8 +245,14 @@ def test_install_without_a_compiler_falls_back(tmp_path):
 
 # ------------------------------------------------------------------------------ models
 
-# (attn_implementation, explicit block mask?)
-IMPLS = [("sdpa", False), ("sdpa", True), ("eager", False), ("eager", True)]
+# (the model's attn_implementation, model_inputs mode): "own" = model_inputs(b, attn),
+# "block" = with an explicit block-diagonal mask, "any" = model_inputs(b, None), the kwargs the
+# trainer's micro-batches carry (position_ids + varlen boundaries, whichever the model runs).
+IMPLS = [(a, m) for a in ("sdpa", "eager") for m in ("own", "block", "any")]
+
+
+def inputs_for(batch: P.PackedBatch, attn: str, mode: str) -> dict:
+    return P.model_inputs(batch, None if mode == "any" else attn, block_mask=mode == "block")
 
 
 def load(path: Path, attn: str) -> torch.nn.Module:
@@ -278,14 +284,13 @@ def alone(model, seq) -> tuple[torch.Tensor, dict]:
     return lp.detach(), grads
 
 
-def check_packed_equals_alone(model, seqs, max_tokens, attn, block_mask, *, atol, grad_rtol):
+def check_packed_equals_alone(model, seqs, max_tokens, attn, mode, *, atol, grad_rtol):
     batches = P.pack(seqs, max_tokens)
     assert any(len(b.ids) > 1 for b in batches), "nothing was packed together"
     reference = [alone(model, s) for s in seqs]
     for b in batches:
         model.zero_grad(set_to_none=True)
-        kw = P.model_inputs(b, attn, block_mask=block_mask)
-        lp = token_logprobs(model, kw, b.labels)
+        lp = token_logprobs(model, inputs_for(b, attn, mode), b.labels)
         lp.sum().backward()
         members = [int(i) for i in b.ids]
         expected = torch.cat([reference[i][0] for i in members])
@@ -296,18 +301,18 @@ def check_packed_equals_alone(model, seqs, max_tokens, attn, block_mask, *, atol
             assert_close(p.grad, want, atol=grad_rtol * scale)
 
 
-@pytest.mark.parametrize(("attn", "block_mask"), IMPLS)
-def test_packed_equals_each_example_alone_tiny(tiny_model_dir, attn, block_mask):
+@pytest.mark.parametrize(("attn", "mode"), IMPLS)
+def test_packed_equals_each_example_alone_tiny(tiny_model_dir, attn, mode):
     model = load(tiny_model_dir, attn)
     seqs = make_examples([23, 1, 9, 40, 2, 17, 31, 5], seed=2)
-    check_packed_equals_alone(model, seqs, 64, attn, block_mask, atol=2e-5, grad_rtol=2e-5)
+    check_packed_equals_alone(model, seqs, 64, attn, mode, atol=2e-5, grad_rtol=2e-5)
 
 
 @pytest.mark.slow
 def test_packed_equals_each_example_alone_smollm2(smollm2_dir):
     model = load(smollm2_dir, "sdpa")
     seqs = make_examples([41, 3, 77, 29], seed=3, vocab=49152)
-    check_packed_equals_alone(model, seqs, 128, "sdpa", False, atol=2e-4, grad_rtol=1e-3)
+    check_packed_equals_alone(model, seqs, 128, "sdpa", "own", atol=2e-4, grad_rtol=1e-3)
 
 
 def cross_talk(model, batch: P.PackedBatch, kwargs: dict) -> float:
@@ -337,12 +342,12 @@ def cross_talk(model, batch: P.PackedBatch, kwargs: dict) -> float:
     return worst
 
 
-@pytest.mark.parametrize(("attn", "block_mask"), IMPLS)
-def test_no_token_attends_across_a_boundary(tiny_model_dir, attn, block_mask):
+@pytest.mark.parametrize(("attn", "mode"), IMPLS)
+def test_no_token_attends_across_a_boundary(tiny_model_dir, attn, mode):
     model = load(tiny_model_dir, attn)
     (batch,) = P.pack(make_examples([6, 11, 1, 8, 4], seed=4), 64)
     assert len(batch.ids) == 5
-    assert cross_talk(model, batch, P.model_inputs(batch, attn, block_mask=block_mask)) == 0.0
+    assert cross_talk(model, batch, inputs_for(batch, attn, mode)) == 0.0
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -411,6 +416,38 @@ def test_any_packing_gives_the_same_step_gradient(tiny_model_dir):
         (loss / len(mbs)).backward()
     p = "model.layers.0.mlp.down_proj.weight"
     assert (model.get_parameter(p).grad - ref[p]).abs().max() > 1e-4 * ref[p].abs().max()
+
+
+def test_trainer_micro_batches_packed_equal_padded(tiny_model_dir):
+    """train.packing = true through batching.micro_batches and trainer.loss_sum: one epoch has
+    the same examples, loss and gradient as padded micro-batches."""
+    from ssrengine.batching import Encoded, micro_batches
+    from ssrengine.config import TrainConfig
+    from ssrengine.trainer import loss_sum
+
+    model = load(tiny_model_dir, "sdpa")
+    seqs = make_examples([23, 1, 9, 40, 2, 17, 31, 5, 12, 27], seed=6)
+    encoded = [Encoded(f"e{i}", x, y) for i, (x, y) in enumerate(seqs)]
+    results = {}
+    for packing in (True, False):
+        cfg = TrainConfig(packing=packing, max_tokens=64, micro_batch_size=3)
+        mbs = micro_batches(encoded, cfg, epoch=0, pad_id=2)
+        assert sorted(i for mb in mbs for i in mb.ids) == sorted(e.id for e in encoded)
+        assert sum(mb.real_tokens for mb in mbs) == sum(len(x) for x, _ in seqs)
+        n_sup = sum(mb.supervised_tokens for mb in mbs)
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in mbs:
+            loss = loss_sum(model, mb, "naive")
+            (loss / n_sup).backward()
+            total += loss.item()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[packing] = (len(mbs), n_sup, total, grads)
+    (n_packed, sup_p, loss_p, g_p), (n_padded, sup_q, loss_q, g_q) = results[True], results[False]
+    assert (n_packed, n_padded) == (3, 4) and sup_p == sup_q
+    assert abs(loss_p - loss_q) <= 1e-4 * abs(loss_q)
+    for name in g_q:
+        assert_close(g_p[name], g_q[name], atol=2e-5 * g_q[name].abs().max().item())
 
 
 # ------------------------------------------------------------------------------ GPU
