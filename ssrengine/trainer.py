@@ -179,7 +179,12 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         peft_model = lora.apply(model, t)
         model = peft_model.get_base_model()  # the same transformers model, adapters inside
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: works with frozen inputs (LoRA) and with FSDP2's unshard hooks.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     net = distributed.wrap(
         CausalLMLoss(model, t.loss_impl),
