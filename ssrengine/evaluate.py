@@ -221,12 +221,12 @@ def _loaded(cfg: Config, path: str) -> Iterator[tuple[Any, Any, Any]]:
 
 def _generate(
     cfg: Config, out: Path, examples: list[Example], gen: Any, file: str, *, chat: bool
-) -> dict[str, str]:
+) -> dict[str, dict[str, Any]]:
+    """Greedy answers into OUT/eval/<file> (resumable); rows by id."""
     from ssrengine.stages import generate_rows
 
     fn = None if chat else (lambda e: e.messages)  # probe prompts: no task instruction
-    rows = generate_rows(cfg, out, examples, gen, file=f"{EVAL_DIR}/{file}", messages_fn=fn)
-    return {i: r["response"] for i, r in rows.items()}
+    return generate_rows(cfg, out, examples, gen, file=f"{EVAL_DIR}/{file}", messages_fn=fn)
 
 
 # ------------------------------------------------------------------------------ eval run
@@ -235,7 +235,8 @@ def _evaluate_splits(t: Target, opts: EvalOptions, gen: Any) -> dict[str, Any]:
     for name, spec in opts.splits:
         path = resolve_data_file(spec, t.cfg.data.seed)
         examples = load_examples(path, on_invalid=t.cfg.data.on_invalid, max_examples=opts.limit)
-        answers = _generate(t.cfg, t.out, examples, gen, f"{name}.jsonl", chat=True)
+        rows = _generate(t.cfg, t.out, examples, gen, f"{name}.jsonl", chat=True)
+        answers = {i: r["response"] for i, r in rows.items()}
         res = task_metrics(examples, answers)
         atomic_write_jsonl(t.out / EVAL_DIR / f"{name}_details.jsonl", res["details"])
         out[name] = {"data": spec, **res["metrics"]}
@@ -348,7 +349,7 @@ def retention_metrics(retention: dict[str, Any]) -> dict[str, float]:
 def run_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
     """Evaluate ``t``; write and return OUT/eval/eval.json."""
     from ssrengine.retention import (
-        chat_sequences,
+        answer_token_sequences,
         load_mc,
         load_probe,
         mc_accuracy,
@@ -366,22 +367,18 @@ def run_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
     same = t.model == t.base
     res: dict[str, Any] = {}
 
-    def evaluate_with(
-        gen: Any, lm: Any, tok: Any, base_answers: dict[str, str], base_lp: Any
-    ) -> None:
+    def own_answer_scores(lm: Any, tok: Any, rows: dict[str, dict[str, Any]]) -> Any:
+        # the exact greedy tokens the base model produced, after the same prompt tokens
+        ids = [rows[e.id]["token_ids"] for e in probe_ex]
+        return score_sequences(lm, answer_token_sequences(tok, probe_msgs, ids))
+
+    def evaluate_with(gen: Any, lm: Any, tok: Any, base_rows: dict[str, Any], base_lp: Any) -> None:
         res["splits"] = _evaluate_splits(t, opts, gen)
-        answers = (
-            base_answers
-            if same
-            else _generate(t.cfg, t.out, probe_ex, gen, "probe.jsonl", chat=False)
+        rows = (
+            base_rows if same else _generate(t.cfg, t.out, probe_ex, gen, "probe.jsonl", chat=False)
         )
-        lp = (
-            base_lp
-            if same
-            else score_sequences(
-                lm, chat_sequences(tok, probe_msgs, [base_answers[e.id] for e in probe_ex])
-            )
-        )
+        answers = {i: r["response"] for i, r in rows.items()}
+        lp = base_lp if same else own_answer_scores(lm, tok, base_rows)
         own, ref = own_answer_stats(lp), own_answer_stats(base_lp)
         own["drift_per_token"] = own["logprob_per_token"] - ref["logprob_per_token"]
         own["base_logprob_per_token"] = ref["logprob_per_token"]
@@ -390,7 +387,7 @@ def run_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
             t.out / EVAL_DIR / "probe_details.jsonl",
             [
                 {"id": p.id, "category": p.category, "answer": answers[p.id],
-                 "base_answer": base_answers[p.id], "correct": pm["correct"][p.id],
+                 "base_answer": base_rows[p.id]["response"], "correct": pm["correct"][p.id],
                  "logprob_base_answer": s / max(n, 1)}
                 for p, (s, n) in zip(probe, lp)
             ],
@@ -400,16 +397,14 @@ def run_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
 
     with _loaded(t.cfg, t.base) as (gen, lm, tok):
         _seed_base_answers(t.out, opts.base_eval)
-        base_answers = _generate(t.cfg, t.out, probe_ex, gen, "probe_base.jsonl", chat=False)
-        base_lp = score_sequences(
-            lm, chat_sequences(tok, probe_msgs, [base_answers[e.id] for e in probe_ex])
-        )
+        base_rows = _generate(t.cfg, t.out, probe_ex, gen, "probe_base.jsonl", chat=False)
+        base_lp = own_answer_scores(lm, tok, base_rows)
         fig1 = self_vs_gold(t, lm, tok, opts.self_vs_gold_limit)
         if same:
-            evaluate_with(gen, lm, tok, base_answers, base_lp)
+            evaluate_with(gen, lm, tok, base_rows, base_lp)
     if not same:
         with _loaded(t.cfg, t.model) as (gen, lm, tok):
-            evaluate_with(gen, lm, tok, base_answers, base_lp)
+            evaluate_with(gen, lm, tok, base_rows, base_lp)
     res["retention"]["lm_eval"] = _lm_eval(t, opts)
     result = {
         "name": t.name,

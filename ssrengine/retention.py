@@ -8,10 +8,10 @@ Three offline measures, all "higher is better" and all compared with the base mo
 - **multiple-choice accuracy** — ``assets/retention_mc.jsonl``, scored the way lm-eval scores
   MMLU/HellaSwag: argmax over choices of log p(" " + choice | question). The same file runs as
   a local lm-eval task (`local_task_yaml`) where lm-eval is installed.
-- **own-answer likelihood** — the base model's own greedy answers to the probe, scored under
-  the evaluated model: per-token log-probability and its drift from the base model's. Training
-  on another style of answers moves probability mass away from what the model used to say; the
-  SSR paper's argument (Figure 1) in one number.
+- **own-answer likelihood** — the base model's own greedy answers to the probe (the exact
+  generated tokens), scored under the evaluated model: per-token log-probability and its drift
+  from the base model's. Training on another style of answers moves probability mass away from
+  what the model used to say; the SSR paper's argument (Figure 1) in one number.
 
 `score_sequences` is the one place log-likelihoods are computed: packed sequences through
 `hidden_and_head` and the no-grad scorer of `ssrengine.kernels` (never the [N, V] logits).
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ssrengine import IGNORE_INDEX
-from ssrengine.data import Example, encode
+from ssrengine.data import Example, encode, encode_prompt
 from ssrengine.errors import InputError
 from ssrengine.io import iter_jsonl
 from ssrengine.judge import token_recall
@@ -176,6 +176,18 @@ def chat_sequences(
 ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of chat prompts + assistant answers, labels on the answer only."""
     return [encode(tokenizer, m, a) for m, a in zip(prompts, answers)]
+
+
+def answer_token_sequences(
+    tokenizer: Any, prompts: Sequence[list[dict[str, str]]], answer_ids: Sequence[Sequence[int]]
+) -> list[tuple[list[int], list[int]]]:
+    """Chat prompts + exact generated answer tokens (as a backend returned them; no end-of-turn
+    is added, so a truncated answer is scored as it was produced), labels on the answer only."""
+    out = []
+    for m, a in zip(prompts, answer_ids):
+        p = encode_prompt(tokenizer, m)
+        out.append((p + list(a), [IGNORE_INDEX] * len(p) + list(a)))
+    return out
 
 
 @torch.no_grad()

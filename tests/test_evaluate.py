@@ -18,6 +18,7 @@ from ssrengine.io import read_rows
 from ssrengine.models import load_model, load_tokenizer
 from ssrengine.retention import (
     MC_FILE,
+    answer_token_sequences,
     asset_path,
     chat_sequences,
     load_mc,
@@ -154,6 +155,28 @@ def test_packed_scores_equal_unpacked_forward(tiny):
         ref_lp, ref_n = _plain_logprobs(model, ids, labels)
         assert n == ref_n
         assert lp == pytest.approx(ref_lp, abs=1e-3, rel=1e-4)
+
+
+def test_own_answers_are_scored_on_their_exact_generated_tokens(tiny):
+    from ssrengine.data import encode_prompt
+    from ssrengine.generation import Request, SamplingParams
+    from ssrengine.generation.hf import HFGenerator
+
+    model, tok = tiny
+    gen = HFGenerator("tiny", model=model, tokenizer=tok, batch_size=2)
+    msgs = [[{"role": "user", "content": q}] for q in ("What is the capital?", "Who? ")]
+    outs = gen.generate([Request(messages=m) for m in msgs], SamplingParams(max_new_tokens=5))
+    seqs = answer_token_sequences(tok, msgs, [o.token_ids for o in outs])
+    for m, o, (ids, labels) in zip(msgs, outs, seqs):
+        p = encode_prompt(tok, m)
+        assert ids == p + o.token_ids
+        assert [x for x in labels if x != IGNORE_INDEX] == o.token_ids
+    # greedy tokens are the argmax at every step: each one's log-prob is the row maximum
+    for (ids, _), (lp, n) in zip(seqs, score_sequences(model, seqs)):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        k = len(ids) - n
+        assert lp == pytest.approx(float(logp[k - 1 : len(ids) - 1].max(-1).values.sum()), abs=1e-3)
 
 
 def test_mc_accuracy_matches_plain_argmax(tiny):
