@@ -8,6 +8,8 @@ each attention implementation:
 
 - ``flash_attention_*`` (CUDA + flash-attn): the precomputed ``cu_seqlens`` go straight to
   flash-attn's varlen kernel (transformers' ``cu_seq_lens_q/k`` + ``max_length_q/k``).
+- ``sdpa_varlen`` (CPU; `register_sdpa_varlen`): the same precomputed ``cu_seqlens``, one SDPA
+  call per example on its own causal block, so no (T, T) mask is built or computed.
 - ``sdpa`` / ``eager``: ``position_ids`` restarting at 0 per example, and no attention mask;
   transformers then derives a block-diagonal causal mask from the restarts. It does so only
   when there is no KV cache: `ssrengine.models.hidden_and_head` passes ``use_cache=False``
@@ -40,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ssrengine import IGNORE_INDEX
 
@@ -300,6 +303,70 @@ def block_causal_mask(batch: PackedBatch, dtype: torch.dtype = torch.float32) ->
     return mask[None, None]
 
 
+SDPA_VARLEN = "sdpa_varlen"
+
+
+def sdpa_varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: varlen causal attention through SDPA.
+
+    query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (1, T, Hq, D). With ``cu_seq_lens_q``
+    each example attends only within its own (L, L) causal block, one SDPA call per example:
+    the attention work is sum(L^2), not T^2 (what a masked SDPA over the packed row costs; on
+    the CPU this matters, on CUDA flash-attn varlen does the same in one kernel). Without it
+    (a padded batch) this is transformers' sdpa, mask included.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"packed rows have batch size 1, got {query.shape[0]}")
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("sdpa_varlen supports neither sliding windows nor softcap")
+    if kwargs.get("is_causal") is False:
+        raise NotImplementedError("sdpa_varlen is causal attention only")
+    gqa = query.shape[1] != key.shape[1]
+    bounds = cu_seq_lens_q.tolist()  # n + 1 host ints; a sync on CUDA, where flash-attn is used
+    out = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def register_sdpa_varlen() -> str:
+    """Register ``sdpa_varlen`` with transformers' AttentionInterface (its documented extension
+    point; padded batches get sdpa's mask function) and return the name, for
+    ``from_pretrained(..., attn_implementation=...)`` or ``model.set_attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+    AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)
+    return SDPA_VARLEN
+
+
 def model_inputs(
     batch: PackedBatch,
     attn_impl: str | None,
@@ -311,7 +378,7 @@ def model_inputs(
     ``config._attn_implementation``), for ``hidden_and_head(model, **model_inputs(...))``.
 
     Every implementation gets ``position_ids`` (RoPE restarts per example). flash-attn variants
-    also get the precomputed varlen boundaries; sdpa/eager rely on transformers deriving the
+    and ``sdpa_varlen`` also get the precomputed varlen boundaries; sdpa/eager rely on transformers deriving the
     block-diagonal mask from the position restarts, which requires ``use_cache=False`` (as
     `hidden_and_head` passes), or get an explicit mask in ``dtype`` with ``block_mask=True``.
     ``attn_impl=None`` (not known yet, e.g. when micro-batches are built before the model):
@@ -323,7 +390,7 @@ def model_inputs(
         "input_ids": batch.input_ids[None],  # (1, T)
         "position_ids": batch.position_ids[None],  # (1, T)
     }
-    varlen = attn_impl is None or "flash" in attn_impl
+    varlen = attn_impl is None or attn_impl == SDPA_VARLEN or "flash" in attn_impl
     if block_mask:
         if varlen:
             raise ValueError("block_mask needs a non-flash attn_impl (sdpa or eager)")

@@ -248,7 +248,9 @@ def test_install_without_a_compiler_falls_back(tmp_path):
 # (the model's attn_implementation, model_inputs mode): "own" = model_inputs(b, attn),
 # "block" = with an explicit block-diagonal mask, "any" = model_inputs(b, None), the kwargs the
 # trainer's micro-batches carry (position_ids + varlen boundaries, whichever the model runs).
+# sdpa_varlen: ssrengine's CPU varlen attention (one SDPA call per example).
 IMPLS = [(a, m) for a in ("sdpa", "eager") for m in ("own", "block", "any")]
+IMPLS += [("sdpa_varlen", "own"), ("sdpa_varlen", "any")]
 
 
 def inputs_for(batch: P.PackedBatch, attn: str, mode: str) -> dict:
@@ -258,6 +260,8 @@ def inputs_for(batch: P.PackedBatch, attn: str, mode: str) -> dict:
 def load(path: Path, attn: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if attn == P.SDPA_VARLEN:
+        P.register_sdpa_varlen()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation=attn
@@ -284,10 +288,12 @@ def alone(model, seq) -> tuple[torch.Tensor, dict]:
     return lp.detach(), grads
 
 
-def check_packed_equals_alone(model, seqs, max_tokens, attn, mode, *, atol, grad_rtol):
+def check_packed_equals_alone(
+    model, seqs, max_tokens, attn, mode, *, atol, grad_rtol, reference=None
+):
     batches = P.pack(seqs, max_tokens)
     assert any(len(b.ids) > 1 for b in batches), "nothing was packed together"
-    reference = [alone(model, s) for s in seqs]
+    reference = reference or [alone(model, s) for s in seqs]
     for b in batches:
         model.zero_grad(set_to_none=True)
         lp = token_logprobs(model, inputs_for(b, attn, mode), b.labels)
@@ -312,7 +318,27 @@ def test_packed_equals_each_example_alone_tiny(tiny_model_dir, attn, mode):
 def test_packed_equals_each_example_alone_smollm2(smollm2_dir):
     model = load(smollm2_dir, "sdpa")
     seqs = make_examples([41, 3, 77, 29], seed=3, vocab=49152)
-    check_packed_equals_alone(model, seqs, 128, "sdpa", "own", atol=2e-4, grad_rtol=1e-3)
+    reference = [alone(model, s) for s in seqs]
+    for attn in ("sdpa", P.register_sdpa_varlen()):
+        model.set_attn_implementation(attn)
+        check_packed_equals_alone(
+            model, seqs, 128, attn, "own", atol=2e-4, grad_rtol=1e-3, reference=reference
+        )
+
+
+def test_sdpa_varlen_without_boundaries_is_sdpa(tiny_model_dir):
+    """A padded batch through an sdpa_varlen model: transformers' sdpa, padding mask and all."""
+    seqs = make_examples([9, 4, 13], seed=7)
+    ids = torch.full((3, 13), 2)
+    mask = torch.zeros(3, 13, dtype=torch.long)
+    for i, (x, _) in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    outs = [
+        hidden_and_head(load(tiny_model_dir, attn), input_ids=ids, attention_mask=mask)[0]
+        for attn in ("sdpa", "sdpa_varlen")
+    ]
+    assert_close(outs[1][mask.bool()], outs[0][mask.bool()], atol=1e-6)
 
 
 def cross_talk(model, batch: P.PackedBatch, kwargs: dict) -> float:

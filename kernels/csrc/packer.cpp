@@ -1,6 +1,7 @@
 // Best-fit-decreasing packer; the algorithm and its tie-breaking are specified in packer.hpp.
 #include "packer.hpp"
 
+#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -73,6 +74,7 @@ class RemainderSet {
 
 BinPlan plan_bins(const int64_t* lengths, int64_t n, int64_t capacity) {
     if (capacity < 1) throw std::invalid_argument("max_tokens must be >= 1");
+    if (n > INT32_MAX) throw std::invalid_argument("more than 2^31 - 1 lengths");
     for (int64_t i = 0; i < n; ++i) {
         if (lengths[i] < 1 || lengths[i] > capacity) {
             throw std::invalid_argument("item " + std::to_string(i) + " has length " +
@@ -80,53 +82,61 @@ BinPlan plan_bins(const int64_t* lengths, int64_t n, int64_t capacity) {
                                         std::to_string(capacity) + "]");
         }
     }
+    // Item and bin numbers fit in int32 (checked above): half the memory traffic of int64,
+    // which is what this loop is bound by.
 
     // 1. Visiting order: a stable counting sort on the key capacity - length, i.e. longest
-    //    first and equal lengths by increasing index. O(n + capacity).
-    std::vector<int64_t> visit(n);
+    //    first and equal lengths by increasing index. Items of key c (length capacity - c)
+    //    sit at visit[first[c] : first[c + 1]]. O(n + capacity).
+    std::vector<int64_t> first(capacity + 1, 0);
+    std::vector<int32_t> visit(n);
     {
-        std::vector<int64_t> pos(capacity + 1, 0);
-        for (int64_t i = 0; i < n; ++i) ++pos[capacity - lengths[i] + 1];
-        for (int64_t k = 1; k <= capacity; ++k) pos[k] += pos[k - 1];
-        for (int64_t i = 0; i < n; ++i) visit[pos[capacity - lengths[i]]++] = i;
+        for (int64_t i = 0; i < n; ++i) ++first[capacity - lengths[i] + 1];
+        for (int64_t c = 1; c <= capacity; ++c) first[c] += first[c - 1];
+        std::vector<int64_t> next(first.begin(), first.end() - 1);
+        for (int64_t i = 0; i < n; ++i) visit[next[capacity - lengths[i]]++] = static_cast<int32_t>(i);
     }
 
     // 2. Best fit. The open bins with remaining space r form a LIFO stack threaded through
     //    `below`: top[r] is the newest, below[b] the bin under b (-1 ends the stack).
-    std::vector<int64_t> top(capacity + 1, -1);
-    std::vector<int64_t> below;
-    std::vector<int64_t> bin_of(n);  // bin of the k-th visited item
+    std::vector<int32_t> top(capacity + 1, -1);
+    std::vector<int32_t> below;  // per bin
+    std::vector<int32_t> count;  // per bin: items placed
+    std::vector<int32_t> bin_of(n);  // bin of the k-th visited item
     RemainderSet open(capacity + 1);
-    int64_t num_bins = 0;
-    for (int64_t k = 0; k < n; ++k) {
-        const int64_t len = lengths[visit[k]];
-        int64_t r = open.first_at_least(len);
-        int64_t b;
-        if (r < 0) {  // nothing fits: open a new bin
-            b = num_bins++;
-            below.push_back(-1);
-            r = capacity;
-        } else {  // pop the newest bin with remaining space r
-            b = top[r];
-            top[r] = below[b];
-            if (top[r] < 0) open.erase(r);
-        }
-        bin_of[k] = b;
-        r -= len;
-        if (r > 0) {  // push b on the stack of its new remaining space
-            if (top[r] < 0) open.insert(r);
-            below[b] = top[r];
-            top[r] = b;
+    for (int64_t c = 0; c < capacity; ++c) {
+        const int64_t len = capacity - c;  // every item of this run has this length
+        for (int64_t k = first[c]; k < first[c + 1]; ++k) {
+            int64_t r = open.first_at_least(len);
+            int32_t b;
+            if (r < 0) {  // nothing fits: open a new bin
+                b = static_cast<int32_t>(below.size());
+                below.push_back(-1);
+                count.push_back(0);
+                r = capacity;
+            } else {  // pop the newest bin with remaining space r
+                b = top[r];
+                top[r] = below[b];
+                if (top[r] < 0) open.erase(r);
+            }
+            bin_of[k] = b;
+            ++count[b];
+            r -= len;
+            if (r > 0) {  // push b on the stack of its new remaining space
+                if (top[r] < 0) open.insert(r);
+                below[b] = top[r];
+                top[r] = b;
+            }
         }
     }
 
-    // 3. CSR output: a stable counting sort of visited items by bin keeps placement order.
+    // 3. CSR output: scatter visited items to their bins; visiting order is placement order.
+    const size_t num_bins = count.size();
     BinPlan plan;
     plan.offsets.assign(num_bins + 1, 0);
-    for (int64_t k = 0; k < n; ++k) ++plan.offsets[bin_of[k] + 1];
-    for (int64_t b = 0; b < num_bins; ++b) plan.offsets[b + 1] += plan.offsets[b];
-    plan.order.resize(n);
+    for (size_t b = 0; b < num_bins; ++b) plan.offsets[b + 1] = plan.offsets[b] + count[b];
     std::vector<int64_t> fill(plan.offsets.begin(), plan.offsets.end() - 1);
+    plan.order.resize(n);
     for (int64_t k = 0; k < n; ++k) plan.order[fill[bin_of[k]]++] = visit[k];
     return plan;
 }
