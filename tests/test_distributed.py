@@ -1,8 +1,8 @@
 """Data parallelism on CPU/gloo: `torchrun --nproc-per-node 2 -m ssrengine.train` must train
 exactly what one process trains with the same global batch (2 ranks × grad_accum 1 == 1 rank ×
 grad_accum 2): same losses, and after 10 steps the same weights to fp32 rounding. FSDP2 runs
-the fused cross-entropy on the root unit's unsharded lm_head (tied, and untied with LoRA), so a
-wrong gather or normalization would show up as a loss or weight mismatch."""
+the fused cross-entropy on the root unit's unsharded lm_head (tied; untied with LoRA and
+packing), so a wrong gather, shard or normalization shows up as a loss or weight mismatch."""
 
 import json
 import os
@@ -56,15 +56,23 @@ def _torchrun(args: list[str]) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
 
-LORA = ["--train.lora=true", "--train.lora_dropout=0"]  # no dropout: no random draws
+# LoRA (no dropout: no random draws) on packed micro-batches.
+LORA_PACKED = [
+    "--train.lora=true",
+    "--train.lora_dropout=0",
+    "--train.packing=true",
+    "--train.max_tokens=512",
+    "--data.max_seq_len=256",
+]
 # name: (tiny model, its 1-process reference, 2-rank arguments)
 VARIANTS = {
     "fsdp": ("tied", "one:full", ["--train.parallel=fsdp"]),
     "ddp": ("tied", "one:full", ["--train.parallel=ddp"]),
-    # LoRA under FSDP2 (frozen and trainable parameters in one unit) with an untied lm_head.
-    "fsdp-lora": ("untied", "one:lora", ["--train.parallel=fsdp", *LORA]),
+    # LoRA under FSDP2 (frozen and trainable parameters in one unit), untied lm_head, packed
+    # batches: each rank takes its own packed micro-batches of the global step.
+    "fsdp-lora-packed": ("untied", "one:lora-packed", ["--train.parallel=fsdp", *LORA_PACKED]),
 }
-REFERENCES = {"one:full": ("tied", []), "one:lora": ("untied", LORA)}
+REFERENCES = {"one:full": ("tied", []), "one:lora-packed": ("untied", LORA_PACKED)}
 
 
 @pytest.fixture(scope="module")
