@@ -193,6 +193,13 @@ class PackedBatch:
         )
 
 
+def _flat(parts: Any) -> list[int]:
+    """Concatenate lists, tuples, 1-D tensors or arrays of ints into one list."""
+    return list(
+        itertools.chain.from_iterable(p.tolist() if hasattr(p, "tolist") else p for p in parts)
+    )
+
+
 def pack_one(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]], ids: Sequence[str]
 ) -> PackedBatch:
@@ -206,8 +213,8 @@ def pack_one(
             )
     cu = cu_seqlens(lengths)
     starts = cu[:-1].long()
-    input_ids = torch.tensor(list(itertools.chain.from_iterable(x for x, _ in sequences)))
-    raw = torch.tensor(list(itertools.chain.from_iterable(y for _, y in sequences)))
+    input_ids = torch.tensor(_flat(x for x, _ in sequences), dtype=torch.long)
+    raw = torch.tensor(_flat(y for _, y in sequences), dtype=torch.long)
     # Shift within each example: position t predicts token t+1 of the same example; the last
     # position of every example predicts nothing (never the next example's first token).
     labels = torch.roll(raw, -1)
@@ -215,8 +222,8 @@ def pack_one(
     lens = torch.tensor(lengths)
     position_ids = torch.arange(len(input_ids)) - torch.repeat_interleave(starts, lens)
     return PackedBatch(
-        input_ids=input_ids.long(),
-        labels=labels.long(),
+        input_ids=input_ids,
+        labels=labels,
         position_ids=position_ids,
         cu_seqlens=cu,
         max_seqlen=max(lengths),

@@ -85,6 +85,16 @@ def test_packed_layout_and_shifted_labels():
     assert sorted(seen) == sorted(ids)
 
 
+def test_tensor_and_array_inputs_pack_like_lists():
+    seqs = make_examples([7, 1, 12, 3], seed=8)
+    as_tensors = [(torch.tensor(x), torch.tensor(y)) for x, y in seqs]
+    as_arrays = [(np.array(x), np.array(y)) for x, y in seqs]
+    for other in (as_tensors, as_arrays):
+        for a, b in zip(P.pack(seqs, 16), P.pack(other, 16)):
+            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+            assert b.input_ids.dtype == b.labels.dtype == torch.long
+
+
 def test_pack_is_deterministic_and_fills_bins():
     lengths = [int(n) for n in np.random.default_rng(0).integers(1, 200, 300)]
     seqs = make_examples(lengths)
