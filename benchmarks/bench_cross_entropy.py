@@ -266,31 +266,28 @@ def plot(result: dict, path: Path) -> None:
     rows = result["results"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(impls)
-    panels = [
-        ("fwd_bwd_ms", "forward+backward (ms)"),
-        ("peak_extra_bytes", "peak extra memory (MiB)"),
-    ]
-    for ax, (key, label) in zip(axes, panels):
-        for i, impl in enumerate(impls):
-            vals = []
-            for s in shapes:
-                r = next((r for r in rows if r["shape"] == s and r["impl"] == impl), None)
-                v = r.get(key) if r else None
-                vals.append((v / 2**20 if key == "peak_extra_bytes" else v) if v else 0)
-            xs = [j + i * width for j in range(len(shapes))]
-            bars = ax.bar(xs, vals, width, label=impl)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
-        labels = [f"{s}\nN={next(r['N'] for r in rows if r['shape'] == s)}" for s in shapes]
-        ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(shapes))], labels)
-        ax.set_ylabel(label)
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4 * len(shapes), 7), squeeze=False)
+    panels = [("fwd_bwd_ms", "forward+backward (ms)"), ("peak_extra_bytes", "peak extra (MiB)")]
+    for col, shape in enumerate(shapes):
+        by_impl = {r["impl"]: r for r in rows if r["shape"] == shape}
+        for row, (key, label) in enumerate(panels):
+            ax = axes[row][col]
+            scale = 2**-20 if key == "peak_extra_bytes" else 1.0
+            vals = [(by_impl[i].get(key) or 0) * scale if i in by_impl else 0 for i in impls]
+            bars = ax.bar(impls, vals, color=[f"C{k}" for k in range(len(impls))])
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+            if key == "peak_extra_bytes":  # what any implementation must allocate
+                grad = next(iter(by_impl.values()))["grad_bytes"] * scale
+                ax.axhline(grad, color="k", ls="--", lw=1, label="grad buffers")
+                ax.legend(fontsize=8)
+            n = next(iter(by_impl.values()))["N"]
+            ax.set_title(f"{shape}, N={n}" if row == 0 else "", fontsize=10)
+            ax.set_ylabel(label if col == 0 else "")
+            ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"linear cross-entropy, {result['dtype']}, {int(100 * result['ignored'])}% "
-                 f"ignored — {result['device']}")  # fmt: skip
+                 f"ignored, reduction sum — {result['device']}")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
