@@ -330,3 +330,22 @@ def test_triton_gpu_inductor_fullgraph():
         return fused_linear_cross_entropy(h, w, y, token_weights=t, validate=False)
 
     check_against_oracle(step, hidden, weight, labels, tw, "sum", dtype)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_no_host_sync():
+    """The hot path (validate=False, device normalizer) never makes the CPU wait for the GPU."""
+    hidden, weight, labels, tw = make_inputs(1000, 256, 32_000, torch.bfloat16, 0.6, True,
+                                             device="cuda")  # fmt: skip
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    step_tokens = (labels != IGNORE).sum()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_linear_cross_entropy(
+            h, w, labels, token_weights=tw, normalizer=step_tokens, validate=False
+        )
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item() and h.grad is not None and w.grad is not None
