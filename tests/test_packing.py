@@ -257,13 +257,16 @@ def test_install_without_a_compiler_falls_back(tmp_path):
 
 # (the model's attn_implementation, model_inputs mode): "own" = model_inputs(b, attn),
 # "block" = with an explicit block-diagonal mask, "any" = model_inputs(b, None), the kwargs the
-# trainer's micro-batches carry (position_ids + varlen boundaries, whichever the model runs).
+# trainer's micro-batches carry (position_ids + varlen boundaries, whichever the model runs),
+# "positions" = position_ids only.
 # sdpa_varlen: ssrengine's CPU varlen attention (one SDPA call per example).
 IMPLS = [(a, m) for a in ("sdpa", "eager") for m in ("own", "block", "any")]
-IMPLS += [("sdpa_varlen", "own"), ("sdpa_varlen", "any")]
+IMPLS += [("sdpa_varlen", m) for m in ("own", "any", "positions")]
 
 
 def inputs_for(batch: P.PackedBatch, attn: str, mode: str) -> dict:
+    if mode == "positions":  # position_ids only: the attention must find the boundaries itself
+        return P.model_inputs(batch, "sdpa")
     return P.model_inputs(batch, None if mode == "any" else attn, block_mask=mode == "block")
 
 
@@ -349,6 +352,28 @@ def test_sdpa_varlen_without_boundaries_is_sdpa(tiny_model_dir):
         for attn in ("sdpa", "sdpa_varlen")
     ]
     assert_close(outs[1][mask.bool()], outs[0][mask.bool()], atol=1e-6)
+
+
+def test_sdpa_varlen_generates_like_sdpa(tiny_model_dir):
+    """With a KV cache (generation, left padding) sdpa_varlen is transformers' sdpa."""
+    prompts = [make_examples([n], seed=n)[0][0] for n in (5, 9)]
+    ids = torch.full((2, 9), 2)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, x in enumerate(prompts):  # left padding, as generation pads
+        ids[i, 9 - len(x) :] = torch.tensor(x)
+        mask[i, 9 - len(x) :] = 1
+    greedy = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 2}
+    greedy |= {"output_logits": True, "return_dict_in_generate": True}
+    runs = {}
+    for attn in ("sdpa", "sdpa_varlen"):
+        model = load(tiny_model_dir, attn).eval()
+        with torch.no_grad():
+            padded = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+            # one unpadded prompt: the mask-free "full row" path, then decoding with the cache
+            single = model.generate(input_ids=ids[1:], **greedy)
+        runs[attn] = [torch.stack(padded.logits), torch.stack(single.logits)]
+    for varlen, sdpa in zip(runs["sdpa_varlen"], runs["sdpa"]):
+        assert_close(varlen, sdpa, atol=1e-5)
 
 
 def cross_talk(model, batch: P.PackedBatch, kwargs: dict) -> float:
