@@ -4,16 +4,23 @@
 checkpoints/step-N/
   config.json, model.safetensors, tokenizer files   HF export (rank 0, full weights; LoRA: merged)
   adapter/               LoRA only: adapter_config.json + adapter_model.safetensors (peft)
-  dcp/                   torch.distributed.checkpoint: trainable weights + AdamW state, one file
-                         per rank, keyed by parameter name, so it loads on any world size
+  dcp/                   torch.distributed.checkpoint in safetensors (HuggingFaceStorageWriter):
+    shard-0000R-model-00001-of-00001.safetensors   one per rank R (1-based) that holds tensors:
+                         its shards of the trainable weights (`model.<fqn>`) and AdamW moments
+                         and step (`optim.state.<fqn>.<name>`), each with its offsets in the
+                         global tensor (`DCP_SHARDING_INFO` in the safetensors header), so it
+                         loads on any world size; replicated tensors are written by one rank
   run_config.json        the resolved ssrengine config
-  trainer_state.json     step, data position, scheduler, metrics summary
+  trainer_state.json     step, data position, scheduler, optimizer param groups (lr, betas,
+                         weight decay, ...) and any non-tensor optimizer state, metrics summary
   rng.safetensors        torch (and CUDA) RNG state of rank 0, restored on every rank
 ```
 Resuming reads dcp/ (never the export), so the optimizer state survives a change of world size
-or of train.parallel. No pickle anywhere. A checkpoint is written to a temp dir and renamed by
-rank 0 after every rank finished, so ``step-N`` exists only when complete. With several nodes,
-checkpoints/ must be on a filesystem all of them see.
+or of train.parallel. No pickle anywhere: tensors are safetensors, everything else JSON; DCP's
+own `.metadata` (a pickle) is not written, its reader rebuilds the metadata from the safetensors
+headers. A checkpoint is written to a temp dir and renamed by rank 0 after every rank finished,
+so ``step-N`` exists only when complete. With several nodes, checkpoints/ must be on a
+filesystem all of them see.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -38,8 +46,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ssrengine import distributed
 from ssrengine.config import Config
+from ssrengine.errors import InputError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+DCP_DIR = "dcp"
 # Frozen weights (the LoRA base model) are not trainer state: they come from model.path.
 # Loading is non-strict only about them: dcp.load fails on any requested key the checkpoint lacks.
 _SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -103,11 +113,13 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
-    msd, osd = _train_state(_unwrap(model), optimizer)
+    tensors, optim_json = _flat_state(_unwrap(model), optimizer)[2:]
     with warnings.catch_warnings():  # "assuming ... a single process": yes, when size == 1
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.save(
-            {"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"), no_dist=world.size == 1
+            tensors,
+            storage_writer=HuggingFaceStorageWriter(str(tmp / DCP_DIR), save_distributed=True),
+            no_dist=world.size == 1,
         )
     weights = full_state_dict(_unwrap(model), prefix)
     if world.is_main:
@@ -119,7 +131,13 @@ def save_checkpoint(
             rng["cuda"] = torch.cuda.get_rng_state(world.device)
         save_file(rng, str(tmp / "rng.safetensors"))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        state = {"step": step, "scheduler": sched, "world_size": world.size, **extra}
+        state = {
+            "step": step,
+            "scheduler": sched,
+            "optimizer": optim_json,
+            "world_size": world.size,
+            **extra,
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -145,9 +163,66 @@ def _export_hf(
 def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Trainable weights and optimizer state, sharded as they live (DTensors under FSDP2)."""
     msd, osd = get_state_dict(model, optimizer, options=_SHARDED)
-    # ignore_frozen_params misses a frozen tied alias (the LoRA lm_head): drop it here too.
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    return {k: v for k, v in msd.items() if k not in frozen}, osd
+    # ignore_frozen_params misses a frozen tied alias (the LoRA lm_head): drop it here too, and
+    # keep a trainable tied weight once (safetensors refuses two names for one storage).
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    skip = {
+        n
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if not p.requires_grad or first[id(p)] != n
+    }
+    return {k: v for k, v in msd.items() if k not in skip}, osd
+
+
+def _flat_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict, dict, dict[str, torch.Tensor], dict[str, Any]]:
+    """(model sd, optimizer sd, tensors, json): the trainer state of `_train_state` split for
+    pickle-free storage. ``tensors`` (this rank's DTensors under FSDP2) go to DCP under flat
+    names, ``model.<fqn>`` and ``optim.state.<fqn>.<name>``; ``json`` holds the optimizer's
+    param_groups and any non-tensor per-parameter state, the same on every rank."""
+    msd, osd = _train_state(model, optimizer)
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in msd.items():
+        if not torch.is_tensor(v):
+            raise TypeError(f"model state {k!r} is a {type(v).__name__}, not a tensor")
+        tensors[f"model.{k}"] = v
+    other: dict[str, dict[str, Any]] = {}
+    for fqn, st in osd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.state.{fqn}.{name}"] = v
+            else:
+                other.setdefault(fqn, {})[name] = v
+    rest = {"param_groups": osd["param_groups"], "state": other}
+    json.dumps(rest)  # fail here, on every rank alike, if something is not JSON
+    return msd, osd, tensors, rest
+
+
+def _restore_optim(osd: dict, tensors: dict[str, torch.Tensor], saved: dict[str, Any]) -> dict:
+    """The nested optimizer state dict: tensors as DCP loaded them, the rest from JSON."""
+    other = saved.get("state", {})
+    state = {
+        fqn: {
+            name: tensors[f"optim.state.{fqn}.{name}"] if torch.is_tensor(v) else other[fqn][name]
+            for name, v in st.items()
+        }
+        for fqn, st in osd["state"].items()
+    }
+    groups = saved["param_groups"]
+    if len(groups) != len(osd["param_groups"]):
+        raise ValueError(
+            f"checkpoint has {len(groups)} optimizer param groups, the optimizer "
+            f"{len(osd['param_groups'])}"
+        )
+    # JSON turns tuples (AdamW's betas) into lists: give them back their type.
+    groups = [
+        {k: tuple(v) if isinstance(cur.get(k), tuple) else v for k, v in g.items()}
+        for g, cur in zip(groups, osd["param_groups"], strict=True)
+    ]
+    return {"state": state, "param_groups": groups}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -168,17 +243,26 @@ def load_trainer_state(
 
     Collective; resharded to this run's world size by torch.distributed.checkpoint."""
     state = json.loads((path / "trainer_state.json").read_text())
+    if "optimizer" not in state or (path / DCP_DIR / ".metadata").exists():
+        raise InputError(
+            "written by an older ssrengine (pickled torch.distributed.checkpoint state) and not "
+            "loaded: remove the run's checkpoints/ to train from scratch",
+            file=str(path),
+        )
     inner = _unwrap(model)
-    msd, osd = _train_state(inner, optimizer)
-    sd = {"model": msd, "optim": osd}
+    msd, osd, tensors, _ = _flat_state(inner, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(sd, checkpoint_id=str(path / "dcp"), no_dist=distributed.init().size == 1)
+        dcp.load(
+            tensors,
+            storage_reader=HuggingFaceStorageReader(str(path / DCP_DIR)),
+            no_dist=distributed.init().size == 1,
+        )
     set_state_dict(
         inner,
         optimizer,
-        model_state_dict=sd["model"],
-        optim_state_dict=sd["optim"],
+        model_state_dict={k: tensors[f"model.{k}"] for k in msd},
+        optim_state_dict=_restore_optim(osd, tensors, state["optimizer"]),
         options=_SHARDED,
     )
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})

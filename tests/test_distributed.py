@@ -21,6 +21,7 @@ from ssrengine.distributed import World
 from ssrengine.io import read_rows
 from ssrengine.pipeline import run_all
 from ssrengine.trainer import rank_micro_batches, train
+from tests.test_checkpoint import pickled_files
 from tests.tiny import records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +132,12 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs, variant):
     _assert_same_weights(_weights(two), _weights(one))
     # Data stages ran once (rank 0): no duplicated rehearsal rows.
     assert len(read_rows(two / "rehearsal.jsonl")) == 16
-    # Sharded trainer state: one DCP file per rank.
-    assert len(list((two / "checkpoints" / f"step-{STEPS}" / "dcp").glob("*.distcp"))) == 2
+    # Sharded trainer state: one DCP safetensors file per rank; no pickle in any checkpoint.
+    dcp_dir = two / "checkpoints" / f"step-{STEPS}" / "dcp"
+    assert sorted(p.name for p in dcp_dir.iterdir()) == [
+        f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)
+    ]
+    assert pickled_files(two / "checkpoints") == []
 
 
 def test_two_rank_fsdp_checkpoint_resumes_on_one_rank(runs, tiny_model_dir, data, tmp_path):

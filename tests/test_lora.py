@@ -7,14 +7,15 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import AutoModelForCausalLM
 
 from ssrengine.config import load_config
 from ssrengine.io import read_rows
 from ssrengine.lora import lora_config
 from ssrengine.trainer import train
+from tests.test_checkpoint import pickled_files
 from tests.tiny import records, write_jsonl
 
 STEPS = 8
@@ -84,9 +85,10 @@ def test_lora_resume_is_exact(lora_run, tiny_model_dir, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     # Resuming needs only the trainable weights: the frozen base stays out of dcp/.
-    meta = dcp.FileSystemReader(str(final / "dcp")).read_metadata()
+    meta = HuggingFaceStorageReader(str(final / "dcp")).read_metadata()
     weights = [k for k in meta.state_dict_metadata if k.startswith("model.")]
     assert weights and all(".lora_" in k for k in weights)
+    assert pickled_files(run_dir / "checkpoints") == []
 
 
 @pytest.mark.parametrize(

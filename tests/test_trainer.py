@@ -14,6 +14,7 @@ from ssrengine.batching import encode_rows, padded_batch
 from ssrengine.config import load_config
 from ssrengine.io import read_rows
 from ssrengine.trainer import accumulate, train
+from tests.test_checkpoint import pickled_files
 from tests.tiny import records, write_jsonl
 
 
@@ -72,6 +73,10 @@ def test_checkpoint_reloads_in_transformers_and_generates(tiny_model_dir, tmp_pa
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any(not torch.equal(trained[k], base[k]) for k in base)
     assert json.loads((final / "run_config.json").read_text())["train"]["max_steps"] == 3
+    assert pickled_files(final) == []
+    assert [p.name for p in (final / "dcp").iterdir()] == [
+        "shard-00001-model-00001-of-00001.safetensors"
+    ]
     rows = read_rows(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("step", "loss", "lr", "supervised_tokens", "tokens_per_s", "grad_norm"):
