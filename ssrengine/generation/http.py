@@ -210,6 +210,9 @@ class PromptEncoder:
     def __init__(self, model: str, *, trust_remote_code: bool = False, tokenizer: Any = None):
         self.tokenizer = tokenizer or load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.eos_ids = _eos_ids(model, self.tokenizer)
+        # Replies are parsed on the pool's threads; a fast tokenizer shared across threads can
+        # fail with "Already borrowed" (huggingface/tokenizers#537).
+        self._lock = threading.Lock()
 
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         from ssrengine.data import encode_prompt
@@ -226,7 +229,13 @@ class PromptEncoder:
         ]
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self._lock:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def token_strings(self, t: int) -> tuple[str, str]:
+        """Token ``t`` decoded, and as its vocabulary entry."""
+        with self._lock:
+            return self.tokenizer.decode([t]), self.tokenizer.convert_ids_to_tokens(t)
 
 
 def _eos_ids(model: str, tokenizer: Any) -> list[int]:

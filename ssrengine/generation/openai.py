@@ -101,8 +101,7 @@ class OpenAIGenerator(Generator):
     def _token_keys(self, t: int) -> tuple[str, ...]:
         """The strings a server may use for token ``t`` in ``top_logprobs``."""
         if t not in self._keys:
-            tok = self.tokenizer
-            self._keys[t] = (f"token_id:{t}", tok.decode([t]), tok.convert_ids_to_tokens(t))
+            self._keys[t] = (f"token_id:{t}", *self.enc.token_strings(t))
         return self._keys[t]
 
     def _payload(self, batch: list[list[int]], s: SamplingParams) -> dict[str, Any]:
