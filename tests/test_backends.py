@@ -245,7 +245,9 @@ def test_at_most_concurrency_requests_in_flight(chatty_dir, loopback):
     loopback.faults = Faults(script=["slow"] * 8, slow_s=0.3)
     with remote("sglang-http", chatty_dir, loopback.url, batch_size=1, concurrency=3) as gen:
         gen.generate(requests(8), SamplingParams(max_new_tokens=2))
-    assert loopback.requests == 8 and loopback.max_inflight == 3
+    assert loopback.requests == 8
+    # The bound is the guarantee; reaching it depends on thread timing on a busy machine.
+    assert 2 <= loopback.max_inflight <= 3, loopback.max_inflight
 
 
 def test_round_robin_over_servers_and_past_a_dead_one(chatty_dir, ref, server_hf, loopback):
