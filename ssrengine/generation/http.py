@@ -6,7 +6,9 @@ transport failures (refused or dropped connections, timeouts), retryable statuse
 5xx) and malformed replies with exponential backoff and jitter, and runs at most
 ``concurrency`` requests at once. After ``max_retries`` retries it raises `BackendError`
 naming the server. A 4xx other than 408/429 means the request itself is wrong: it is not
-retried. Standard library only (http.client + a thread pool), so the CPU install stays small.
+retried. ``timeout_s`` bounds the connect and every read: a non-streaming batch sends nothing
+until it is done, so set it above the slowest batch (a timed-out batch is sent again).
+Standard library only (http.client + a thread pool), so the CPU install stays small.
 """
 
 from __future__ import annotations
