@@ -36,13 +36,16 @@ experiment: $(STAMP)
 	$(PY) -m ssrengine eval $(EXP)/ssr --base-eval $(EXP)/base $(EVAL_ARGS)
 	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr --out $(EXP)/report
 
-# Ablations, after `make experiment`: rule-judge threshold 0.3 / 0.7 and the LLM judge. They
-# reuse the SSR run's generations (same base model, same prompts); each trains and evals once.
-ABLATIONS ?= ssr-t0.3 ssr-t0.7 ssr-llm
+# Ablations, after `make experiment`: rule judge at token-F1 0.3 / 0.7 (ssr-tX), LLM judge at
+# P(Yes) >= 0.5 (ssr-llm) or another threshold (ssr-llm-pX). They reuse the SSR run's
+# generations (same base model, same prompts); each trains and evals once.
+ABLATIONS ?= ssr-t0.3 ssr-t0.7 ssr-llm-p0.15
 experiment-ablations: $(STAMP)
 	for a in $(ABLATIONS); do \
 	  case $$a in ssr-t*) cfg="configs/experiment_ssr.toml --judge.threshold=$${a#ssr-t}";; \
-	              ssr-llm) cfg=configs/experiment_ssr_llm.toml;; esac; \
+	              ssr-llm) cfg=configs/experiment_ssr_llm.toml;; \
+	              ssr-llm-p*) cfg="configs/experiment_ssr_llm.toml --judge.threshold=$${a#ssr-llm-p}";; \
+	              *) echo "unknown ablation $$a"; exit 1;; esac; \
 	  mkdir -p $(EXP)/$$a && cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$$a/ 2>/dev/null; \
 	  $(PY) -m ssrengine.train --config $$cfg --run.dir=$(EXP)/$$a && \
 	  $(PY) -m ssrengine eval $(EXP)/$$a --base-eval $(EXP)/base $(EVAL_ARGS) || exit 1; \
