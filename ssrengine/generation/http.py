@@ -13,13 +13,13 @@ Standard library only (http.client + a thread pool), so the CPU install stays sm
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import itertools
 import json
 import logging
 import random
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +100,9 @@ class HTTPClient:
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         self._next = itertools.count()
         self._lock = threading.Lock()
+        # Set when a call of `map` failed: its other calls stop retrying, so no stray request
+        # reaches a server after the error was raised (e.g. one restarted for the resume).
+        self._abort = threading.Event()
         # The pool size is the bound on requests in flight, across every call to `map`.
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, concurrency), thread_name_prefix="ssrengine-http"
@@ -147,6 +150,8 @@ class HTTPClient:
         first = self._first_url()
         for attempt in range(attempts):
             url = self.urls[(first + attempt) % len(self.urls)]
+            if self._abort.is_set():
+                raise BackendError(f"{method} {path} abandoned: another request failed", server=url)
             try:
                 status, body = self._send(url, method, path, payload)
                 if status >= 500 or status in RETRY_STATUS:
@@ -181,7 +186,7 @@ class HTTPClient:
                         self.max_retries,
                         wait,
                     )
-                    time.sleep(wait)
+                    self._abort.wait(wait)
         tried = f" (servers tried in turn: {self.name})" if len(self.urls) > 1 else ""
         raise BackendError(
             f"{method} {path} failed after {attempts} attempt(s){tried}; last error: {error}",
@@ -196,12 +201,17 @@ class HTTPClient:
         try:
             return [f.result() for f in futures]
         except BaseException:
+            self._abort.set()
             for f in futures:
                 f.cancel()
+            # Running calls stop at their next attempt; wait so none outlives this error.
+            concurrent.futures.wait(futures)
+            self._abort.clear()
             raise
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._abort.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class PromptEncoder:
