@@ -36,13 +36,14 @@ experiment: $(STAMP)
 	$(PY) -m ssrengine eval $(EXP)/ssr --base-eval $(EXP)/base $(EVAL_ARGS)
 	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr --out $(EXP)/report
 
-# Ablations, after `make experiment`: rule judge at token-F1 0.3 / 0.7 (ssr-tX), LLM judge at
-# P(Yes) >= 0.5 (ssr-llm) or another threshold (ssr-llm-pX). They reuse the SSR run's
-# generations (same base model, same prompts); each trains and evals once.
-ABLATIONS ?= ssr-t0.3 ssr-t0.7 ssr-llm-p0.15
+# Ablations, after `make experiment`: rule judge at another token-F1 cut (ssr-fX: judge.min_f1,
+# 0.3 in the experiment), LLM judge at P(Yes) >= 0.5 (ssr-llm) or another cut (ssr-llm-pX:
+# judge.threshold). They reuse the SSR run's generations (same base model, same prompts); each
+# trains and evals once.
+ABLATIONS ?= ssr-f0.5 ssr-f0.1 ssr-llm-p0.15
 experiment-ablations: $(STAMP)
 	for a in $(ABLATIONS); do \
-	  case $$a in ssr-t*) cfg="configs/experiment_ssr.toml --judge.threshold=$${a#ssr-t}";; \
+	  case $$a in ssr-f*) cfg="configs/experiment_ssr.toml --judge.min_f1=$${a#ssr-f}";; \
 	              ssr-llm) cfg=configs/experiment_ssr_llm.toml;; \
 	              ssr-llm-p*) cfg="configs/experiment_ssr_llm.toml --judge.threshold=$${a#ssr-llm-p}";; \
 	              *) echo "unknown ablation $$a"; exit 1;; esac; \
