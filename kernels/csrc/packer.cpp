@@ -83,7 +83,7 @@ BinPlan plan_bins(const int64_t* lengths, int64_t n, int64_t capacity) {
         }
     }
     // Item and bin numbers fit in int32 (checked above): half the memory traffic of int64,
-    // which is what this loop is bound by.
+    // which is what the loops below are bound by.
 
     // 1. Visiting order: a stable counting sort on the key capacity - length, i.e. longest
     //    first and equal lengths by increasing index. Items of key c (length capacity - c)
@@ -94,7 +94,9 @@ BinPlan plan_bins(const int64_t* lengths, int64_t n, int64_t capacity) {
         for (int64_t i = 0; i < n; ++i) ++first[capacity - lengths[i] + 1];
         for (int64_t c = 1; c <= capacity; ++c) first[c] += first[c - 1];
         std::vector<int64_t> next(first.begin(), first.end() - 1);
-        for (int64_t i = 0; i < n; ++i) visit[next[capacity - lengths[i]]++] = static_cast<int32_t>(i);
+        for (int64_t i = 0; i < n; ++i) {
+            visit[next[capacity - lengths[i]]++] = static_cast<int32_t>(i);
+        }
     }
 
     // 2. Best fit. The open bins with remaining space r form a LIFO stack threaded through
