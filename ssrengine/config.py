@@ -37,8 +37,9 @@ class ModelConfig:
     )
     attn_implementation: str = _f(
         "auto",
-        "`auto`: flash_attention_2 on CUDA when flash-attn is installed, else sdpa.",
-        ("auto", "sdpa", "eager", "flash_attention_2"),
+        "`auto`: flash_attention_2 on CUDA when flash-attn is installed, else sdpa_varlen "
+        "(packed rows as one SDPA call per example; plain sdpa for padded batches).",
+        ("auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"),
     )
     trust_remote_code: bool = _f(
         False, "Allow custom modeling code shipped with the model directory."
@@ -139,7 +140,11 @@ class TrainConfig:
     dtype: str = _f(
         "float32", "Compute dtype: float32, or bf16 autocast (GPU).", ("float32", "bfloat16")
     )
-    packing: bool = _f(False, "Padding-free packing of examples into train.max_tokens bins.")
+    packing: bool = _f(
+        True,
+        "Padding-free packing of examples into train.max_tokens bins (false: padded batches of "
+        "train.micro_batch_size).",
+    )
     loss_impl: str = _f(
         "auto",
         "Cross-entropy: fused (triton on CUDA, chunked torch on CPU), or naive full logits.",

@@ -117,6 +117,13 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_attn_implementation(requested: str, device: torch.device) -> str:
+    """``auto``: FlashAttention-2 (varlen for packed batches) on CUDA when flash-attn is
+    installed; otherwise ``sdpa_varlen``, which runs packed rows as one SDPA call per example
+    (no T×T mask) and padded batches / generation as plain sdpa."""
+    from ssrengine.packing import register_sdpa_varlen
+
+    if requested == "sdpa_varlen":
+        return register_sdpa_varlen()
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -126,7 +133,7 @@ def pick_attn_implementation(requested: str, device: torch.device) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return register_sdpa_varlen()
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
