@@ -82,6 +82,7 @@ class OptionalCMakeBuild(build_ext):
 setup(
     packages=packages,
     package_dir={"ssrengine": "ssrengine", "ssrengine.kernels": "kernels"},
+    package_data={"ssrengine": ["assets/*.jsonl"]},
     ext_modules=[CMakeExtension("ssrengine.kernels._packer")],
     cmdclass={"build_ext": OptionalCMakeBuild},
 )
