@@ -568,27 +568,15 @@ class _Handler(BaseHTTPRequestHandler):
 def build_chatty(out: Path, *, seed: int = 0) -> Path:
     """The tiny tokenizer with a tiny Llama whose greedy output varies with the prompt and
     sometimes ends with EOS (tests/tiny.py's default init repeats one token forever)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from tests.tiny import build_tokenizer
+    from tests.tiny import build_tokenizer, tiny_config
 
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(AutoTokenizer.from_pretrained(out)),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    vocab = len(AutoTokenizer.from_pretrained(out))
+    config = tiny_config(vocab, tie=False, initializer_range=0.2)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # EOS logit = 3 * h[0]: a stop now and then
         model.lm_head.weight[2] = 0

@@ -45,11 +45,11 @@ def build_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def build_model(out: Path, vocab_size: int, *, tie: bool = True, seed: int = 0) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(vocab_size: int, *, tie: bool = True, **overrides: object):
+    """The tiny Llama's config; ``overrides`` change individual fields (e.g. initializer_range)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -62,7 +62,14 @@ def build_model(out: Path, vocab_size: int, *, tie: bool = True, seed: int = 0) 
         eos_token_id=2,
         pad_token_id=2,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def build_model(out: Path, vocab_size: int, *, tie: bool = True, seed: int = 0) -> None:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_config(vocab_size, tie=tie)).save_pretrained(out)
 
 
 def build_tiny(out: Path, *, tie: bool = True) -> Path:
