@@ -50,6 +50,7 @@ from ssrengine.errors import InputError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 DCP_DIR = "dcp"
+TRAINER_STATE = "trainer_state.json"
 # Frozen weights (the LoRA base model) are not trainer state: they come from model.path.
 # Loading is non-strict only about them: dcp.load fails on any requested key the checkpoint lacks.
 _SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -62,7 +63,7 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in ckpt_root.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
+        if m and (p / TRAINER_STATE).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -72,16 +73,21 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Parameter names that are a second name of an earlier parameter (a tied lm_head)."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+
+
 def full_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """Unsharded CPU weights on rank 0 (empty dict elsewhere); a collective under FSDP2.
 
     ``prefix`` (e.g. ``model.`` of the loss wrapper) is stripped from the keys."""
     sd = get_model_state_dict(model, options=_FULL)
     # A tied lm_head is stored once (as the embedding), as save_pretrained would.
-    first: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), name)
-    aliases = {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    aliases = tied_aliases(model)
     return {
         k.removeprefix(prefix): v
         for k, v in sd.items()
@@ -113,7 +119,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
-    tensors, optim_json = _flat_state(_unwrap(model), optimizer)[2:]
+    tensors, optim_json = _flat_state(distributed.unwrap(model), optimizer)[2:]
     with warnings.catch_warnings():  # "assuming ... a single process": yes, when size == 1
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.save(
@@ -121,7 +127,7 @@ def save_checkpoint(
             storage_writer=HuggingFaceStorageWriter(str(tmp / DCP_DIR), save_distributed=True),
             no_dist=world.size == 1,
         )
-    weights = full_state_dict(_unwrap(model), prefix)
+    weights = full_state_dict(distributed.unwrap(model), prefix)
     if world.is_main:
         _export_hf(tmp, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg)
         tokenizer.save_pretrained(tmp)
@@ -138,7 +144,7 @@ def save_checkpoint(
             "world_size": world.size,
             **extra,
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for s, p in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
@@ -165,14 +171,8 @@ def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     msd, osd = get_state_dict(model, optimizer, options=_SHARDED)
     # ignore_frozen_params misses a frozen tied alias (the LoRA lm_head): drop it here too, and
     # keep a trainable tied weight once (safetensors refuses two names for one storage).
-    first: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), name)
-    skip = {
-        n
-        for n, p in model.named_parameters(remove_duplicate=False)
-        if not p.requires_grad or first[id(p)] != n
-    }
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    skip = frozen | tied_aliases(model)
     return {k: v for k, v in msd.items() if k not in skip}, osd
 
 
@@ -225,11 +225,9 @@ def _restore_optim(osd: dict, tensors: dict[str, torch.Tensor], saved: dict[str,
     return {"state": state, "param_groups": groups}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """DDP's inner module (its state-dict keys carry no ``module.`` prefix); FSDP2 is in place."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of checkpoint ``path``: step, data position, schedule, metrics."""
+    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def load_trainer_state(
@@ -242,14 +240,14 @@ def load_trainer_state(
     """Restore weights, optimizer, schedule and RNG from ``path`` in place; return trainer_state.
 
     Collective; resharded to this run's world size by torch.distributed.checkpoint."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_trainer_state(path)
     if "optimizer" not in state or (path / DCP_DIR / ".metadata").exists():
         raise InputError(
             "written by an older ssrengine (pickled torch.distributed.checkpoint state) and not "
             "loaded: remove the run's checkpoints/ to train from scratch",
             file=str(path),
         )
-    inner = _unwrap(model)
+    inner = distributed.unwrap(model)
     msd, osd, tensors, _ = _flat_state(inner, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")

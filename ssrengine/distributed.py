@@ -137,6 +137,14 @@ def wrap(
     return module
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module `wrap` was given: DDP's inner module (its state-dict keys carry no
+    ``module.`` prefix); FSDP2 shards in place, so its module is already the one."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's global value (e.g. the grad norm under FSDP2); plain tensors as they are."""
     from torch.distributed.tensor import DTensor

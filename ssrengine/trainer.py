@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ from tqdm.auto import tqdm
 
 from ssrengine import IGNORE_INDEX, distributed
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
-from ssrengine.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from ssrengine.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    read_trainer_state,
+    save_checkpoint,
+)
 from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.io import atomic_write_jsonl, read_rows
@@ -42,7 +48,7 @@ from ssrengine.models import (
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
+METRICS, REHEARSAL, CHECKPOINTS = "metrics.jsonl", "rehearsal.jsonl", "checkpoints"
 
 
 def loss_sum(model: Any, mb: MicroBatch, impl: str = "auto") -> torch.Tensor:
@@ -94,7 +100,7 @@ def accumulate(
     ``model``: a transformers model, or a `CausalLMLoss` (wrapped by FSDP2/DDP or not). Returns
     (summed loss, supervised tokens) of the whole step over all ranks, as 0-d tensors. FSDP2
     and DDP average gradients over ranks, hence the factor ``world_size`` in the normalizer."""
-    if not isinstance(_unwrap(model), CausalLMLoss):
+    if not isinstance(distributed.unwrap(model), CausalLMLoss):
         model = CausalLMLoss(model, impl)
     device = next(model.parameters()).device
     n_sup = distributed.all_sum(
@@ -111,10 +117,6 @@ def accumulate(
             (loss / norm).backward()
         total += loss.detach()
     return distributed.all_sum(total), n_sup
-
-
-def _unwrap(model: Any) -> Any:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def lr_lambda(cfg: Config) -> Any:
@@ -163,10 +165,22 @@ def _to(mb: MicroBatch, device: torch.device) -> MicroBatch:
     )
 
 
+def _fsdp(cfg: Config, world: distributed.World) -> bool:
+    return world.size > 1 and cfg.train.parallel == "fsdp"
+
+
+def _bf16(cfg: Config, world: distributed.World) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(FSDP2 param dtype, autocast dtype), decided once: bf16 compute comes from FSDP2's
+    mixed-precision policy when sharded, from torch.autocast otherwise, never from both."""
+    if cfg.train.dtype != "bfloat16":
+        return None, None
+    return (torch.bfloat16, None) if _fsdp(cfg, world) else (None, torch.bfloat16)
+
+
 def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Module]:
     """(transformers model, peft model or None, the trainable module: wrapped CausalLMLoss)."""
     t = cfg.train
-    fsdp = world.size > 1 and t.parallel == "fsdp"
+    fsdp = _fsdp(cfg, world)
     model = load_model(
         cfg.model.path,
         dtype=cfg.model.dtype,
@@ -194,9 +208,184 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         world,
         t.parallel,
         layers=distributed.decoder_layers(model) if fsdp else [],
-        param_dtype=torch.bfloat16 if fsdp and t.dtype == "bfloat16" else None,
+        param_dtype=_bf16(cfg, world)[0],
     )
     return model, peft_model, net
+
+
+def build_optimizer(
+    cfg: Config, net: nn.Module, device: torch.device
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay on vectors: norms, biases) and warmup + cosine."""
+    t = cfg.train
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        foreach=device.type == "cuda",
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+@dataclass
+class Trainer:
+    """Everything a training step needs, built by `setup`; ``step`` and ``consumed`` (global
+    micro-batches, the data position) are where the run is."""
+
+    cfg: Config
+    world: distributed.World
+    ckpt_root: Path
+    model: Any  # the transformers model inside ``net``
+    peft_model: Any  # LoRA: its peft wrapper; else None
+    net: nn.Module  # the trainable module: CausalLMLoss, wrapped by FSDP2/DDP or not
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: MicroBatchStream
+    autocast: torch.dtype | None
+    step: int = 0
+    consumed: int = 0
+
+    def save(self, **extra: Any) -> Path:
+        """Checkpoint step-``step`` (collective); ``extra`` goes into trainer_state.json."""
+        return save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            model=self.net,
+            hf_model=self.model,
+            peft_model=self.peft_model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            cfg=self.cfg,
+            extra={"micro_batches": self.consumed, **extra},
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step over all ranks, read back to the host once."""
+
+    loss: float  # summed loss / supervised tokens
+    lr: float  # the learning rate the step used
+    supervised_tokens: int
+    tokens: int
+    grad_norm: float
+
+
+def _check(cfg: Config) -> None:
+    t = cfg.train
+    if t.packing and t.max_tokens < cfg.data.max_seq_len:
+        raise InputError(
+            f"train.max_tokens={t.max_tokens} is smaller than data.max_seq_len={cfg.data.max_seq_len}",
+            field="train.max_tokens",
+        )
+
+
+def _rehearsal_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / REHEARSAL
+    if not path.exists():
+        raise InputError("missing; run the build stage first", file=str(path))
+    return read_rows(path)
+
+
+def setup(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    rows: list[dict[str, Any]] | None = None,
+    resume: Path | None = None,
+) -> Trainer:
+    """Model, optimizer, schedule and data from the config; restored from ``resume`` (a
+    checkpoint dir) when given. ``rows`` default to run_dir/rehearsal.jsonl. Collective."""
+    _check(cfg)
+    world = distributed.init(cfg.model.device)
+    torch.manual_seed(
+        cfg.train.seed
+    )  # the same on every rank: FSDP2 does not broadcast new weights
+    rows = _rehearsal_rows(run_dir) if rows is None else rows
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model, peft_model, net = build_model(cfg, world)
+    encoded = encode_rows(rows, tokenizer, cfg.data, file=str(run_dir / REHEARSAL))
+    opt, sched = build_optimizer(cfg, net, world.device)
+    tr = Trainer(
+        cfg=cfg,
+        world=world,
+        ckpt_root=run_dir / CHECKPOINTS,
+        model=model,
+        peft_model=peft_model,
+        net=net,
+        tokenizer=tokenizer,
+        optimizer=opt,
+        scheduler=sched,
+        stream=MicroBatchStream(encoded, cfg, tokenizer.pad_token_id),
+        autocast=_bf16(cfg, world)[1],
+    )
+    if resume is not None:
+        state = load_trainer_state(resume, model=net, optimizer=opt, scheduler=sched)
+        tr.step = state["step"]
+        tr.consumed = state.get("micro_batches", tr.step * cfg.train.grad_accum)
+        log.info("resuming from %s (step %d, %d ranks)", resume, tr.step, world.size)
+    return tr
+
+
+def train_step(tr: Trainer) -> StepStats:
+    """One optimizer step: this rank's micro-batches, accumulate, clip, step, advance."""
+    t, world = tr.cfg.train, tr.world
+    mbs = rank_micro_batches(tr.stream, tr.consumed, t.grad_accum, world)
+    autocast = torch.autocast(world.device.type, dtype=tr.autocast) if tr.autocast else None
+    total, n_sup = accumulate(
+        tr.net, mbs, impl=t.loss_impl, autocast=autocast, world_size=world.size
+    )
+    params = [p for p in tr.net.parameters() if p.requires_grad]
+    clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    lr = tr.optimizer.param_groups[0]["lr"]
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.step += 1
+    tr.consumed += t.grad_accum * world.size
+    real = distributed.all_sum(
+        torch.tensor(float(sum(mb.real_tokens for mb in mbs)), device=world.device)
+    )
+    # One host sync per step, for logging.
+    stats = torch.stack([total, n_sup.float(), real, distributed.full_value(grad_norm).float()])
+    loss_sum_v, n_sup_v, real_v, grad_norm_v = stats.tolist()
+    return StepStats(
+        loss=loss_sum_v / max(n_sup_v, 1),
+        lr=lr,
+        supervised_tokens=int(n_sup_v),
+        tokens=int(real_v),
+        grad_norm=grad_norm_v,
+    )
+
+
+def _metrics_row(tr: Trainer, s: StepStats, dt: float) -> dict[str, Any]:
+    return {
+        "step": tr.step,
+        "loss": round(s.loss, 6),
+        "lr": s.lr,
+        "supervised_tokens": s.supervised_tokens,
+        "tokens": s.tokens,
+        "tokens_per_s": round(s.tokens / dt, 2),
+        "grad_norm": round(s.grad_norm, 6),
+        "step_time_s": round(dt, 4),
+        "epoch": (tr.consumed - 1) // tr.stream.per_epoch,
+        "world_size": tr.world.size,
+    }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past the checkpoint we resume from: they will be recomputed."""
+    old = [r for r in read_rows(path) if r["step"] <= step] if path.exists() else []
+    atomic_write_jsonl(path, old)
 
 
 def train(
@@ -211,157 +400,47 @@ def train(
     Resumes from the newest complete checkpoint in run_dir/checkpoints; a finished run is a no-op.
     Under torchrun every rank calls it; metrics and progress come from rank 0."""
     t = cfg.train
-    world = distributed.init(cfg.model.device)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / CHECKPOINTS
     latest = latest_checkpoint(ckpt_root)
     if require_resume and latest is None:
         raise InputError(
             "--resume given but there is no checkpoint to resume from", file=str(ckpt_root)
         )
-    if (
-        latest is not None
-        and json.loads((latest / "trainer_state.json").read_text())["step"] >= t.max_steps
-    ):
+    if latest is not None and read_trainer_state(latest)["step"] >= t.max_steps:
         log.info("training already finished: %s", latest)
         return latest
-    if t.packing and t.max_tokens < cfg.data.max_seq_len:
-        raise InputError(
-            f"train.max_tokens={t.max_tokens} is smaller than data.max_seq_len={cfg.data.max_seq_len}",
-            field="train.max_tokens",
-        )
-
-    torch.manual_seed(t.seed)  # the same on every rank: FSDP2 does not broadcast new weights
-    if rows is None:
-        rows = (
-            read_rows(run_dir / "rehearsal.jsonl")
-            if (run_dir / "rehearsal.jsonl").exists()
-            else None
-        )
-        if rows is None:
-            raise InputError(
-                "missing; run the build stage first", file=str(run_dir / "rehearsal.jsonl")
-            )
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model, peft_model, net = build_model(cfg, world)
-    device = world.device
-    encoded = encode_rows(rows, tokenizer, cfg.data, file=str(run_dir / "rehearsal.jsonl"))
-    stream = MicroBatchStream(encoded, cfg, tokenizer.pad_token_id)
-
-    params = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": t.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=t.lr,
-        betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_eps,
-        foreach=device.type == "cuda",
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    start, consumed = 0, 0
-    if latest is not None:
-        state = load_trainer_state(latest, model=net, optimizer=opt, scheduler=sched)
-        start = state["step"]
-        consumed = state.get("micro_batches", start * t.grad_accum)
-        log.info("resuming from %s (step %d, %d ranks)", latest, start, world.size)
+    tr = setup(cfg, run_dir, rows=rows, resume=latest)
+    main = tr.world.is_main
     metrics_path = run_dir / METRICS
-    if world.is_main:
-        # Drop metric rows past the checkpoint we resume from: they will be recomputed.
-        old = (
-            [r for r in read_rows(metrics_path) if r["step"] <= start]
-            if metrics_path.exists()
-            else []
-        )
-        atomic_write_jsonl(metrics_path, old)
-
-    # FSDP2 with bf16 computes in bf16 through its mixed-precision policy instead.
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if t.dtype == "bfloat16" and not (world.size > 1 and t.parallel == "fsdp")
-        else nullcontext()
-    )
-    ckpt = {
-        "model": net,
-        "hf_model": model,
-        "peft_model": peft_model,
-        "tokenizer": tokenizer,
-        "optimizer": opt,
-        "scheduler": sched,
-        "cfg": cfg,
-        "keep": t.keep_checkpoints,
-    }
+    if main:
+        _truncate_metrics(metrics_path, tr.step)
+    start, final = tr.step, None
     bar = tqdm(
         total=t.max_steps,
         initial=start,
         desc="train",
         unit="step",
         dynamic_ncols=True,
-        **({} if world.is_main else {"disable": True}),  # TQDM_DISABLE still works on rank 0
+        **({} if main else {"disable": True}),  # TQDM_DISABLE still works on rank 0
     )
-    step, final = start, None
-    with open(metrics_path, "a") if world.is_main else nullcontext() as mf:
+    with open(metrics_path, "a") if main else nullcontext() as mf:
         try:
-            while step < t.max_steps:
+            while tr.step < t.max_steps:
                 t0 = time.perf_counter()
-                mbs = rank_micro_batches(stream, consumed, t.grad_accum, world)
-                total, n_sup = accumulate(
-                    net, mbs, impl=t.loss_impl, autocast=autocast, world_size=world.size
-                )
-                clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                lr = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                consumed += t.grad_accum * world.size
-                real = distributed.all_sum(
-                    torch.tensor(float(sum(mb.real_tokens for mb in mbs)), device=device)
-                )
-                # One host sync per step, for logging.
-                stats = torch.stack(
-                    [total, n_sup.float(), real, distributed.full_value(grad_norm).float()]
-                )
-                loss_sum_v, n_sup_v, real_v, grad_norm_v = stats.tolist()
-                loss_val = loss_sum_v / max(n_sup_v, 1)
+                s = train_step(tr)
                 dt = time.perf_counter() - t0
-                if world.is_main:
-                    row = {
-                        "step": step,
-                        "loss": round(loss_val, 6),
-                        "lr": lr,
-                        "supervised_tokens": int(n_sup_v),
-                        "tokens": int(real_v),
-                        "tokens_per_s": round(real_v / dt, 2),
-                        "grad_norm": round(grad_norm_v, 6),
-                        "step_time_s": round(dt, 4),
-                        "epoch": (consumed - 1) // stream.per_epoch,
-                        "world_size": world.size,
-                    }
-                    mf.write(json.dumps(row) + "\n")
+                if main:
+                    mf.write(json.dumps(_metrics_row(tr, s, dt)) + "\n")
                     mf.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{real_v / dt:.0f}")
-                if step == t.max_steps or (t.save_every and step % t.save_every == 0):
-                    final = save_checkpoint(
-                        ckpt_root,
-                        step,
-                        extra={"final_loss": loss_val, "micro_batches": consumed},
-                        **ckpt,
-                    )
+                bar.set_postfix(loss=f"{s.loss:.4f}", tok_s=f"{s.tokens / dt:.0f}")
+                if tr.step == t.max_steps or (t.save_every and tr.step % t.save_every == 0):
+                    final = tr.save(final_loss=s.loss)
         except KeyboardInterrupt:
             # Ranks are interrupted at different points; a collective save could hang.
-            if step > start and world.size == 1:
-                log.warning("interrupted: saving step %d so a rerun resumes here", step)
-                save_checkpoint(
-                    ckpt_root,
-                    step,
-                    extra={"interrupted": True, "micro_batches": consumed},
-                    **ckpt,
-                )
+            if tr.step > start and tr.world.size == 1:
+                log.warning("interrupted: saving step %d so a rerun resumes here", tr.step)
+                tr.save(interrupted=True)
             raise
         finally:
             bar.close()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ssrengine.batching import encode_rows, padded_batch
 from ssrengine.config import load_config
 from ssrengine.io import read_rows
-from ssrengine.trainer import accumulate, train
+from ssrengine.trainer import accumulate, setup, train, train_step
 from tests.test_checkpoint import pickled_files
 from tests.tiny import records, write_jsonl
 
@@ -82,6 +82,19 @@ def test_checkpoint_reloads_in_transformers_and_generates(tiny_model_dir, tmp_pa
     for key in ("step", "loss", "lr", "supervised_tokens", "tokens_per_s", "grad_norm"):
         assert all(key in r for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_train_step_is_one_optimizer_step_of_train(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, "--train.max_steps=3", "--train.loss_impl=naive")
+    train(cfg, tmp_path / "a", rows=rehearsal())
+    want = read_rows(tmp_path / "a" / "metrics.jsonl")
+    tr = setup(cfg, tmp_path / "b", rows=rehearsal())
+    got = [train_step(tr) for _ in range(3)]
+    assert (tr.step, tr.consumed) == (3, 3)
+    assert [round(s.loss, 6) for s in got] == [r["loss"] for r in want]
+    assert [s.lr for s in got] == [r["lr"] for r in want]
+    assert [s.supervised_tokens for s in got] == [r["supervised_tokens"] for r in want]
+    assert got[-1].loss < got[0].loss
 
 
 def test_killed_training_resumes_to_identical_weights(tiny_model_dir, tmp_path):
