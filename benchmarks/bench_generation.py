@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ssrengine.config import DataConfig
+from ssrengine.config import DataConfig, GenerationConfig, ModelConfig
 from ssrengine.data import Example, load_examples, prompt_messages, resolve_data_file
 from ssrengine.generation import Completion, Generator, Request, SamplingParams
 from ssrengine.judge import LLMJudge, judge_messages
@@ -202,7 +202,9 @@ def main(
     exs, reqs = prompts(n)
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
     dtype = "float32" if device == "cpu" else "bfloat16"
-    hf = HFGenerator(model, dtype=dtype, device=device, batch_size=batch)
+    hf = HFGenerator(
+        ModelConfig(path=model, dtype=dtype, device=device), GenerationConfig(batch_size=batch)
+    )
     res: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct",
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
@@ -232,7 +234,8 @@ def main(
         try:
             from ssrengine.generation.sglang_engine import SGLangEngineGenerator
 
-            with SGLangEngineGenerator(model, dtype=dtype, mem_fraction=0.5) as sg:
+            engine = GenerationConfig(backend="sglang", mem_fraction=0.5)
+            with SGLangEngineGenerator(ModelConfig(path=model, dtype=dtype), engine) as sg:
                 gen["sglang_engine"] = throughput(sg, reqs, sampling, chunk=len(reqs))
                 gen["speedup_sglang_vs_hf_batched"] = round(
                     gen["sglang_engine"]["rows_per_s"] / gen["hf_batched"]["rows_per_s"], 2

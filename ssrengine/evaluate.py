@@ -208,7 +208,9 @@ def _loaded(cfg: Config, path: str) -> Iterator[tuple[Any, Any, Any]]:
     if cfg.generation.backend == "hf":
         from ssrengine.generation.hf import HFGenerator
 
-        gen = HFGenerator(path, model=lm, tokenizer=tok, batch_size=cfg.generation.batch_size)
+        gen = HFGenerator(
+            cfg.model, replace(cfg.generation, model=path), hf_model=lm, tokenizer=tok
+        )
     else:
         from ssrengine.stages import open_generator
 

@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 from ssrengine.config import Config
 from ssrengine.data import Example, load_examples, prompt_messages, resolve_data_file
 from ssrengine.errors import InputError
-from ssrengine.generation import BackendError, Generator, Request, SamplingParams, make_generator
+from ssrengine.generation import (
+    BackendError,
+    Generator,
+    Request,
+    SamplingParams,
+    generation_config,
+    make_generator,
+)
 from ssrengine.io import RowWriter, atomic_write_jsonl, atomic_write_text, read_rows
 from ssrengine.judge import Judge, LLMJudge, RuleJudge, Verdict
 
@@ -69,29 +76,8 @@ class _LazyGenerator(Generator):
 
 
 def open_generator(cfg: Config, *, for_judge: bool = False) -> Generator:
-    g, j = cfg.generation, cfg.judge
-    backend = (j.backend or g.backend) if for_judge else g.backend
-    model = (j.model or g.model or cfg.model.path) if for_judge else (g.model or cfg.model.path)
-    return _LazyGenerator(
-        backend,
-        model,
-        lambda: make_generator(
-            backend,
-            model,
-            url=(j.url or g.url) if for_judge else g.url,
-            batch_size=j.batch_size if for_judge else g.batch_size,
-            dtype=cfg.model.dtype,
-            device=cfg.model.device,
-            trust_remote_code=cfg.model.trust_remote_code,
-            launch=g.launch,
-            tp_size=g.tp_size,
-            dp_size=g.dp_size,
-            mem_fraction=g.mem_fraction,
-            concurrency=g.concurrency,
-            timeout_s=g.timeout_s,
-            max_retries=g.max_retries,
-        ),
-    )
+    gen = generation_config(cfg, for_judge=for_judge)
+    return _LazyGenerator(gen.backend, gen.model, lambda: make_generator(cfg.model, gen))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

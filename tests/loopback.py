@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from ssrengine.config import GenerationConfig, ModelConfig
 from ssrengine.generation.base import Request, SamplingParams
 from ssrengine.generation.hf import HFGenerator
 
@@ -164,7 +165,9 @@ class LoopbackServer:
         served_model: str = "loopback-model",
         faults: Faults | None = None,
     ) -> None:
-        self.hf = generator or HFGenerator(str(model_dir), batch_size=8)
+        self.hf = generator or HFGenerator(
+            ModelConfig(path=str(model_dir)), GenerationConfig(batch_size=8)
+        )
         self.tok = self.hf.tokenizer
         if len(self.hf.eos_ids) != 1:
             raise ValueError("the loopback serves models with exactly one EOS id")
@@ -233,7 +236,7 @@ class LoopbackServer:
         """(len(out) + extra, V): log-probs of the next token at each generated position."""
         seq = torch.tensor([prompt + out], device=self.hf.device)
         with self._model_lock:
-            logits = self.hf.lm(input_ids=seq, use_cache=False).logits[0]
+            logits = self.hf.hf_model(input_ids=seq, use_cache=False).logits[0]
         start = len(prompt) - 1
         return torch.log_softmax(logits[start : start + len(out) + extra].float(), dim=-1)
 

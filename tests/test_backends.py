@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssrengine.config import build_config
+from ssrengine.config import GenerationConfig, ModelConfig, build_config
 from ssrengine.data import Example
 from ssrengine.errors import InputError
-from ssrengine.generation import BackendError, Request, SamplingParams, make_generator
+from ssrengine.generation import (
+    BackendError,
+    Request,
+    SamplingParams,
+    generation_config,
+    make_generator,
+)
 from ssrengine.generation.hf import HFGenerator
 from ssrengine.generation.http import MalformedReply, parse_urls
 from ssrengine.generation.launch import free_port
@@ -57,13 +63,13 @@ def chatty_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def hf(chatty_dir: Path) -> HFGenerator:
     """The reference: the local hf backend."""
-    return HFGenerator(str(chatty_dir), batch_size=4)
+    return HFGenerator(ModelConfig(path=str(chatty_dir)), GenerationConfig(batch_size=4))
 
 
 @pytest.fixture(scope="module")
 def server_hf(chatty_dir: Path) -> HFGenerator:
     """The loopback's own model instance (servers are restarted around it)."""
-    return HFGenerator(str(chatty_dir), batch_size=8)
+    return HFGenerator(ModelConfig(path=str(chatty_dir)), GenerationConfig(batch_size=8))
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +87,11 @@ def loopback(server_hf: HFGenerator):
         yield lb
 
 
-def remote(backend: str, model: Path, url: str, **kw):
-    opts = {"batch_size": 2, "concurrency": 2, "max_retries": 2, "backoff_s": 0.01, **kw}
-    return make_generator(backend, str(model), url=url, **opts)
+def remote(backend: str, model: Path, url: str, served_model: str = "", **kw):
+    opts = {"batch_size": 2, "concurrency": 2, "max_retries": 2, **kw}
+    gen = GenerationConfig(backend=backend, url=url, **opts)
+    extra = {"served_model": served_model} if served_model else {}
+    return make_generator(ModelConfig(path=str(model)), gen, backoff_s=0.01, **extra)
 
 
 def requests(n: int = len(QUESTIONS)) -> list[Request]:
@@ -288,17 +296,7 @@ def _stage_config(model: Path, url: str, backend: str = "sglang-http"):
 
 def _open(cfg):
     """stages.open_generator, with a short backoff so the test is quick."""
-    g = cfg.generation
-    return make_generator(
-        g.backend,
-        cfg.model.path,
-        url=g.url,
-        batch_size=g.batch_size,
-        concurrency=g.concurrency,
-        timeout_s=g.timeout_s,
-        max_retries=g.max_retries,
-        backoff_s=0.01,
-    )
+    return make_generator(cfg.model, generation_config(cfg), backoff_s=0.01)
 
 
 def test_generate_stage_survives_a_killed_server(tmp_path, chatty_dir, hf, server_hf):
@@ -391,14 +389,16 @@ def test_server_process_stop_ends_it(chatty_dir):
 
 
 def test_make_generator_validates_its_inputs(chatty_dir):
+    model = ModelConfig(path=str(chatty_dir))
     with pytest.raises(InputError, match="unknown generation backend"):
-        make_generator("vllm", str(chatty_dir))
+        make_generator(model, GenerationConfig(backend="vllm"))
     with pytest.raises(InputError, match=r"generation\.url"):
-        make_generator("sglang-http", str(chatty_dir))
+        make_generator(model, GenerationConfig(backend="sglang-http"))
     with pytest.raises(InputError, match=r"generation\.url"):
-        make_generator("openai", str(chatty_dir), url="ftp://x")
+        make_generator(model, GenerationConfig(backend="openai", url="ftp://x"))
     with pytest.raises(InputError, match="not both"):
-        make_generator("sglang-http", str(chatty_dir), url="http://127.0.0.1:1", launch=True)
+        launch = GenerationConfig(backend="sglang-http", url="http://127.0.0.1:1", launch=True)
+        make_generator(model, launch)
     assert parse_urls(" http://a:1/, http://b:2 ,") == ["http://a:1", "http://b:2"]
 
 
@@ -410,10 +410,11 @@ def test_sglang_is_optional(chatty_dir):
         pytest.skip("sglang is installed")
     except ImportError:
         pass
+    model = ModelConfig(path=str(chatty_dir))
     with pytest.raises(InputError, match=r"ssrengine\[gpu\]"):
-        make_generator("sglang", str(chatty_dir))
+        make_generator(model, GenerationConfig(backend="sglang"))
     with pytest.raises(InputError, match=r"ssrengine\[gpu\]"):
-        make_generator("sglang-http", str(chatty_dir), launch=True)
+        make_generator(model, GenerationConfig(backend="sglang-http", launch=True))
 
 
 def test_sglang_command_carries_the_config(chatty_dir):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssrengine.config import DataConfig
+from ssrengine.config import DataConfig, GenerationConfig, ModelConfig
 from ssrengine.data import Example, load_examples, prompt_messages, resolve_data_file
 from ssrengine.generation import Completion, Request, SamplingParams, make_generator
 from ssrengine.judge import LLMJudge
@@ -34,7 +34,8 @@ def data() -> tuple[list[Example], list[Request]]:
 def hf(smollm2_dir):
     from ssrengine.generation.hf import HFGenerator
 
-    gen = HFGenerator(str(smollm2_dir), dtype="bfloat16", device="cuda", batch_size=N)
+    model = ModelConfig(path=str(smollm2_dir), dtype="bfloat16", device="cuda")
+    gen = HFGenerator(model, GenerationConfig(batch_size=N))
     yield gen
     gen.close()
 
@@ -58,7 +59,10 @@ def test_engine_matches_hf_and_shuts_down(smollm2_dir, hf, data):
     exs, reqs = data
     sampling = SamplingParams(max_new_tokens=TOKENS)
     want = hf.generate(reqs, sampling)
-    gen = make_generator("sglang", str(smollm2_dir), dtype="bfloat16", mem_fraction=0.4)
+    gen = make_generator(
+        ModelConfig(path=str(smollm2_dir), dtype="bfloat16"),
+        GenerationConfig(backend="sglang", mem_fraction=0.4),
+    )
     with gen:
         assert gen.backend == "sglang"
         assert_close_to_hf(gen.generate(reqs, sampling), want)
@@ -70,21 +74,18 @@ def test_launched_server_over_native_and_openai_routes(smollm2_dir, hf, data):
     exs, reqs = data
     sampling = SamplingParams(max_new_tokens=TOKENS)
     want = hf.generate(reqs, sampling)
-    with make_generator(
-        "sglang-http",
-        str(smollm2_dir),
-        launch=True,
-        dtype="bfloat16",
-        mem_fraction=0.4,
-        batch_size=4,
-        concurrency=2,
-    ) as gen:
+    model = ModelConfig(path=str(smollm2_dir), dtype="bfloat16")
+    launched = GenerationConfig(
+        backend="sglang-http", launch=True, mem_fraction=0.4, batch_size=4, concurrency=2
+    )
+    with make_generator(model, launched) as gen:
         server = gen.server
         assert server is not None and server.running
         assert_close_to_hf(gen.generate(reqs, sampling), want)
         assert_judges_agree(gen, hf, exs, [c.text for c in want])
         # The same server's OpenAI-compatible route; the served model name is discovered.
-        with make_generator("openai", str(smollm2_dir), url=server.url, batch_size=4) as oa:
+        openai = GenerationConfig(backend="openai", url=server.url, batch_size=4)
+        with make_generator(model, openai) as oa:
             assert_close_to_hf(oa.generate(reqs, sampling), want)
             LLMJudge(oa).judge_batch(exs, [c.text for c in want])  # logprobs or fallback
     assert not server.running

@@ -158,12 +158,15 @@ def test_packed_scores_equal_unpacked_forward(tiny):
 
 
 def test_own_answers_are_scored_on_their_exact_generated_tokens(tiny):
+    from ssrengine.config import GenerationConfig, ModelConfig
     from ssrengine.data import encode_prompt
     from ssrengine.generation import Request, SamplingParams
     from ssrengine.generation.hf import HFGenerator
 
     model, tok = tiny
-    gen = HFGenerator("tiny", model=model, tokenizer=tok, batch_size=2)
+    gen = HFGenerator(
+        ModelConfig(path="tiny"), GenerationConfig(batch_size=2), hf_model=model, tokenizer=tok
+    )
     msgs = [[{"role": "user", "content": q}] for q in ("What is the capital?", "Who? ")]
     outs = gen.generate([Request(messages=m) for m in msgs], SamplingParams(max_new_tokens=5))
     seqs = answer_token_sequences(tok, msgs, [o.token_ids for o in outs])

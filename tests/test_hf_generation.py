@@ -4,11 +4,13 @@ against a plain forward pass."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from ssrengine.config import GenerationConfig, ModelConfig
 from ssrengine.generation import Request, SamplingParams
 from ssrengine.generation.hf import HFGenerator
 from tests.loopback import build_chatty
@@ -51,7 +53,7 @@ def _reference(gen: HFGenerator, prompts: list[list[int]], max_new: int) -> list
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    seqs = gen.lm.generate(
+    seqs = gen.hf_model.generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max_new,
@@ -70,7 +72,7 @@ def _reference(gen: HFGenerator, prompts: list[list[int]], max_new: int) -> list
 def test_greedy_equals_model_generate(which, tiny_model_dir, chatty_dir):
     path = tiny_model_dir if which == "tiny" else chatty_dir
     max_new = 24
-    gen = HFGenerator(str(path), batch_size=len(QUESTIONS))
+    gen = HFGenerator(ModelConfig(path=str(path)), GenerationConfig(batch_size=len(QUESTIONS)))
     prompts = _prompts(gen)
     outs = gen.generate([Request(input_ids=p) for p in prompts], SamplingParams(max_new))
     ref = _reference(gen, prompts, max_new)
@@ -88,9 +90,11 @@ def test_greedy_equals_model_generate(which, tiny_model_dir, chatty_dir):
 
 
 def test_finished_rows_leave_the_batch(chatty_dir):
-    gen = HFGenerator(str(chatty_dir), batch_size=len(QUESTIONS))
+    gen = HFGenerator(
+        ModelConfig(path=str(chatty_dir)), GenerationConfig(batch_size=len(QUESTIONS))
+    )
     rows: list[int] = []
-    hook = gen.lm.register_forward_pre_hook(
+    hook = gen.hf_model.register_forward_pre_hook(
         lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
     )
     try:
@@ -109,7 +113,7 @@ def test_finished_rows_leave_the_batch(chatty_dir):
 
 
 def test_logprobs_match_a_forward_pass(chatty_dir):
-    gen = HFGenerator(str(chatty_dir), batch_size=4)
+    gen = HFGenerator(ModelConfig(path=str(chatty_dir)), GenerationConfig(batch_size=4))
     tok = gen.tokenizer
     wanted = tuple(sorted({gen.token_id("Yes"), gen.token_id("No"), gen.eos_ids[0], 5}))
     prompts = _prompts(gen)
@@ -120,7 +124,7 @@ def test_logprobs_match_a_forward_pass(chatty_dir):
         assert len(o.logprobs) == n
         seq = p + o.token_ids + ([gen.eos_ids[0]] if o.finish_reason == "stop" else [])
         with torch.no_grad():
-            logits = gen.lm(input_ids=torch.tensor([seq])).logits[0].float()
+            logits = gen.hf_model(input_ids=torch.tensor([seq])).logits[0].float()
         lp = torch.log_softmax(logits[len(p) - 1 : len(p) - 1 + n], dim=-1)
         for j, d in enumerate(o.logprobs):
             assert set(d) == set(wanted)
@@ -129,7 +133,7 @@ def test_logprobs_match_a_forward_pass(chatty_dir):
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(chatty_dir):
-    gen = HFGenerator(str(chatty_dir), batch_size=4)
+    gen = HFGenerator(ModelConfig(path=str(chatty_dir)), GenerationConfig(batch_size=4))
     reqs = [Request(input_ids=p) for p in _prompts(gen)]
     hot = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
     a = [o.token_ids for o in gen.generate(reqs, hot)]
@@ -142,7 +146,7 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(chatty_dir):
 
 
 def test_stop_strings_cut_the_text(chatty_dir):
-    gen = HFGenerator(str(chatty_dir), batch_size=4)
+    gen = HFGenerator(ModelConfig(path=str(chatty_dir)), GenerationConfig(batch_size=4))
     reqs = [Request(input_ids=p) for p in _prompts(gen)]
     full = gen.generate(reqs, SamplingParams(max_new_tokens=16))
     o = next(c for c in full if len(c.text) > 3)
@@ -151,3 +155,14 @@ def test_stop_strings_cut_the_text(chatty_dir):
     c = cut[full.index(o)]
     assert c.finish_reason == "stop" and stop not in c.text
     assert c.token_ids == o.token_ids
+
+
+def test_decode_loop_passes_the_kv_cache_under_its_current_name(chatty_dir):
+    """transformers 5.x renamed forward's ``past_key_values`` to ``cache`` and warns
+    (FutureWarning) on the old name, once per forward of the decode loop."""
+    gen = HFGenerator(ModelConfig(path=str(chatty_dir)), GenerationConfig(batch_size=4))
+    reqs = [Request(messages=[{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        outs = gen.generate(reqs, SamplingParams(max_new_tokens=4))
+    assert [len(o.token_ids) <= 4 for o in outs] == [True] * 4

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ssrengine.config import ModelConfig
 from ssrengine.data import Example
 from ssrengine.generation.hf import HFGenerator
 from ssrengine.judge import LLMJudge, RuleJudge, is_refusal, judge_messages, token_f1
@@ -56,7 +57,7 @@ def test_token_f1_and_refusals():
 def test_llm_judge_reads_p_yes_from_next_token_logprobs(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    gen = HFGenerator(str(tiny_model_dir), model=model, tokenizer=tok)
+    gen = HFGenerator(ModelConfig(path=str(tiny_model_dir)), hf_model=model, tokenizer=tok)
     judge = LLMJudge(gen, threshold=0.5)
     e = ex("Founded in 1987.")
     v = judge.judge(e, "Acme was founded in 1987.")

@@ -48,7 +48,7 @@ def setup(tiny_model_dir, tmp_path_factory):
             "--judge.batch_size=4",
         ],
     )
-    return cfg, load_examples(data), HFGenerator(str(tiny_model_dir), batch_size=3)
+    return cfg, load_examples(data), HFGenerator(cfg.model, cfg.generation)
 
 
 def test_generate_killed_midway_resumes_without_loss_or_duplicates(setup, tmp_path):

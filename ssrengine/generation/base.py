@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from ssrengine.config import GenerationConfig, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,18 @@ class Generator(Protocol):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def model_name(model: ModelConfig, gen: GenerationConfig) -> str:
+    """The model generation uses: generation.model, or model.path when that is empty."""
+    return gen.model or model.path
+
+
+def eos_ids(tokenizer: Any, config_eos: int | list[int] | None) -> list[int]:
+    """The ids generation stops on: the tokenizer's EOS plus the model's generation-config
+    ``eos_token_id`` (one id or a list), as transformers' ``generate`` and SGLang stop."""
+    extra = config_eos if isinstance(config_eos, list) else [config_eos]
+    return sorted(i for i in {tokenizer.eos_token_id, *extra} if isinstance(i, int))
 
 
 class BackendError(RuntimeError):

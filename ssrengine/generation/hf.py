@@ -1,16 +1,45 @@
-"""Local transformers backend: batched, length-sorted generation (the CPU default)."""
+"""Local transformers backend: batched, length-sorted generation (the CPU default).
+
+A batch is decoded in the gpt-fast shape: `_prefill` the left-padded prompts once, then
+`_decode_one` token per step for the rows still generating, and `_finish` each row into a
+`Completion`. A row that ends (EOS or max_new_tokens) leaves the batch and the KV cache, so
+later steps compute only the rows still generating.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from ssrengine.generation.base import Completion, Generator, Request, SamplingParams
+from ssrengine.config import GenerationConfig, ModelConfig
+from ssrengine.data import encode_prompt
+from ssrengine.generation.base import (
+    Completion,
+    Generator,
+    Request,
+    SamplingParams,
+    eos_ids,
+    model_name,
+)
 from ssrengine.models import load_model, load_tokenizer
+
+
+@dataclass
+class _Rows:
+    """One batch being decoded: the rows still generating and what every row produced."""
+
+    live: list[int]  # batch row -> prompt index, for the rows still generating
+    mask: torch.Tensor  # (live, T) attention mask over prompt + generated tokens
+    next_pos: torch.Tensor  # (live,) position of each live row's next token
+    cache: DynamicCache
+    tokens: list[list[int]]  # per prompt: generated ids, EOS excluded
+    logprobs: list[list[list[float]]]  # per prompt, per step: logprobs of the wanted ids
+    finish: list[str]  # per prompt: "length" until an EOS makes it "stop"
 
 
 class HFGenerator(Generator):
@@ -18,39 +47,36 @@ class HFGenerator(Generator):
 
     def __init__(
         self,
-        model_path: str,
+        model: ModelConfig,
+        gen: GenerationConfig | None = None,
         *,
-        dtype: str = "float32",
-        device: str = "auto",
-        batch_size: int = 16,
-        trust_remote_code: bool = False,
-        model: Any = None,
+        hf_model: Any = None,
         tokenizer: Any = None,
     ) -> None:
-        self.model_name = model_path
-        self.model = model_path
-        self.tokenizer = tokenizer or load_tokenizer(
-            model_path, trust_remote_code=trust_remote_code
+        """Generate with ``gen.model`` (empty: ``model.path``) as ``model`` says to load it;
+        ``hf_model`` / ``tokenizer`` reuse ones already loaded."""
+        gen = gen or GenerationConfig()
+        self.model = model_name(model, gen)  # the name recorded in every row
+        trust = model.trust_remote_code
+        self.tokenizer = tokenizer or load_tokenizer(self.model, trust_remote_code=trust)
+        self.hf_model = hf_model or load_model(
+            self.model, dtype=model.dtype, device=model.device, trust_remote_code=trust
         )
-        self.lm = model or load_model(
-            model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
-        self.lm.eval()
-        self.batch_size = batch_size
-        self.device = next(self.lm.parameters()).device
-        eos = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(self.lm.generation_config, "eos_token_id", None)
-        eos |= set(
-            gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-        )
-        self.eos_ids = sorted(i for i in eos if i is not None)
+        self.hf_model.eval()
+        self.batch_size = gen.batch_size
+        self.device = next(self.hf_model.parameters()).device
+        self.eos_ids = eos_ids(self.tokenizer, self.hf_model.generation_config.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        self._pad = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        forward_args = inspect.signature(self.hf_model.forward).parameters
         # Prefill computes only the last position's logits where the model supports it.
-        forward_args = inspect.signature(self.lm.forward).parameters
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
+        # transformers 5.x renamed forward's `past_key_values` to `cache` and warns on the old
+        # name (models/llama/modeling_llama.py: @deprecate_kwarg("past_key_values", "5.40.0",
+        # new_name="cache")); 4.x and remote code know only the old one.
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
 
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
-        from ssrengine.data import encode_prompt
-
         return encode_prompt(self.tokenizer, messages)
 
     def token_id(self, text: str) -> int:
@@ -71,111 +97,123 @@ class HFGenerator(Generator):
                 out[i] = c
         return [c for c in out if c is not None]
 
-    @staticmethod
-    def _sample(
-        logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator
-    ) -> torch.Tensor:
-        """Temperature then top-p (nucleus) sampling, as transformers' warpers apply them."""
-        scores = logits.float() / sampling.temperature
-        if sampling.top_p < 1.0:
-            sorted_scores, sorted_idx = scores.sort(dim=-1)  # ascending
-            cum = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cum <= 1 - sampling.top_p
-            drop[:, -1] = False  # always keep the most likely token
-            scores = scores.masked_fill(drop.scatter(1, sorted_idx, drop), float("-inf"))
-        return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
-
     def _generate_batch(
         self, prompts: list[list[int]], sampling: SamplingParams
     ) -> list[Completion]:
-        """Prefill the left-padded batch once, then decode one token per live row per step;
-        rows that finish (EOS or max_new_tokens) leave the batch and the KV cache, so later
-        steps compute only the rows still generating."""
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.eos_ids[0] if self.eos_ids else 0
-        width = max(len(p) for p in prompts)
-        dev = self.device
-        # Left padding so every row's next token is at the same position.
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        next_pos = pos[:, -1] + 1
-        greedy = sampling.temperature <= 0
-        gen = None if greedy else torch.Generator(device=dev).manual_seed(sampling.seed)
-        wanted = (
-            torch.tensor(sampling.logprob_token_ids, device=dev)
-            if sampling.logprob_token_ids
-            else None
-        )
-        eos = set(self.eos_ids)
-        n = len(prompts)
-        toks: list[list[int]] = [[] for _ in range(n)]
-        step_lps: list[list[list[float]]] = [[] for _ in range(n)]
-        finish = ["length"] * n
-        live = list(range(n))  # batch row -> original row
-        cache = DynamicCache(config=self.lm.config)
-        logits = self.lm(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            **self._last_logits,
-        ).logits[:, -1]
+        ids = sampling.logprob_token_ids
+        wanted = torch.tensor(ids, device=self.device) if ids else None
+        pick = self._picker(sampling)
+        rows, logits = self._prefill(prompts)
         for step in range(sampling.max_new_tokens):
-            nxt = logits.argmax(-1) if greedy else self._sample(logits, sampling, gen)
+            nxt = pick(logits)
             if wanted is not None:
-                lp = torch.log_softmax(logits.float(), dim=-1)[:, wanted].tolist()
-                for j, b in enumerate(live):
-                    step_lps[b].append(lp[j])
-            keep = []
-            last = step + 1 == sampling.max_new_tokens
-            for j, (b, t) in enumerate(zip(live, nxt.tolist())):
-                if t in eos:
-                    finish[b] = "stop"
-                else:
-                    toks[b].append(t)
-                    if not last:
-                        keep.append(j)
+                self._record_logprobs(rows, logits, wanted)
+            keep = self._append(rows, nxt, last=step + 1 == sampling.max_new_tokens)
             if not keep:
                 break
-            if len(keep) < len(live):
-                sel = torch.tensor(keep, device=dev)
-                live = [live[j] for j in keep]
-                nxt, mask, next_pos = nxt[sel], mask[sel], next_pos[sel]
-                cache.batch_select_indices(sel)
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            logits = self.lm(
-                input_ids=nxt[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1]
-            next_pos = next_pos + 1
-        out = []
-        for b, row in enumerate(toks):
-            fin = finish[b]
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            for s in sampling.stop:
-                if s in text:
-                    text, fin = text[: text.index(s)], "stop"
-            lps = []
-            if wanted is not None:
-                # As before: the EOS step's logprobs only when it is the only step.
-                k = max(1, len(row)) if fin == "stop" else len(row)
-                lps = [dict(zip(sampling.logprob_token_ids, v)) for v in step_lps[b][:k]]
-            out.append(
-                Completion(
-                    text=text.strip(),
-                    token_ids=row,
-                    finish_reason=fin,
-                    logprobs=lps,
-                    prompt_tokens=len(prompts[b]),
-                )
-            )
-        return out
+            logits = self._decode_one(rows, nxt, keep)
+        return [self._finish(p, rows, b, sampling) for b, p in enumerate(prompts)]
+
+    def _forward(self, ids: torch.Tensor, rows: _Rows, pos: torch.Tensor, **kw: Any) -> Any:
+        """Logits of the last position of each row, the KV cache extended in place."""
+        out = self.hf_model(
+            input_ids=ids,
+            attention_mask=rows.mask,
+            position_ids=pos,
+            use_cache=True,
+            **{self._cache_arg: rows.cache},
+            **kw,
+        )
+        return out.logits[:, -1]
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[_Rows, torch.Tensor]:
+        """The whole left-padded batch in one forward: every row's next token is at one position."""
+        width, dev, n = max(len(p) for p in prompts), self.device, len(prompts)
+        ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = _Rows(
+            live=list(range(n)),
+            mask=mask,
+            next_pos=pos[:, -1] + 1,
+            cache=DynamicCache(config=self.hf_model.config),
+            tokens=[[] for _ in range(n)],
+            logprobs=[[] for _ in range(n)],
+            finish=["length"] * n,
+        )
+        return rows, self._forward(ids, rows, pos, **self._last_logits)
+
+    def _picker(self, sampling: SamplingParams) -> Callable[[torch.Tensor], torch.Tensor]:
+        """logits (live, V) -> next ids (live,): argmax, or seeded temperature/top-p sampling."""
+        if sampling.temperature <= 0:
+            return lambda logits: logits.argmax(-1)
+        gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        return lambda logits: _sample(logits, sampling, gen)
+
+    @staticmethod
+    def _record_logprobs(rows: _Rows, logits: torch.Tensor, wanted: torch.Tensor) -> None:
+        lp = torch.log_softmax(logits.float(), dim=-1)[:, wanted].tolist()
+        for j, b in enumerate(rows.live):
+            rows.logprobs[b].append(lp[j])
+
+    def _append(self, rows: _Rows, nxt: torch.Tensor, *, last: bool) -> list[int]:
+        """Add each live row's new token (an EOS ends the row instead); the batch rows that go
+        on to another step."""
+        eos, keep = set(self.eos_ids), []
+        for j, (b, t) in enumerate(zip(rows.live, nxt.tolist())):
+            if t in eos:
+                rows.finish[b] = "stop"
+            else:
+                rows.tokens[b].append(t)
+                if not last:
+                    keep.append(j)
+        return keep
+
+    def _decode_one(self, rows: _Rows, nxt: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        """Evict the rows that ended (from the batch and the KV cache), then feed the others'
+        new token; returns their next logits."""
+        if len(keep) < len(rows.live):
+            sel = torch.tensor(keep, device=self.device)
+            rows.live = [rows.live[j] for j in keep]
+            nxt, rows.mask, rows.next_pos = nxt[sel], rows.mask[sel], rows.next_pos[sel]
+            rows.cache.batch_select_indices(sel)
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.live), 1)], dim=1)
+        logits = self._forward(nxt[:, None], rows, rows.next_pos[:, None])
+        rows.next_pos = rows.next_pos + 1
+        return logits
+
+    def _finish(
+        self, prompt: list[int], rows: _Rows, b: int, sampling: SamplingParams
+    ) -> Completion:
+        """Prompt ``b``'s Completion: text cut at the first stop string, logprobs per token."""
+        tokens, finish = rows.tokens[b], rows.finish[b]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for s in sampling.stop:
+            if s in text:
+                text, finish = text[: text.index(s)], "stop"
+        # One logprob step per kept token; a row that ended has one step more (the EOS step),
+        # which is kept only when it is the only one: a one-step read such as the judge's.
+        k = max(1, len(tokens)) if finish == "stop" else len(tokens)
+        ids = sampling.logprob_token_ids
+        return Completion(
+            text=text.strip(),
+            token_ids=tokens,
+            finish_reason=finish,
+            logprobs=[dict(zip(ids, v)) for v in rows.logprobs[b][:k]] if ids else [],
+            prompt_tokens=len(prompt),
+        )
 
     def close(self) -> None:
-        self.lm = None
+        self.hf_model = None
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    """Temperature then top-p (nucleus) sampling, as transformers' warpers apply them."""
+    scores = logits.float() / sampling.temperature
+    if sampling.top_p < 1.0:
+        sorted_scores, sorted_idx = scores.sort(dim=-1)  # ascending
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - sampling.top_p
+        drop[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(1, sorted_idx, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)

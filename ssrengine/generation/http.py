@@ -26,8 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ssrengine.data import encode_prompt
 from ssrengine.errors import InputError
-from ssrengine.generation.base import BackendError, Request
+from ssrengine.generation.base import BackendError, Request, eos_ids
 from ssrengine.models import load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 RETRY_STATUS = frozenset({408, 425, 429})  # plus every 5xx
+BACKOFF_S = 1.0  # first retry delay; doubled per retry, with jitter, up to MAX_BACKOFF_S
+MAX_BACKOFF_S = 30.0
 
 
 class MalformedReply(ValueError):
@@ -84,11 +87,11 @@ class HTTPClient:
         self,
         urls: str | Sequence[str],
         *,
-        timeout_s: float = 120.0,
-        max_retries: int = 5,
-        concurrency: int = 4,
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 30.0,
+        timeout_s: float,
+        max_retries: int,
+        concurrency: int,
+        backoff_s: float = BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
         headers: dict[str, str] | None = None,
     ) -> None:
         self.urls = parse_urls(urls)
@@ -221,14 +224,12 @@ class PromptEncoder:
 
     def __init__(self, model: str, *, trust_remote_code: bool = False, tokenizer: Any = None):
         self.tokenizer = tokenizer or load_tokenizer(model, trust_remote_code=trust_remote_code)
-        self.eos_ids = _eos_ids(model, self.tokenizer)
+        self.eos_ids = eos_ids(self.tokenizer, _config_eos(model))
         # Replies are parsed on the pool's threads; a fast tokenizer shared across threads can
         # fail with "Already borrowed" (huggingface/tokenizers#537).
         self._lock = threading.Lock()
 
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
-        from ssrengine.data import encode_prompt
-
         return encode_prompt(self.tokenizer, messages)
 
     def token_id(self, text: str) -> int:
@@ -250,17 +251,14 @@ class PromptEncoder:
             return self.tokenizer.decode([t]), self.tokenizer.convert_ids_to_tokens(t)
 
 
-def _eos_ids(model: str, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS plus generation_config.json's eos_token_id (what the hf backend and
-    SGLang stop on)."""
-    ids = {tokenizer.eos_token_id}
+def _config_eos(model: str) -> Any:
+    """``eos_token_id`` of the model directory's generation_config.json, else config.json
+    (where transformers takes a model's generation config from); None without either."""
     try:
         path = Path(resolve_model_path(model))
     except InputError:
-        path = None
+        return None
     for name in ("generation_config.json", "config.json"):
-        if path is not None and (path / name).is_file():
-            eos = json.loads((path / name).read_text()).get("eos_token_id")
-            ids |= set(eos if isinstance(eos, list) else [eos])
-            break
-    return sorted(i for i in ids if isinstance(i, int))
+        if (path / name).is_file():
+            return json.loads((path / name).read_text()).get("eos_token_id")
+    return None

@@ -28,9 +28,17 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from ssrengine.config import GenerationConfig, ModelConfig
 from ssrengine.errors import InputError
-from ssrengine.generation.base import BackendError, Completion, Generator, Request, SamplingParams
-from ssrengine.generation.http import HTTPClient, MalformedReply, PromptEncoder
+from ssrengine.generation.base import (
+    BackendError,
+    Completion,
+    Generator,
+    Request,
+    SamplingParams,
+    model_name,
+)
+from ssrengine.generation.http import BACKOFF_S, HTTPClient, MalformedReply, PromptEncoder
 
 TOP_LOGPROBS = 5  # the largest `logprobs` OpenAI's own API accepts; vLLM and SGLang take it too
 BIAS = 100.0  # the top of OpenAI's logit_bias range
@@ -41,33 +49,32 @@ class OpenAIGenerator(Generator):
 
     def __init__(
         self,
-        model: str,
+        model: ModelConfig,
+        gen: GenerationConfig,
         *,
-        url: str = "",
-        batch_size: int = 16,
-        concurrency: int = 4,
-        timeout_s: float = 120.0,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
         served_model: str = "",
         api_key: str | None = None,
-        trust_remote_code: bool = False,
         tokenizer: Any = None,
+        backoff_s: float = BACKOFF_S,
     ) -> None:
-        self.model = model
-        self.batch_size = max(1, batch_size)
-        self.enc = PromptEncoder(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        """``served_model``: the name the server knows the model by (empty: ask the server);
+        ``api_key`` (default: $OPENAI_API_KEY) is sent as a bearer token."""
+        self.model = model_name(model, gen)
+        self.batch_size = max(1, gen.batch_size)
+        self.enc = PromptEncoder(
+            self.model, trust_remote_code=model.trust_remote_code, tokenizer=tokenizer
+        )
         self.tokenizer = self.enc.tokenizer
-        if not url:
+        if not gen.url:
             raise InputError("openai needs the server URL", field="generation.url")
         # Accept both http://host:port and http://host:port/v1.
-        bases = [u.strip().rstrip("/").removesuffix("/v1") for u in url.split(",") if u.strip()]
+        bases = [u.strip().rstrip("/").removesuffix("/v1") for u in gen.url.split(",") if u.strip()]
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.client = HTTPClient(
             bases,
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            concurrency=concurrency,
+            timeout_s=gen.timeout_s,
+            max_retries=gen.max_retries,
+            concurrency=gen.concurrency,
             backoff_s=backoff_s,
             headers={"Authorization": f"Bearer {key}"} if key else None,
         )

@@ -12,8 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ssrengine.config import GenerationConfig, ModelConfig
 from ssrengine.errors import InputError
-from ssrengine.generation.base import BackendError, Completion, Generator, Request, SamplingParams
+from ssrengine.generation.base import (
+    BackendError,
+    Completion,
+    Generator,
+    Request,
+    SamplingParams,
+    model_name,
+)
 from ssrengine.generation.http import MalformedReply, PromptEncoder
 from ssrengine.generation.launch import sglang_dtype
 from ssrengine.generation.sglang_http import (
@@ -29,13 +37,9 @@ class SGLangEngineGenerator(Generator):
 
     def __init__(
         self,
-        model: str,
+        model: ModelConfig,
+        gen: GenerationConfig,
         *,
-        tp_size: int = 1,
-        dp_size: int = 1,
-        mem_fraction: float = 0.85,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
         seed: int = 0,
         tokenizer: Any = None,
         **engine_args: Any,
@@ -48,17 +52,18 @@ class SGLangEngineGenerator(Generator):
                 f" ({e})",
                 field="generation.backend",
             ) from None
-        self.model = model
-        self.enc = PromptEncoder(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        self.model = model_name(model, gen)
+        trust = model.trust_remote_code
+        self.enc = PromptEncoder(self.model, trust_remote_code=trust, tokenizer=tokenizer)
         self.tokenizer = self.enc.tokenizer
-        self.server = f"sglang.Engine({model})"
+        self.server = f"sglang.Engine({self.model})"
         self.engine: Any = sglang.Engine(
-            model_path=str(resolve_model_path(model)),
-            tp_size=tp_size,
-            dp_size=dp_size,
-            mem_fraction_static=mem_fraction,
-            dtype=sglang_dtype(dtype),
-            trust_remote_code=trust_remote_code,
+            model_path=str(resolve_model_path(self.model)),
+            tp_size=gen.tp_size,
+            dp_size=gen.dp_size,
+            mem_fraction_static=gen.mem_fraction,
+            dtype=sglang_dtype(model.dtype),
+            trust_remote_code=trust,
             random_seed=seed,
             **engine_args,
         )

@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ssrengine.config import GenerationConfig, ModelConfig
 from ssrengine.errors import InputError
-from ssrengine.generation.base import Completion, Generator, Request, SamplingParams
-from ssrengine.generation.http import HTTPClient, MalformedReply, PromptEncoder
+from ssrengine.generation.base import Completion, Generator, Request, SamplingParams, model_name
+from ssrengine.generation.http import BACKOFF_S, HTTPClient, MalformedReply, PromptEncoder
 
 
 def sglang_sampling(s: SamplingParams) -> dict[str, Any]:
@@ -91,28 +92,20 @@ class SGLangHTTPGenerator(Generator):
 
     def __init__(
         self,
-        model: str,
+        model: ModelConfig,
+        gen: GenerationConfig,
         *,
-        url: str = "",
-        batch_size: int = 16,
-        concurrency: int = 4,
-        timeout_s: float = 120.0,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
-        launch: bool = False,
-        tp_size: int = 1,
-        dp_size: int = 1,
-        mem_fraction: float = 0.85,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
         tokenizer: Any = None,
+        backoff_s: float = BACKOFF_S,
     ) -> None:
-        self.model = model
-        self.batch_size = max(1, batch_size)
-        self.enc = PromptEncoder(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        self.model = model_name(model, gen)
+        self.batch_size = max(1, gen.batch_size)
+        trust = model.trust_remote_code
+        self.enc = PromptEncoder(self.model, trust_remote_code=trust, tokenizer=tokenizer)
         self.tokenizer = self.enc.tokenizer
         self.server = None
-        if launch:
+        url = gen.url
+        if gen.launch:
             if url:
                 raise InputError(
                     "set generation.url (a running server) or generation.launch = true, not both",
@@ -121,12 +114,12 @@ class SGLangHTTPGenerator(Generator):
             from ssrengine.generation.launch import launch_sglang
 
             self.server = launch_sglang(
-                model,
-                tp_size=tp_size,
-                dp_size=dp_size,
-                mem_fraction=mem_fraction,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
+                self.model,
+                tp_size=gen.tp_size,
+                dp_size=gen.dp_size,
+                mem_fraction=gen.mem_fraction,
+                dtype=model.dtype,
+                trust_remote_code=trust,
             )
             url = self.server.url
         if not url:
@@ -136,9 +129,9 @@ class SGLangHTTPGenerator(Generator):
             )
         self.client = HTTPClient(
             url,
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            concurrency=concurrency,
+            timeout_s=gen.timeout_s,
+            max_retries=gen.max_retries,
+            concurrency=gen.concurrency,
             backoff_s=backoff_s,
         )
         self.url = self.client.name
