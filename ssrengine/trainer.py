@@ -240,7 +240,7 @@ class Trainer:
     cfg: Config
     world: distributed.World
     ckpt_root: Path
-    model: Any  # the transformers model inside ``net``
+    hf_model: Any  # the transformers model inside ``net``
     peft_model: Any  # LoRA: its peft wrapper; else None
     net: nn.Module  # the trainable module: CausalLMLoss, wrapped by FSDP2/DDP or not
     tokenizer: Any
@@ -257,7 +257,7 @@ class Trainer:
             self.ckpt_root,
             self.step,
             model=self.net,
-            hf_model=self.model,
+            hf_model=self.hf_model,
             peft_model=self.peft_model,
             tokenizer=self.tokenizer,
             optimizer=self.optimizer,
@@ -318,7 +318,7 @@ def setup(
         cfg=cfg,
         world=world,
         ckpt_root=run_dir / CHECKPOINTS,
-        model=model,
+        hf_model=model,
         peft_model=peft_model,
         net=net,
         tokenizer=tokenizer,
