@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ssrengine.errors import InputError
-from ssrengine.io import read_rows
+from ssrengine.io import atomic_write_text, read_rows
 
 CONFIG = "config.json"
 GENERATIONS = "generations.jsonl"
@@ -202,6 +202,14 @@ class Row:
             if isinstance(tp, type) and issubclass(tp, Row):
                 values[name] = tp.from_json(v, file, line, at=f"{at}{name}.")
                 continue
+            if typing.get_origin(tp) is list and _is_row(typing.get_args(tp)[0]):
+                item = typing.get_args(tp)[0]
+                if not isinstance(v, list):
+                    raise InputError("expected a list", file=file, line=line, field=at + name)
+                values[name] = [
+                    item.from_json(x, file, line, at=f"{at}{name}[{i}].") for i, x in enumerate(v)
+                ]
+                continue
             if typing.get_origin(tp) is dict and _is_row(typing.get_args(tp)[1]):
                 item = typing.get_args(tp)[1]
                 if not isinstance(v, dict):
@@ -228,6 +236,8 @@ class Row:
                 continue
             if isinstance(v, Row):
                 v = v.to_json()
+            elif isinstance(v, list) and v and all(isinstance(x, Row) for x in v):
+                v = [x.to_json() for x in v]
             elif isinstance(v, dict) and v and all(isinstance(x, Row) for x in v.values()):
                 v = {k: x.to_json() for k, x in v.items()}
             out[f.name] = v
@@ -396,11 +406,9 @@ class BuildStats:
 
     @classmethod
     def read(cls, path: Path) -> BuildStats:
-        return cls.from_json(_read_json(path), str(path))
+        return cls.from_json(read_json(path), str(path))
 
     def write(self, path: Path) -> None:
-        from ssrengine.io import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
 
@@ -447,6 +455,15 @@ class SelfVsGoldRow(Row):
     own_logprob: float
     gold_tokens: int = 0
     own_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SelfVsGold(Row):
+    """OUT/eval/self_vs_gold.json: Figure 1 rows scored under the base model ``model``."""
+
+    model: str
+    unit: str
+    rows: list[SelfVsGoldRow]
 
 
 @dataclass(frozen=True)
@@ -510,12 +527,15 @@ class EvalResult(Row):
 
     @classmethod
     def read(cls, path: Path) -> EvalResult:
-        return cls.from_json(_read_json(path), str(path))
+        return cls.from_json(read_json(path), str(path))
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A whole JSON file of the run dir; unreadable or not JSON is an InputError naming it."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("missing", file=str(path)) from None
     except ValueError as e:
         raise InputError(
             f"not valid JSON ({e}); delete it to redo the step", file=str(path)
