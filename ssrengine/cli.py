@@ -10,23 +10,26 @@ import argparse
 import logging
 import sys
 
+from ssrengine import rundir
 from ssrengine.config import load_config, markdown_table
 from ssrengine.errors import InputError
 from ssrengine.generation import BackendError
 
 COMMANDS = {
     "run": "all stages in order into run.dir (same as python -m ssrengine.train)",
-    "generate": "the base model answers every training prompt -> generations.jsonl",
-    "judge": "the judge marks acceptable answers -> verdicts.jsonl",
-    "build": "accepted own answers + gold for the rest -> rehearsal.jsonl",
-    "train": "fine-tune on rehearsal.jsonl -> checkpoints/, metrics.jsonl",
-    "eval": "task metrics + retention of a run or a model -> OUT/eval/eval.json",
+    "generate": f"the base model answers every training prompt -> {rundir.GENERATIONS}",
+    "judge": f"the judge marks acceptable answers -> {rundir.VERDICTS}",
+    "build": f"accepted own answers + gold for the rest -> {rundir.REHEARSAL}",
+    "train": f"fine-tune on {rundir.REHEARSAL} -> {rundir.CHECKPOINTS}/, {rundir.METRICS}",
+    "eval": f"task metrics + retention of a run or a model -> OUT/{rundir.EVAL}/eval.json",
     "report": "one table and plots across evaluated runs -> markdown/HTML report",
     "config": "print the resolved config (or --markdown: the key reference)",
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; eval's and report's own arguments are added only when ``command`` is that
+    command, so other commands never import them (eval imports torch and transformers)."""
     p = argparse.ArgumentParser(
         prog="python -m ssrengine", description="Selective Self-Rehearsal fine-tuning."
     )
@@ -34,12 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in COMMANDS.items():
         s = sub.add_parser(name, help=help_, description=help_)
         if name == "report":
-            from ssrengine.report import add_arguments
+            if command == "report":
+                from ssrengine.report import add_arguments
 
-            add_arguments(s)
+                add_arguments(s)
             continue
         s.add_argument("--config", help="TOML run config (e.g. configs/demo.toml)")
-        if name == "eval":
+        if name == "eval" and command == "eval":
             from ssrengine.evaluate import add_arguments
 
             add_arguments(s)
@@ -57,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = _parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = _parser(argv[0] if argv else None).parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "config" and args.markdown:

@@ -1,18 +1,13 @@
 """``python -m ssrengine eval RUN_OR_MODEL``: task metrics and retention of general ability.
 
-Task metrics (the SSR paper's, on held-out in-domain and out-of-domain splits): an answer is
-"declined" when `judge.is_refusal` fires; the answerable/unanswerable confusion matrix, the
-precision/recall/F1 of unanswerable detection (positive class = unanswerable, predicted by a
-refusal), and token recall/F1 of the answers to answerable questions (a declined answer scores
-0). The task score is the mean of unanswerable F1 and answer token recall, in points (0–100).
-
+Task metrics: see `ssrengine.metrics` (computed from answers; nothing there runs a model).
 Retention: see `ssrengine.retention` (probe accuracy, multiple-choice accuracy, the base
 model's own answers' likelihood, lm-eval where installed).
 
 RUN_OR_MODEL is a run directory (its newest checkpoint and its config.json: system prompt,
 generation settings, base model) or a model (directory or embedded name: evaluated as a base).
-Everything goes to OUT/eval/ (OUT = the run dir, or --out): generations as resumable row files
-(a killed eval resumes), per-example details, and eval.json.
+Everything goes to OUT/eval/ (OUT = the run dir, or --out; files in `rundir.EvalDir`):
+generations as resumable row files (a killed eval resumes), per-example details, and eval.json.
 """
 
 from __future__ import annotations
@@ -21,85 +16,55 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ssrengine.checkpoint import latest_checkpoint
 from ssrengine.config import Config, build_config, load_config, parse_overrides
 from ssrengine.data import Example, load_examples, prompt_messages, resolve_data_file
 from ssrengine.errors import InputError
-from ssrengine.io import atomic_write_jsonl, atomic_write_text, read_rows
-from ssrengine.judge import is_refusal, token_f1, token_recall
+from ssrengine.generation import Generator
+from ssrengine.generation.hf import HFGenerator
+from ssrengine.io import atomic_write_jsonl, atomic_write_text
+from ssrengine.judge import gold_declines
+from ssrengine.metrics import retention_metrics, task_metrics
+from ssrengine.models import EMBEDDED, load_model, load_tokenizer, pick_device, resolve_model_path
+from ssrengine.retention import (
+    MC_FILE,
+    MCItem,
+    ProbeItem,
+    answer_token_sequences,
+    asset_path,
+    chat_sequences,
+    lm_eval_available,
+    load_mc,
+    load_probe,
+    mc_accuracy,
+    own_answer_stats,
+    probe_metrics,
+    run_lm_eval,
+    score_sequences,
+)
+from ssrengine.rundir import (
+    EvalDir,
+    EvalResult,
+    GenerationRow,
+    RunDir,
+    SelfVsGold,
+    SelfVsGoldRow,
+    SplitMetrics,
+    VerdictRow,
+    read_json,
+    read_typed,
+)
+from ssrengine.stages import generate_rows, open_generator, train_examples
 
 log = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"
-EVAL_JSON = "eval.json"
-SELF_VS_GOLD = "self_vs_gold.json"
 DEFAULT_SPLITS = (("in_domain", "builtin:test"), ("out_of_domain", "builtin:ood"))
-CONFUSION_LABELS = (("answerable", "unanswerable"), ("answered", "declined"))
-
-
-# --------------------------------------------------------------------------- task metrics
-def gold_unanswerable(e: Example) -> bool:
-    """The label, or for unlabeled records whether the gold answer itself declines."""
-    return e.answerable is False or (e.answerable is None and is_refusal(e.response))
-
-
-def confusion_matrix(unanswerable: Sequence[bool], declined: Sequence[bool]) -> list[list[int]]:
-    """[[answerable & answered, answerable & declined], [unanswerable & answered, unanswerable &
-    declined]]: rows are the gold class, columns the model's behaviour."""
-    m = [[0, 0], [0, 0]]
-    for u, d in zip(unanswerable, declined, strict=True):
-        m[int(u)][int(d)] += 1
-    return m
-
-
-def unanswerable_prf(m: list[list[int]]) -> dict[str, float]:
-    """Precision/recall/F1 of detecting unanswerable questions (declining = predicting
-    "unanswerable"), plus the accuracy of the two-way classification."""
-    tp, fn, fp, tn = m[1][1], m[1][0], m[0][1], m[0][0]
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * p * r / (p + r) if p + r else 0.0
-    n = tp + fn + fp + tn
-    return {
-        "precision": p,
-        "recall": r,
-        "f1": f1,
-        "accuracy": (tp + tn) / n if n else 0.0,
-        "support": tp + fn,
-    }
-
-
-def task_metrics(examples: Sequence[Example], responses: dict[str, str]) -> dict[str, Any]:
-    """All task metrics of one split, and per-example details (for eval/<split>_details.jsonl)."""
-    details = []
-    for e in examples:
-        ans = responses[e.id]
-        unans, declined = gold_unanswerable(e), is_refusal(ans)
-        row: dict[str, Any] = {"id": e.id, "unanswerable": unans, "declined": declined}
-        if not unans:
-            row["recall"] = 0.0 if declined else token_recall(ans, e.response)
-            row["f1"] = 0.0 if declined else token_f1(ans, e.response)
-        details.append(row)
-    m = confusion_matrix([d["unanswerable"] for d in details], [d["declined"] for d in details])
-    answerable = [d for d in details if not d["unanswerable"]]
-    prf = unanswerable_prf(m)
-    recall = sum(d["recall"] for d in answerable) / len(answerable) if answerable else 0.0
-    f1 = sum(d["f1"] for d in answerable) / len(answerable) if answerable else 0.0
-    metrics = {
-        "n": len(details),
-        "n_answerable": len(answerable),
-        "confusion": {"rows": CONFUSION_LABELS[0], "cols": CONFUSION_LABELS[1], "matrix": m},
-        "unanswerable": prf,
-        "answer_recall": recall,
-        "answer_f1": f1,
-        "score": 100 * (prf["f1"] + recall) / 2,
-    }
-    return {"metrics": metrics, "details": details}
 
 
 # ------------------------------------------------------------------------- eval targets
@@ -124,18 +89,24 @@ class EvalOptions:
 class Target:
     name: str
     kind: str  # "run" | "model"
-    mode: str  # "base" | "sft" | "ssr"
+    # a run: its run.mode ("sft" | "ssr"); a model: "base", or "model" when --base names
+    # another model (then it is compared with that base)
+    mode: str
     model: str  # what is evaluated: a checkpoint dir, a model dir or an embedded name
     base: str  # the base model: its own answers are the reference of the drift
     out: Path  # eval files go to out/eval
     run_dir: Path | None
     cfg: Config
 
+    @property
+    def eval_dir(self) -> EvalDir:
+        return RunDir(self.out).eval
+
 
 def _is_run_dir(p: Path) -> bool:
     """A run dir's config.json is an ssrengine config (sections), not an HF model config."""
     try:
-        saved = json.loads((p / "config.json").read_text())
+        saved = json.loads(RunDir(p).config.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and "run" in saved and "model" in saved
@@ -151,18 +122,17 @@ def resolve_target(
 ) -> Target:
     """A run dir → its newest checkpoint with its own config (overrides apply on top);
     anything else → a model evaluated as the base, with --config/overrides or the defaults."""
-    from ssrengine.checkpoint import latest_checkpoint
-
     p = Path(target)
     if p.is_dir() and _is_run_dir(p):
-        raw = json.loads((p / "config.json").read_text())
+        rd = RunDir(p)
+        raw = read_json(rd.config)
         for sec, values in parse_overrides(overrides or []).items():
             raw.setdefault(sec, {}).update(values)
-        cfg = build_config(raw, source=str(p / "config.json"))
-        ckpt = latest_checkpoint(p / "checkpoints")
+        cfg = build_config(raw, source=str(rd.config))
+        ckpt = latest_checkpoint(rd.checkpoints)
         if ckpt is None:
             raise InputError(
-                "no finished checkpoint; train the run first", file=str(p / "checkpoints")
+                "no finished checkpoint; train the run first", file=str(rd.checkpoints)
             )
         return Target(
             name=p.name,
@@ -174,8 +144,6 @@ def resolve_target(
             run_dir=p,
             cfg=cfg,
         )
-    from ssrengine.models import EMBEDDED, resolve_model_path
-
     if target not in EMBEDDED:
         resolve_model_path(target)  # fail before any work on a path that is not a model
     cfg = load_config(config, [*(overrides or []), f"--model.path={target}"])
@@ -192,11 +160,18 @@ def resolve_target(
     )
 
 
-@contextmanager
-def _loaded(cfg: Config, path: str) -> Iterator[tuple[Any, Any, Any]]:
-    """(generator, scoring model, tokenizer) for ``path``. The hf backend shares one model."""
-    from ssrengine.models import load_model, load_tokenizer
+@dataclass(frozen=True)
+class Loaded:
+    """A model loaded for eval: its generator, the module that scores, its tokenizer."""
 
+    gen: Generator
+    lm: Any
+    tok: Any
+
+
+@contextmanager
+def _loaded(cfg: Config, path: str) -> Iterator[Loaded]:
+    """The model at ``path``. The hf backend generates with the scoring model itself."""
     tok = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     lm = load_model(
         path,
@@ -206,98 +181,83 @@ def _loaded(cfg: Config, path: str) -> Iterator[tuple[Any, Any, Any]]:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     if cfg.generation.backend == "hf":
-        from ssrengine.generation.hf import HFGenerator
-
-        gen = HFGenerator(
+        gen: Generator = HFGenerator(
             cfg.model, replace(cfg.generation, model=path), hf_model=lm, tokenizer=tok
         )
     else:
-        from ssrengine.stages import open_generator
-
         gen = open_generator(replace(cfg, generation=replace(cfg.generation, model=path)))
     try:
-        yield gen, lm, tok
+        yield Loaded(gen, lm, tok)
     finally:
         gen.close()
 
 
 def _generate(
-    cfg: Config, out: Path, examples: list[Example], gen: Any, file: str, *, chat: bool
-) -> dict[str, dict[str, Any]]:
-    """Greedy answers into OUT/eval/<file> (resumable); rows by id."""
-    from ssrengine.stages import generate_rows
-
+    cfg: Config, out: Path, examples: list[Example], gen: Generator, path: Path, *, chat: bool
+) -> dict[str, GenerationRow]:
+    """Greedy answers into ``path`` (resumable); rows by id."""
     fn = None if chat else (lambda e: e.messages)  # probe prompts: no task instruction
-    return generate_rows(cfg, out, examples, gen, file=f"{EVAL_DIR}/{file}", messages_fn=fn)
+    return generate_rows(cfg, out, examples, gen, path=path, messages_fn=fn)
 
 
 # ------------------------------------------------------------------------------ eval run
-def _evaluate_splits(t: Target, opts: EvalOptions, gen: Any) -> dict[str, Any]:
+def _evaluate_splits(t: Target, opts: EvalOptions, gen: Generator) -> dict[str, SplitMetrics]:
     out = {}
     for name, spec in opts.splits:
         path = resolve_data_file(spec, t.cfg.data.seed)
         examples = load_examples(path, on_invalid=t.cfg.data.on_invalid, max_examples=opts.limit)
-        rows = _generate(t.cfg, t.out, examples, gen, f"{name}.jsonl", chat=True)
-        answers = {i: r["response"] for i, r in rows.items()}
-        res = task_metrics(examples, answers)
-        atomic_write_jsonl(t.out / EVAL_DIR / f"{name}_details.jsonl", res["details"])
-        out[name] = {"data": spec, **res["metrics"]}
-        m = res["metrics"]
+        rows = _generate(t.cfg, t.out, examples, gen, t.eval_dir.split(name), chat=True)
+        metrics, details = task_metrics(examples, {i: r.response for i, r in rows.items()})
+        atomic_write_jsonl(t.eval_dir.split_details(name), [d.to_json() for d in details])
+        out[name] = replace(metrics, data=spec)
         log.info(
             "%s: score %.1f  unanswerable F1 %.3f  answer recall %.3f  (n=%d)",
             name,
-            m["score"],
-            m["unanswerable"]["f1"],
-            m["answer_recall"],
-            m["n"],
+            metrics.score,
+            metrics.unanswerable.f1,
+            metrics.answer_recall,
+            metrics.n,
         )
     return out
 
 
-def self_vs_gold(t: Target, model: Any, tok: Any, limit: int) -> dict[str, Any] | None:
+def self_vs_gold(t: Target, model: Any, tok: Any, limit: int) -> SelfVsGold | None:
     """Paper Figure 1: per-token log-probability of gold vs the model's own training answers
     under the base model, for an SSR run that has generations.jsonl."""
-    from ssrengine.retention import chat_sequences, score_sequences
-    from ssrengine.stages import GENERATIONS, VERDICTS, train_examples
-
-    if t.run_dir is None or not (t.run_dir / GENERATIONS).exists():
+    if t.run_dir is None or not RunDir(t.run_dir).generations.exists():
         return None
-    gens = {r["id"]: r for r in read_rows(t.run_dir / GENERATIONS)}
+    rd = RunDir(t.run_dir)
+    gens = {r.id: r for r in read_typed(rd.generations, GenerationRow)}
     verdicts = (
-        {r["id"]: r for r in read_rows(t.run_dir / VERDICTS)}
-        if (t.run_dir / VERDICTS).exists()
-        else {}
+        {r.id: r for r in read_typed(rd.verdicts, VerdictRow)} if rd.verdicts.exists() else {}
     )
-    examples = [e for e in train_examples(t.cfg) if gens.get(e.id, {}).get("response", "").strip()]
+    examples = [e for e in train_examples(t.cfg) if e.id in gens and gens[e.id].response.strip()]
     examples = examples[:limit] if limit else examples
     if not examples:
         return None
     prompts = [prompt_messages(e.messages, e.documents, t.cfg.data.system_prompt) for e in examples]
     gold = score_sequences(model, chat_sequences(tok, prompts, [e.response for e in examples]))
     own = score_sequences(
-        model, chat_sequences(tok, prompts, [gens[e.id]["response"] for e in examples])
+        model, chat_sequences(tok, prompts, [gens[e.id].response for e in examples])
     )
     rows = [
-        {
-            "id": e.id,
-            "unanswerable": gold_unanswerable(e),
-            "accept": verdicts.get(e.id, {}).get("accept"),
-            "gold_logprob": g[0] / max(g[1], 1),
-            "own_logprob": o[0] / max(o[1], 1),
-            "gold_tokens": g[1],
-            "own_tokens": o[1],
-        }
+        SelfVsGoldRow(
+            id=e.id,
+            unanswerable=gold_declines(e),
+            accept=verdicts[e.id].accept if e.id in verdicts else None,
+            gold_logprob=g[0] / max(g[1], 1),
+            own_logprob=o[0] / max(o[1], 1),
+            gold_tokens=g[1],
+            own_tokens=o[1],
+        )
         for e, g, o in zip(examples, gold, own)
     ]
-    res = {"model": t.base, "unit": "mean log-probability per answer token", "rows": rows}
-    atomic_write_text(t.out / EVAL_DIR / SELF_VS_GOLD, json.dumps(res, indent=1) + "\n")
+    res = SelfVsGold(model=t.base, unit="mean log-probability per answer token", rows=rows)
+    atomic_write_text(t.eval_dir.self_vs_gold, json.dumps(res.to_json(), indent=1) + "\n")
     return res
 
 
 def _lm_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
-    from ssrengine.models import pick_device, resolve_model_path
-    from ssrengine.retention import MC_FILE, asset_path, lm_eval_available, run_lm_eval
-
     if opts.lm_eval == "off":
         return {"skipped": "--lm-eval off"}
     if not lm_eval_available():
@@ -318,111 +278,98 @@ def _lm_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
     )
 
 
-def _seed_base_answers(out: Path, base_eval: str) -> None:
+def _seed_base_answers(dst: EvalDir, base_eval: str) -> None:
     """Start probe_base.jsonl from the base eval's rows. Rows are keyed by model + prompt +
     sampling, so rows made with other settings are simply not reused."""
-    src = Path(base_eval) / EVAL_DIR / "probe_base.jsonl" if base_eval else None
-    dst = out / EVAL_DIR / "probe_base.jsonl"
-    if src is None or dst.exists() or src.resolve() == dst.resolve():
+    src = RunDir(Path(base_eval)).eval.probe_base if base_eval else None
+    if src is None or dst.probe_base.exists() or src.resolve() == dst.probe_base.resolve():
         return
     if not src.is_file():
         raise InputError("no probe answers of the base here; eval the base first", file=str(src))
-    atomic_write_jsonl(dst, read_rows(src))
+    atomic_write_jsonl(dst.probe_base, [r.to_json() for r in read_typed(src, GenerationRow)])
 
 
-def retention_metrics(retention: dict[str, Any]) -> dict[str, float]:
-    """The flat "higher is better" numbers whose relative drop vs base the report averages."""
-    from ssrengine.retention import MC_TASK
+@dataclass(frozen=True)
+class _Probe:
+    """The retention probe and the base model's answers to it: the reference of the drift."""
 
-    out = {
-        "probe_acc": retention["probe"]["accuracy"],
-        "mc_acc": retention["mc"]["acc"],
-        "own_answer_prob": retention["own_answers"]["prob_per_token"],
-    }
-    for task, metrics in retention.get("lm_eval", {}).items():
-        # The shipped multiple-choice set through lm-eval is a cross-check of mc_acc (the same
-        # scoring): it is counted once.
-        if isinstance(metrics, dict) and task != MC_TASK:
-            for k, v in metrics.items():
-                out[f"lm_eval:{task}/{k}"] = v
-    return out
+    items: list[ProbeItem]
+    examples: list[Example]
+    base_rows: dict[str, GenerationRow]
+    base_scores: list[tuple[float, int]]
 
 
-def run_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
-    """Evaluate ``t``; write and return OUT/eval/eval.json."""
-    from ssrengine.retention import (
-        answer_token_sequences,
-        load_mc,
-        load_probe,
-        mc_accuracy,
-        own_answer_stats,
-        probe_metrics,
-        score_sequences,
+def _own_answer_scores(m: Loaded, probe: list[Example], rows: dict[str, GenerationRow]) -> Any:
+    """The base model's exact greedy answer tokens, after the same prompt tokens, under ``m``."""
+    ids = [rows[e.id].token_ids for e in probe]
+    return score_sequences(m.lm, answer_token_sequences(m.tok, [e.messages for e in probe], ids))
+
+
+def _retention(
+    t: Target, m: Loaded, probe: _Probe, mc: list[MCItem], *, is_base: bool
+) -> dict[str, Any]:
+    """Probe accuracy, multiple-choice accuracy and own-answer likelihood of the model ``m``."""
+    rows = (
+        probe.base_rows
+        if is_base
+        else _generate(t.cfg, t.out, probe.examples, m.gen, t.eval_dir.probe, chat=False)
     )
+    answers = {i: r.response for i, r in rows.items()}
+    lp = probe.base_scores if is_base else _own_answer_scores(m, probe.examples, probe.base_rows)
+    own, ref = own_answer_stats(lp), own_answer_stats(probe.base_scores)
+    own["drift_per_token"] = own["logprob_per_token"] - ref["logprob_per_token"]
+    own["base_logprob_per_token"] = ref["logprob_per_token"]
+    pm = probe_metrics(probe.items, answers)
+    atomic_write_jsonl(
+        t.eval_dir.probe_details,
+        [
+            {"id": p.id, "category": p.category, "answer": answers[p.id],
+             "base_answer": probe.base_rows[p.id].response, "correct": pm["correct"][p.id],
+             "logprob_base_answer": s / max(n, 1)}
+            for p, (s, n) in zip(probe.items, lp)
+        ],
+    )  # fmt: skip
+    pm.pop("correct")
+    return {"probe": pm, "mc": mc_accuracy(m.lm, m.tok, mc), "own_answers": own}
 
+
+def run_eval(t: Target, opts: EvalOptions) -> EvalResult:
+    """Evaluate ``t``; write and return OUT/eval/eval.json."""
     t0 = time.perf_counter()
-    (t.out / EVAL_DIR).mkdir(parents=True, exist_ok=True)
-    probe = load_probe(opts.probe_file or None, opts.probe_limit)
-    probe_ex = [p.example() for p in probe]
-    probe_msgs = [e.messages for e in probe_ex]
+    t.eval_dir.root.mkdir(parents=True, exist_ok=True)
+    items = load_probe(opts.probe_file or None, opts.probe_limit)
+    probe_ex = [p.example() for p in items]
     mc = load_mc(opts.mc_file or None, opts.mc_limit)
     same = t.model == t.base
-    res: dict[str, Any] = {}
-
-    def own_answer_scores(lm: Any, tok: Any, rows: dict[str, dict[str, Any]]) -> Any:
-        # the exact greedy tokens the base model produced, after the same prompt tokens
-        ids = [rows[e.id]["token_ids"] for e in probe_ex]
-        return score_sequences(lm, answer_token_sequences(tok, probe_msgs, ids))
-
-    def evaluate_with(gen: Any, lm: Any, tok: Any, base_rows: dict[str, Any], base_lp: Any) -> None:
-        res["splits"] = _evaluate_splits(t, opts, gen)
-        rows = (
-            base_rows if same else _generate(t.cfg, t.out, probe_ex, gen, "probe.jsonl", chat=False)
-        )
-        answers = {i: r["response"] for i, r in rows.items()}
-        lp = base_lp if same else own_answer_scores(lm, tok, base_rows)
-        own, ref = own_answer_stats(lp), own_answer_stats(base_lp)
-        own["drift_per_token"] = own["logprob_per_token"] - ref["logprob_per_token"]
-        own["base_logprob_per_token"] = ref["logprob_per_token"]
-        pm = probe_metrics(probe, answers)
-        atomic_write_jsonl(
-            t.out / EVAL_DIR / "probe_details.jsonl",
-            [
-                {"id": p.id, "category": p.category, "answer": answers[p.id],
-                 "base_answer": base_rows[p.id]["response"], "correct": pm["correct"][p.id],
-                 "logprob_base_answer": s / max(n, 1)}
-                for p, (s, n) in zip(probe, lp)
-            ],
-        )  # fmt: skip
-        pm.pop("correct")
-        res["retention"] = {"probe": pm, "mc": mc_accuracy(lm, tok, mc), "own_answers": own}
-
-    with _loaded(t.cfg, t.base) as (gen, lm, tok):
-        _seed_base_answers(t.out, opts.base_eval)
-        base_rows = _generate(t.cfg, t.out, probe_ex, gen, "probe_base.jsonl", chat=False)
-        base_lp = own_answer_scores(lm, tok, base_rows)
-        fig1 = self_vs_gold(t, lm, tok, opts.self_vs_gold_limit)
+    with _loaded(t.cfg, t.base) as base:
+        _seed_base_answers(t.eval_dir, opts.base_eval)
+        base_rows = _generate(t.cfg, t.out, probe_ex, base.gen, t.eval_dir.probe_base, chat=False)
+        probe = _Probe(items, probe_ex, base_rows, _own_answer_scores(base, probe_ex, base_rows))
+        fig1 = self_vs_gold(t, base.lm, base.tok, opts.self_vs_gold_limit)
         if same:
-            evaluate_with(gen, lm, tok, base_rows, base_lp)
+            splits = _evaluate_splits(t, opts, base.gen)
+            retention = _retention(t, base, probe, mc, is_base=True)
     if not same:
-        with _loaded(t.cfg, t.model) as (gen, lm, tok):
-            evaluate_with(gen, lm, tok, base_rows, base_lp)
-    res["retention"]["lm_eval"] = _lm_eval(t, opts)
-    result = {
-        "name": t.name,
-        "kind": t.kind,
-        "mode": t.mode,
-        "model": t.model,
-        "base": t.base,
-        "run_dir": str(t.run_dir) if t.run_dir else None,
-        **res,
-        "retention_metrics": retention_metrics(res["retention"]),
-        "self_vs_gold": fig1 is not None,
-        "options": asdict(opts),
-        "config": t.cfg.to_dict(),
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
-    atomic_write_text(t.out / EVAL_DIR / EVAL_JSON, json.dumps(result, indent=2) + "\n")
+        with _loaded(t.cfg, t.model) as m:
+            splits = _evaluate_splits(t, opts, m.gen)
+            retention = _retention(t, m, probe, mc, is_base=False)
+    retention["lm_eval"] = _lm_eval(t, opts)
+    result = EvalResult(
+        name=t.name,
+        kind=t.kind,
+        mode=t.mode,
+        model=t.model,
+        base=t.base,
+        run_dir=str(t.run_dir) if t.run_dir else None,
+        splits=splits,
+        retention=retention,
+        retention_metrics=retention_metrics(retention),
+        self_vs_gold=fig1 is not None,
+        options=asdict(opts),
+        config=t.cfg.to_dict(),
+        wall_s=round(time.perf_counter() - t0, 1),
+    )
+    atomic_write_text(t.eval_dir.eval_json, json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
 
@@ -513,13 +460,12 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     res = run_eval(t, options_from_args(args))
     print(summary_line(res))
-    print(f"written: {t.out / EVAL_DIR / EVAL_JSON}")
+    print(f"written: {t.eval_dir.eval_json}")
     return 0
 
 
-def summary_line(res: dict[str, Any]) -> str:
-    parts = [f"{res['name']} ({res['mode']})"]
-    for name, m in res["splits"].items():
-        parts.append(f"{name} {m['score']:.1f}")
-    parts += [f"{k} {v:.3f}" for k, v in res["retention_metrics"].items()]
+def summary_line(res: EvalResult) -> str:
+    parts = [f"{res.name} ({res.mode})"]
+    parts += [f"{name} {m.score:.1f}" for name, m in res.splits.items()]
+    parts += [f"{k} {v:.3f}" for k, v in res.retention_metrics.items()]
     return "  ".join(parts)

@@ -52,10 +52,6 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [obj for _, obj in iter_jsonl(path)]
-
-
 def _parse_rows(data: bytes, path: Path) -> list[dict[str, Any]]:
     rows = []
     for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
@@ -80,7 +76,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 class RowWriter:
-    """Append-only JSONL keyed by ``key(row)`` (default: the id); ``done`` holds written keys."""
+    """Append-only JSONL keyed by ``key(row)`` (default: the id); ``rows`` holds rows by key."""
 
     def __init__(
         self, path: str | Path, key: Callable[[dict[str, Any]], str] = lambda r: r["id"]
@@ -101,10 +97,6 @@ class RowWriter:
                 f.truncate(keep)
         for row in _parse_rows(data[:keep], self.path):
             self.rows[self.key(row)] = row
-
-    @property
-    def done(self) -> set[str]:
-        return set(self.rows)
 
     def write(self, row: dict[str, Any]) -> None:
         k = self.key(row)

@@ -1,6 +1,6 @@
 """Judges decide whether the base model's own answer is an acceptable target.
 
-Two kinds (DESIGN.md): a rule judge (refusal agreement + answer token-F1, the CPU default) and
+Two kinds: a rule judge (refusal agreement + answer token-F1, the CPU default) and
 an LLM judge that reads P(Yes) vs P(No) from one step of next-token logprobs on any backend.
 """
 
@@ -51,6 +51,14 @@ def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
 
 
+def gold_declines(example: Example) -> bool:
+    """Whether the gold answer declines (the question is unanswerable from the documents): the
+    answerable label where the record has one, else whether the gold text reads as a refusal."""
+    if example.answerable is not None:
+        return not example.answerable
+    return is_refusal(example.response)
+
+
 def _normalize_tokens(text: str) -> list[str]:
     """SQuAD-style: lowercase, drop punctuation and articles, split on whitespace."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
@@ -87,13 +95,14 @@ class RuleJudge:
     def judge(self, example: Example, candidate: str) -> Verdict:
         if not candidate.strip():
             return Verdict(False, 0.0, "empty answer")
-        gold_refuses = example.answerable is False or is_refusal(example.response)
         cand_refuses = is_refusal(candidate)
-        if gold_refuses:
+        if gold_declines(example):
             if cand_refuses:
                 return Verdict(True, 1.0, "both decline: unanswerable from the documents")
             return Verdict(False, 0.0, "answers a question the documents cannot answer")
-        if cand_refuses:
+        # A gold answer that itself reads as a refusal ("it does not say X, but Y") leaves the
+        # phrase no evidence of declining: the candidate is scored on its content instead.
+        if cand_refuses and not is_refusal(example.response):
             return Verdict(False, 0.0, "declines an answerable question")
         f1 = token_f1(candidate, example.response)
         missing = sorted(set(_numbers(example.response)) - set(_numbers(candidate)))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ssrengine.config import Config
 from ssrengine.errors import InputError
+from ssrengine.rundir import BuildStats, MetricRow, RunDir, read_json, read_typed
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,14 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Create run.dir and save config.json; refuse a run dir made with another model/data/mode."""
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.json"
+    saved = RunDir(run_dir).config
     if saved.exists():
-        diff = config_diff(json.loads(saved.read_text()), cfg.to_dict(), _PINNED)
+        old = read_json(saved)
+        if not isinstance(old, dict):
+            raise InputError(
+                "not a saved config (a JSON object); use a new run.dir", file=str(saved)
+            )
+        diff = config_diff(old, cfg.to_dict(), _PINNED)
         if diff:
             raise InputError(
                 "this run directory was made with a different config (" + "; ".join(diff) + "); "
@@ -90,19 +95,15 @@ def run_all(cfg: Config, *, resume: bool = False) -> Path:
     final = run_stage(cfg, "train", resume=resume)
     if not world.is_main:
         return final
-    run_dir = Path(cfg.run.dir)
-    stats = json.loads((run_dir / "build_stats.json").read_text())["overall"]
-    last = [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    print(f"\nrun dir:     {run_dir}")
+    rd = RunDir(Path(cfg.run.dir))
+    stats = BuildStats.read(rd.build_stats).overall
+    last = list(read_typed(rd.metrics, MetricRow))
+    print(f"\nrun dir:     {rd.root}")
     print(
-        f"R/G split:   R (self) {stats['self']}  paraphrase {stats['paraphrase']}  G (gold) {stats['gold']}  "
-        f"(R share {stats['R_share']:.1%})"
+        f"R/G split:   R (self) {stats.own}  paraphrase {stats.paraphrase}  G (gold) {stats.gold}  "
+        f"(R share {stats.r_share:.1%})"
     )
     if last:
-        print(f"final loss:  {last[-1]['loss']:.4f} at step {last[-1]['step']}")
+        print(f"final loss:  {last[-1].loss:.4f} at step {last[-1].step}")
     print(f"checkpoint:  {final}")
     return final

@@ -17,13 +17,23 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ssrengine.errors import InputError
-from ssrengine.evaluate import retention_metrics
-from ssrengine.io import atomic_write_text, read_rows
+from ssrengine.io import atomic_write_text
+from ssrengine.metrics import retention_metrics
+from ssrengine.rundir import (
+    SOURCES,
+    BuildStats,
+    EvalResult,
+    MetricRow,
+    RunDir,
+    SelfVsGold,
+    read_json,
+    read_typed,
+)
 
 RETENTION_LABELS = {
     "probe_acc": "probe acc",
@@ -41,33 +51,31 @@ CLAIM_DROP_RATIO = 1 / 3
 class RunData:
     name: str
     path: Path
-    eval: dict[str, Any]
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    build: dict[str, Any] | None = None
-    fig1: dict[str, Any] | None = None
+    eval: EvalResult
+    metrics: list[MetricRow] = field(default_factory=list)
+    build: BuildStats | None = None
+    fig1: SelfVsGold | None = None
 
     @property
     def mode(self) -> str:
-        return self.eval.get("mode", "?")
+        return self.eval.mode
 
 
 def load_run(path: str | Path) -> RunData:
-    p = Path(path)
-    ev = p / "eval" / "eval.json"
+    rd = RunDir(Path(path))
+    ev = rd.eval.eval_json
     if not ev.is_file():
-        raise InputError(f"missing; run `python -m ssrengine eval {p}` first", file=str(ev))
-    data = json.loads(ev.read_text())
-    if "retention" in data:  # recomputed, so a report always applies the current definition
-        data["retention_metrics"] = retention_metrics(data["retention"])
-    metrics = read_rows(p / "metrics.jsonl") if (p / "metrics.jsonl").is_file() else []
-    build = (
-        json.loads((p / "build_stats.json").read_text())
-        if (p / "build_stats.json").is_file()
-        else None
+        raise InputError(f"missing; run `python -m ssrengine eval {rd.root}` first", file=str(ev))
+    data = EvalResult.read(ev)
+    # recomputed, so a report always applies the current definition
+    data = replace(data, retention_metrics=retention_metrics(data.retention))
+    metrics = list(read_typed(rd.metrics, MetricRow)) if rd.metrics.is_file() else []
+    build = BuildStats.read(rd.build_stats) if rd.build_stats.is_file() else None
+    fig1_path = rd.eval.self_vs_gold
+    fig1 = (
+        SelfVsGold.from_json(read_json(fig1_path), str(fig1_path)) if fig1_path.is_file() else None
     )
-    fig1_path = p / "eval" / "self_vs_gold.json"
-    fig1 = json.loads(fig1_path.read_text()) if fig1_path.is_file() else None
-    return RunData(data.get("name") or p.name, p, data, metrics, build, fig1)
+    return RunData(data.name or rd.root.name, rd.root, data, metrics, build, fig1)
 
 
 def relative_drops(
@@ -85,24 +93,24 @@ def build_table(runs: list[RunData], base: RunData | None) -> dict[str, Any]:
     """Rows of the cross-run table (numbers, not strings) and the retention keys compared."""
     keys = [
         k
-        for k in runs[0].eval["retention_metrics"]
-        if all(k in r.eval["retention_metrics"] for r in runs)
+        for k in runs[0].eval.retention_metrics
+        if all(k in r.eval.retention_metrics for r in runs)
     ]
-    splits = [s for s in runs[0].eval["splits"] if all(s in r.eval["splits"] for r in runs)]
+    splits = [s for s in runs[0].eval.splits if all(s in r.eval.splits for r in runs)]
     rows = []
     for r in runs:
         row: dict[str, Any] = {"run": r.name, "mode": r.mode}
-        row["R_share"] = r.build["overall"]["R_share"] if r.build else None
+        row["R_share"] = r.build.overall.r_share if r.build else None
         for s in splits:
-            m = r.eval["splits"][s]
-            row[f"{s}/score"] = m["score"]
-            row[f"{s}/unans_f1"] = 100 * m["unanswerable"]["f1"]
-            row[f"{s}/answer_recall"] = 100 * m["answer_recall"]
-        rm = r.eval["retention_metrics"]
+            m = r.eval.splits[s]
+            row[f"{s}/score"] = m.score
+            row[f"{s}/unans_f1"] = 100 * m.unanswerable.f1
+            row[f"{s}/answer_recall"] = 100 * m.answer_recall
+        rm = r.eval.retention_metrics
         for k in keys:
             row[k] = rm[k]
         if base is not None:
-            drops = relative_drops(base.eval["retention_metrics"], rm, keys)
+            drops = relative_drops(base.eval.retention_metrics, rm, keys)
             row["drops"] = drops
             row["avg_drop"] = average_drop(drops)
         rows.append(row)
@@ -206,15 +214,16 @@ def plot_rg_share(runs: list[RunData], path: Path) -> bool:
     if not have:
         return False
     plt = _plt()
-    labels, parts = [], {"self": [], "paraphrase": [], "gold": []}
+    labels: list[str] = []
+    parts: dict[str, list[float]] = {k: [] for k in SOURCES}
     for r in have:
-        for subset in ("overall", "answerable", "unanswerable"):
-            s = r.build[subset]
-            if not s["n"]:
+        assert r.build is not None
+        for subset, s in r.build.subsets().items():
+            if not s.n:
                 continue
             labels.append(f"{r.name}\n{subset}")
             for k in parts:
-                parts[k].append(s[k] / s["n"])
+                parts[k].append(s.share(k))
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 4))
     bottom = [0.0] * len(labels)
     colors = {"self": "tab:green", "paraphrase": "tab:olive", "gold": "tab:gray"}
@@ -241,8 +250,8 @@ def plot_loss_curves(runs: list[RunData], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in have:
         ax.plot(
-            [m["step"] for m in r.metrics],
-            [m["loss"] for m in r.metrics],
+            [m.step for m in r.metrics],
+            [m.loss for m in r.metrics],
             marker=".",
             label=f"{r.name} ({r.mode})",
         )
@@ -259,15 +268,16 @@ def plot_loss_curves(runs: list[RunData], path: Path) -> bool:
 
 def plot_logprob_hist(runs: list[RunData], path: Path) -> bool:
     """Paper Figure 1: per-token log-probability of gold vs own answers under the base model."""
-    have = [r for r in runs if r.fig1 and r.fig1["rows"]]
+    have = [r for r in runs if r.fig1 and r.fig1.rows]
     if not have:
         return False
     plt = _plt()
     fig, axes = plt.subplots(1, len(have), figsize=(6 * len(have), 4), squeeze=False)
     for ax, r in zip(axes[0], have):
-        rows = r.fig1["rows"]
-        gold = [x["gold_logprob"] for x in rows]
-        own = [x["own_logprob"] for x in rows]
+        assert r.fig1 is not None
+        rows = r.fig1.rows
+        gold = [x.gold_logprob for x in rows]
+        own = [x.own_logprob for x in rows]
         lo = min(gold + own)
         bins = [lo + i * (0 - lo) / 30 for i in range(31)]
         ax.hist(
@@ -305,8 +315,8 @@ def plot_confusion(runs: list[RunData], splits: list[str], path: Path) -> bool:
     for i, s in enumerate(splits):
         for j, r in enumerate(runs):
             ax = axes[i][j]
-            c = r.eval["splits"][s]["confusion"]
-            m = c["matrix"]
+            c = r.eval.splits[s].confusion
+            m = c.matrix
             tot = [max(sum(row), 1) for row in m]
             frac = [[v / t for v in row] for row, t in zip(m, tot)]
             ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
@@ -322,8 +332,8 @@ def plot_confusion(runs: list[RunData], splits: list[str], path: Path) -> bool:
                         color=color,
                         fontsize=8,
                     )
-            ax.set_xticks([0, 1], labels=list(c["cols"]), fontsize=7)
-            ax.set_yticks([0, 1], labels=list(c["rows"]), fontsize=7)
+            ax.set_xticks([0, 1], labels=c.cols, fontsize=7)
+            ax.set_yticks([0, 1], labels=c.rows, fontsize=7)
             ax.set_title(f"{r.name} · {SPLIT_LABELS.get(s, s)}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

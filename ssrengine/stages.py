@@ -1,21 +1,19 @@
 """The data stages of a run: generate → judge → build. Each is resumable.
 
 generate and judge append rows to JSONL files as batches complete and skip rows already
-present, keyed by id + model + prompt hash (generate) or id + judge + candidate hash (judge),
-so a killed stage resumes with nothing lost or duplicated. build writes rehearsal.jsonl whole,
-atomically.
+present under their resume key (`ssrengine.rundir`: a key covers everything the row depends on),
+so a killed stage resumes with nothing lost or duplicated and an edited input is recomputed.
+build writes rehearsal.jsonl and build_stats.json whole, atomically.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -30,18 +28,21 @@ from ssrengine.generation import (
     generation_config,
     make_generator,
 )
-from ssrengine.io import RowWriter, atomic_write_jsonl, atomic_write_text, read_rows
+from ssrengine.io import RowWriter, atomic_write_jsonl
 from ssrengine.judge import Judge, LLMJudge, RuleJudge, Verdict
+from ssrengine.rundir import (
+    BuildStats,
+    GenerationRow,
+    RehearsalRow,
+    RunDir,
+    VerdictRow,
+    content_hash,
+    generation_key,
+    read_typed,
+    verdict_key,
+)
 
 log = logging.getLogger(__name__)
-
-GENERATIONS, PARAPHRASES = "generations.jsonl", "paraphrases.jsonl"
-VERDICTS, PARAPHRASE_VERDICTS = "verdicts.jsonl", "paraphrase_verdicts.jsonl"
-REHEARSAL, BUILD_STATS = "rehearsal.jsonl", "build_stats.json"
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_examples(cfg: Config) -> list[Example]:
@@ -85,27 +86,35 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i : i + size]
 
 
+K = TypeVar("K", GenerationRow, VerdictRow)
+
+
 def _run_rows(
     path: Path,
-    todo: list[Any],
-    key: Callable[[dict[str, Any]], str],
-    work: Callable[[Sequence[Any]], list[dict[str, Any]]],
+    cls: type[K],
+    examples: list[Example],
+    want: Callable[[Example], str],
+    work: Callable[[Sequence[Example]], list[K]],
     *,
     chunk: int,
-    desc: str,
-    total: int,
     server: str = "",
-) -> dict[str, dict[str, Any]]:
-    """Run ``work`` over ``todo`` in chunks, appending each chunk's rows as it completes."""
-    with RowWriter(path, key=key) as out:
+) -> dict[str, K]:
+    """The row of key ``want(e)`` for every example, by id: rows already in ``path`` are
+    reused, the rest computed by ``work`` in chunks and appended as each chunk completes."""
+    have = {r.key(): r for r in read_typed(path, cls)} if path.exists() else {}
+    todo = [e for e in examples if want(e) not in have]
+    total = len(examples)
+    with RowWriter(path, key=lambda d: cls.from_json(d, str(path)).key()) as out:
         done_before = total - len(todo)
-        bar = tqdm(total=total, initial=done_before, desc=desc, unit="row", dynamic_ncols=True)
-        t0, tokens = time.perf_counter(), 0
+        bar = tqdm(total=total, initial=done_before, desc=path.stem, unit="row", dynamic_ncols=True)
+        t0, tokens, saved = time.perf_counter(), 0, done_before
         try:
             for part in _chunks(todo, chunk):
                 for row in work(part):
-                    out.write(row)
-                    tokens += len(row.get("token_ids", ()))
+                    out.write(row.to_json())
+                    have[row.key()] = row
+                    tokens += len(row.token_ids) if isinstance(row, GenerationRow) else 0
+                saved += len(part)
                 bar.update(len(part))
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(
@@ -113,12 +122,12 @@ def _run_rows(
                 )
         except BackendError as e:
             raise BackendError(
-                f"{e}; {len(out.rows)}/{total} rows are saved in {path} and a rerun resumes from there",
+                f"{e}; {saved}/{total} rows are saved in {path} and a rerun resumes from there",
                 server=e.server or server,
             ) from e
         finally:
             bar.close()
-        return out.rows
+    return {e.id: have[want(e)] for e in examples}
 
 
 def generate_rows(
@@ -127,10 +136,12 @@ def generate_rows(
     examples: list[Example],
     generator: Generator,
     *,
-    file: str = GENERATIONS,
+    path: Path | None = None,
     messages_fn: Callable[[Example], list[dict[str, str]]] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Generate an answer per example into ``run_dir/file``; returns rows by id (current key only)."""
+) -> dict[str, GenerationRow]:
+    """Generate an answer per example into ``path`` (default: the run's generations.jsonl);
+    returns the rows of the current key by id."""
+    path = path or RunDir(run_dir).generations
     g = cfg.generation
     sampling = SamplingParams(
         max_new_tokens=g.max_new_tokens,
@@ -142,45 +153,44 @@ def generate_rows(
         lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
     )
     prompts = {e.id: messages_fn(e) for e in examples}
-    hashes = {i: _hash([m, asdict(sampling)]) for i, m in prompts.items()}
+    # Everything the answer depends on besides the model: its key changes when any of it does.
+    hashes = {
+        i: content_hash([m, asdict(sampling), generator.backend, cfg.model.dtype])
+        for i, m in prompts.items()
+    }
 
-    def key(r: dict[str, Any]) -> str:
-        return f"{r['id']}|{r['model']}|{r['prompt_hash']}"
-
-    def work(part: Sequence[Example]) -> list[dict[str, Any]]:
+    def work(part: Sequence[Example]) -> list[GenerationRow]:
         outs = generator.generate([Request(messages=prompts[e.id]) for e in part], sampling)
         return [
-            {
-                "id": e.id,
-                "response": o.text,
-                "token_ids": o.token_ids,
-                "finish_reason": o.finish_reason,
-                "backend": generator.backend,
-                "model": generator.model,
-                "prompt_hash": hashes[e.id],
-            }
+            GenerationRow(
+                id=e.id,
+                response=o.text,
+                token_ids=o.token_ids,
+                finish_reason=o.finish_reason,
+                backend=generator.backend,
+                model=generator.model,
+                prompt_hash=hashes[e.id],
+            )
             for e, o in zip(part, outs)
         ]
 
-    done = {key(r) for r in read_rows(run_dir / file)} if (run_dir / file).exists() else set()
-    todo = [e for e in examples if f"{e.id}|{generator.model}|{hashes[e.id]}" not in done]
     # Local hf generates one batch at a time; server backends keep `concurrency` batches in flight.
     chunk = g.batch_size * (1 if generator.backend == "hf" else max(1, g.concurrency))
-    rows = _run_rows(
-        run_dir / file,
-        todo,
-        key,
+    return _run_rows(
+        path,
+        GenerationRow,
+        examples,
+        lambda e: generation_key(e.id, generator.model, hashes[e.id]),
         work,
         chunk=chunk,
-        desc=file.split(".")[0],
-        total=len(examples),
         server=g.url,
     )
-    return {
-        r["id"]: r
-        for k, r in rows.items()
-        if r["id"] in hashes and k == f"{r['id']}|{generator.model}|{hashes[r['id']]}"
-    }
+
+
+def verdict_input_hash(example: Example, candidate: str) -> str:
+    """What a verdict depends on besides the judge: documents, conversation, gold answer,
+    answerable label and the candidate."""
+    return content_hash([example.to_record(), candidate])
 
 
 def judge_rows(
@@ -190,43 +200,35 @@ def judge_rows(
     candidates: dict[str, str],
     judge: Judge,
     *,
-    file: str = VERDICTS,
+    path: Path | None = None,
 ) -> dict[str, Verdict]:
-    cand_hash = {e.id: _hash(candidates[e.id]) for e in examples}
+    """Judge each example's candidate into ``path`` (default: the run's verdicts.jsonl)."""
+    path = path or RunDir(run_dir).verdicts
+    inputs = {e.id: verdict_input_hash(e, candidates[e.id]) for e in examples}
 
-    def key(r: dict[str, Any]) -> str:
-        return f"{r['id']}|{r['judge']}|{r['candidate_hash']}"
-
-    def work(part: Sequence[Example]) -> list[dict[str, Any]]:
+    def work(part: Sequence[Example]) -> list[VerdictRow]:
         verdicts = judge.judge_batch(part, [candidates[e.id] for e in part])
         return [
-            {
-                "id": e.id,
-                "accept": v.accept,
-                "score": round(v.score, 6),
-                "reason": v.reason,
-                "judge": judge.name,
-                "candidate_hash": cand_hash[e.id],
-            }
+            VerdictRow(
+                id=e.id,
+                accept=v.accept,
+                score=round(v.score, 6),
+                reason=v.reason,
+                judge=judge.name,
+                input_hash=inputs[e.id],
+            )
             for e, v in zip(part, verdicts)
         ]
 
-    done = {key(r) for r in read_rows(run_dir / file)} if (run_dir / file).exists() else set()
-    todo = [e for e in examples if f"{e.id}|{judge.name}|{cand_hash[e.id]}" not in done]
     rows = _run_rows(
-        run_dir / file,
-        todo,
-        key,
+        path,
+        VerdictRow,
+        examples,
+        lambda e: verdict_key(e.id, judge.name, inputs[e.id]),
         work,
         chunk=max(1, cfg.judge.batch_size),
-        desc=file.split(".")[0],
-        total=len(examples),
     )
-    return {
-        r["id"]: Verdict(r["accept"], r["score"], r["reason"])
-        for k, r in rows.items()
-        if r["id"] in cand_hash and k == f"{r['id']}|{judge.name}|{cand_hash[r['id']]}"
-    }
+    return {i: Verdict(r.accept, r.score, r.reason) for i, r in rows.items()}
 
 
 def make_judge(cfg: Config, generator: Generator | None = None) -> Judge:
@@ -250,116 +252,126 @@ def paraphrase_messages(cfg: Config, e: Example) -> list[dict[str, str]]:
 
 def run_generate(
     cfg: Config, run_dir: Path, examples: list[Example] | None = None
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, GenerationRow]:
     examples = examples if examples is not None else train_examples(cfg)
     with open_generator(cfg) as gen:
         return generate_rows(cfg, run_dir, examples, gen)
 
 
-def _judge_with(cfg: Config, fn: Callable[[Judge, Generator | None], Any]) -> Any:
+T = TypeVar("T")
+
+
+def _judge_with(cfg: Config, fn: Callable[[Judge], T]) -> T:
     if cfg.judge.kind == "rule":
-        return fn(make_judge(cfg), None)
+        return fn(make_judge(cfg))
     with open_generator(cfg, for_judge=True) as gen:
-        return fn(make_judge(cfg, gen), gen)
+        return fn(make_judge(cfg, gen))
 
 
 def run_judge(
     cfg: Config, run_dir: Path, examples: list[Example] | None = None
 ) -> dict[str, Verdict]:
     examples = examples if examples is not None else train_examples(cfg)
-    gens = _stage_rows(run_dir / GENERATIONS, "generate")
+    gens = _stage_rows(RunDir(run_dir).generations, GenerationRow, "generate")
     missing = [e.id for e in examples if e.id not in gens]
     if missing:
         raise InputError(
             f"no generation for {len(missing)} example(s) (first: {missing[0]!r}); run the generate stage first",
-            file=str(run_dir / GENERATIONS),
+            file=str(RunDir(run_dir).generations),
         )
-    cands = {e.id: gens[e.id]["response"] for e in examples}
-    return _judge_with(cfg, lambda j, _: judge_rows(cfg, run_dir, examples, cands, j))
+    cands = {e.id: gens[e.id].response for e in examples}
+    return _judge_with(cfg, lambda j: judge_rows(cfg, run_dir, examples, cands, j))
 
 
 def run_paraphrase(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[str, Verdict]:
     """S3FT middle tier: paraphrase the gold answer for rejected examples, then judge the paraphrase."""
+    rd = RunDir(run_dir)
     with open_generator(cfg) as gen:
         rows = generate_rows(
             cfg,
             run_dir,
             rejected,
             gen,
-            file=PARAPHRASES,
+            path=rd.paraphrases,
             messages_fn=lambda e: paraphrase_messages(cfg, e),
         )
-    cands = {e.id: rows[e.id]["response"] for e in rejected}
+    cands = {e.id: rows[e.id].response for e in rejected}
     return _judge_with(
-        cfg, lambda j, _: judge_rows(cfg, run_dir, rejected, cands, j, file=PARAPHRASE_VERDICTS)
+        cfg, lambda j: judge_rows(cfg, run_dir, rejected, cands, j, path=rd.paraphrase_verdicts)
     )
 
 
-def _stage_rows(path: Path, stage: str) -> dict[str, dict[str, Any]]:
+def _stage_rows(path: Path, cls: type[K], stage: str) -> dict[str, K]:
     """Latest row per id of a finished stage file (later rows win: they match the newest key)."""
     if not path.exists():
         raise InputError(f"missing; run the {stage} stage first", file=str(path))
-    return {r["id"]: r for r in read_rows(path)}
+    return {r.id: r for r in read_typed(path, cls)}
 
 
-def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None) -> dict[str, Any]:
+def _accepted(e: Example, gen: GenerationRow | None, verdict: VerdictRow | None) -> bool:
+    """Whether the verdict accepts exactly this generation for exactly this example; a verdict
+    on other inputs (an edited gold answer, a regenerated answer) is stale."""
+    if gen is None or verdict is None or not gen.response.strip():
+        return False
+    return verdict.accept and verdict.input_hash == verdict_input_hash(e, gen.response)
+
+
+def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None) -> BuildStats:
     """R (accepted own answers) + paraphrases + G (gold) → rehearsal.jsonl and build_stats.json."""
+    rd = RunDir(run_dir)
     examples = examples if examples is not None else train_examples(cfg)
     targets: dict[str, tuple[str, str]] = {e.id: (e.response, "gold") for e in examples}
     if cfg.run.mode == "ssr":
-        gens = _stage_rows(run_dir / GENERATIONS, "generate")
-        verdicts = _stage_rows(run_dir / VERDICTS, "judge")
+        gens = _stage_rows(rd.generations, GenerationRow, "generate")
+        verdicts = _stage_rows(rd.verdicts, VerdictRow, "judge")
         for e in examples:
             if e.id not in gens or e.id not in verdicts:
                 raise InputError(
                     f"example {e.id!r} has no generation or verdict; run generate and judge first",
-                    file=str(run_dir / VERDICTS),
+                    file=str(rd.verdicts),
                 )
-            if verdicts[e.id]["accept"] and gens[e.id]["response"].strip():
-                targets[e.id] = (gens[e.id]["response"], "self")
+            _check_fresh(e, gens[e.id], verdicts[e.id], rd.verdicts)
+            if _accepted(e, gens[e.id], verdicts[e.id]):
+                targets[e.id] = (gens[e.id].response, "self")
         rejected = [e for e in examples if targets[e.id][1] == "gold"]
         if cfg.judge.paraphrase and rejected:
-            para = _stage_rows(run_dir / PARAPHRASES, "paraphrase")
-            pverd = _stage_rows(run_dir / PARAPHRASE_VERDICTS, "paraphrase judge")
+            para = _stage_rows(rd.paraphrases, GenerationRow, "paraphrase")
+            pverd = _stage_rows(rd.paraphrase_verdicts, VerdictRow, "paraphrase judge")
             for e in rejected:
-                if e.id in pverd and pverd[e.id]["accept"] and para[e.id]["response"].strip():
-                    targets[e.id] = (para[e.id]["response"], "paraphrase")
+                if _accepted(e, para.get(e.id), pverd.get(e.id)):
+                    targets[e.id] = (para[e.id].response, "paraphrase")
     rows = [
-        {
-            "id": e.id,
-            "messages": e.messages,
-            "documents": e.documents,
-            "target": targets[e.id][0],
-            "source": targets[e.id][1],
-            "answerable": e.answerable,
-        }
+        RehearsalRow(
+            id=e.id,
+            messages=e.messages,
+            documents=e.documents,
+            target=targets[e.id][0],
+            source=targets[e.id][1],
+            answerable=e.answerable,
+        )
         for e in examples
     ]
-    stats = build_stats(rows)
-    atomic_write_jsonl(run_dir / REHEARSAL, rows)
-    atomic_write_text(run_dir / BUILD_STATS, json.dumps(stats, indent=2) + "\n")
+    stats = BuildStats.of(rows)
+    atomic_write_jsonl(rd.rehearsal, [r.to_json() for r in rows])
+    stats.write(rd.build_stats)
     return stats
 
 
-def build_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    def share(sub: list[dict[str, Any]]) -> dict[str, Any]:
-        n = len(sub)
-        counts = {s: sum(r["source"] == s for r in sub) for s in ("self", "paraphrase", "gold")}
-        return {"n": n, **counts, "R_share": round(counts["self"] / n, 4) if n else 0.0}
-
-    return {
-        "overall": share(rows),
-        "answerable": share([r for r in rows if r.get("answerable") is True]),
-        "unanswerable": share([r for r in rows if r.get("answerable") is False]),
-    }
+def _check_fresh(e: Example, gen: GenerationRow, verdict: VerdictRow, path: Path) -> None:
+    if verdict.input_hash != verdict_input_hash(e, gen.response):
+        raise InputError(
+            f"the verdict of example {e.id!r} is for other inputs (its gold answer, label or "
+            "generation changed since it was judged); run the judge stage again",
+            file=str(path),
+        )
 
 
-def format_stats(stats: dict[str, Any]) -> str:
+def format_stats(stats: BuildStats) -> str:
     lines = []
-    for k, s in stats.items():
-        if s["n"]:
+    for k, s in stats.subsets().items():
+        if s.n:
             lines.append(
-                f"  {k:<13} n={s['n']:<5} R (self)={s['self']:<5} paraphrase={s['paraphrase']:<5} "
-                f"G (gold)={s['gold']:<5} R share={s['R_share']:.1%}"
+                f"  {k:<13} n={s.n:<5} R (self)={s.own:<5} paraphrase={s.paraphrase:<5} "
+                f"G (gold)={s.gold:<5} R share={s.r_share:.1%}"
             )
     return "\n".join(lines)

@@ -27,7 +27,8 @@ from ssrengine.generation.launch import free_port
 from ssrengine.generation.sglang_http import parse_sglang_outputs
 from ssrengine.io import read_rows
 from ssrengine.judge import LLMJudge
-from ssrengine.stages import GENERATIONS, VERDICTS, generate_rows, judge_rows
+from ssrengine.rundir import GENERATIONS, VERDICTS
+from ssrengine.stages import generate_rows, judge_rows
 from tests.loopback import Faults, LoopbackServer, build_chatty
 
 REMOTE = ["sglang-http", "openai"]
@@ -321,8 +322,8 @@ def test_generate_stage_survives_a_killed_server(tmp_path, chatty_dir, hf, serve
 
     ref = generate_rows(_stage_config(chatty_dir, "", "hf"), tmp_path / "hf", exs, hf)
     fields = ("response", "token_ids", "finish_reason")
-    assert {i: [r[f] for f in fields] for i, r in rows.items()} == {
-        i: [r[f] for f in fields] for i, r in ref.items()
+    assert {i: [getattr(r, f) for f in fields] for i, r in rows.items()} == {
+        i: [getattr(r, f) for f in fields] for i, r in ref.items()
     }
     assert {r["backend"] for r in on_disk} == {"sglang-http"}
 

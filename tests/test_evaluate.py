@@ -7,14 +7,9 @@ import torch
 from ssrengine import IGNORE_INDEX
 from ssrengine.cli import main as cli_main
 from ssrengine.data import Example, encode, load_examples
-from ssrengine.evaluate import (
-    EVAL_DIR,
-    confusion_matrix,
-    resolve_target,
-    task_metrics,
-    unanswerable_prf,
-)
+from ssrengine.evaluate import resolve_target
 from ssrengine.io import read_rows
+from ssrengine.metrics import confusion_matrix, task_metrics, unanswerable_prf
 from ssrengine.models import load_model, load_tokenizer
 from ssrengine.retention import (
     MC_FILE,
@@ -29,6 +24,8 @@ from ssrengine.retention import (
     run_lm_eval,
     score_sequences,
 )
+from ssrengine.rundir import EVAL as EVAL_DIR
+from ssrengine.rundir import GenerationRow, VerdictRow
 from tests.tiny import records, write_jsonl
 
 REFUSAL = "The documents do not say."
@@ -49,7 +46,7 @@ def test_confusion_and_unanswerable_prf_hand_computed():
     declined = [False, False, False, True, False, True, True, False]
     m = confusion_matrix(unans, declined)
     assert m == [[4, 1], [1, 2]]
-    prf = unanswerable_prf(m)
+    prf = unanswerable_prf(m).to_json()
     # TP=2 (U declined), FP=1 (A declined), FN=1 (U answered), TN=4
     assert prf["precision"] == pytest.approx(2 / 3)
     assert prf["recall"] == pytest.approx(2 / 3)
@@ -59,12 +56,12 @@ def test_confusion_and_unanswerable_prf_hand_computed():
 
 
 def test_prf_degenerate_cases():
-    assert unanswerable_prf([[3, 0], [0, 0]]) == {
+    assert unanswerable_prf([[3, 0], [0, 0]]).to_json() == {
         "precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 1.0, "support": 0,
     }  # fmt: skip
-    never_declines = unanswerable_prf([[2, 0], [2, 0]])
+    never_declines = unanswerable_prf([[2, 0], [2, 0]]).to_json()
     assert never_declines["recall"] == 0.0 and never_declines["f1"] == 0.0
-    always_declines = unanswerable_prf([[0, 2], [0, 2]])
+    always_declines = unanswerable_prf([[0, 2], [0, 2]]).to_json()
     assert always_declines["precision"] == 0.5 and always_declines["recall"] == 1.0
     assert always_declines["f1"] == pytest.approx(2 * 0.5 / 1.5)
 
@@ -86,8 +83,8 @@ def test_task_metrics_hand_computed():
         "e4": "It was founded in 1990.",  # answers an unanswerable one
         "e5": "This is not mentioned in the documents.",  # correct decline
     }
-    res = task_metrics(examples, answers)
-    m = res["metrics"]
+    metrics, details = task_metrics(examples, answers)
+    m = metrics.to_json()
     assert m["confusion"]["matrix"] == [[2, 1], [1, 2]]
     assert m["n"] == 6 and m["n_answerable"] == 3
     assert m["answer_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
@@ -95,7 +92,7 @@ def test_task_metrics_hand_computed():
     assert m["unanswerable"]["precision"] == pytest.approx(2 / 3)
     assert m["unanswerable"]["recall"] == pytest.approx(2 / 3)
     assert m["score"] == pytest.approx(100 * (2 / 3 + 0.5) / 2)
-    by_id = {d["id"]: d for d in res["details"]}
+    by_id = {d.id: d.to_json() for d in details}
     assert by_id["e2"]["declined"] and by_id["e2"]["recall"] == 0.0
     assert "recall" not in by_id["e3"]
 
@@ -259,9 +256,13 @@ def _fake_run(run, tiny_model_dir, train_file, *, perturb: bool):
                 p.add_(0.05 * torch.randn_like(p))
         model.save_pretrained(ckpt)
     exs = load_examples(train_file)
-    write_jsonl(run / "generations.jsonl", [{"id": e.id, "response": "In Oslo."} for e in exs])
     write_jsonl(
-        run / "verdicts.jsonl", [{"id": e.id, "accept": i % 2 == 0} for i, e in enumerate(exs)]
+        run / "generations.jsonl",
+        [GenerationRow(e.id, "In Oslo.", [], "stop", "hf", "m", "h").to_json() for e in exs],
+    )
+    write_jsonl(
+        run / "verdicts.jsonl",
+        [VerdictRow(e.id, i % 2 == 0, 1.0, "", "j", "h").to_json() for i, e in enumerate(exs)],
     )
 
 
@@ -316,7 +317,7 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
 
 
 def test_retention_metrics_count_the_shipped_mc_set_once():
-    from ssrengine.evaluate import retention_metrics
+    from ssrengine.metrics import retention_metrics
     from ssrengine.retention import MC_TASK
 
     ret = {

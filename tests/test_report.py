@@ -12,22 +12,30 @@ from ssrengine.report import (
     relative_drops,
     write_report,
 )
+from ssrengine.rundir import (
+    Confusion,
+    EvalResult,
+    SelfVsGold,
+    SelfVsGoldRow,
+    SplitMetrics,
+    UnanswerablePRF,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _split(score_f1, recall, matrix):
-    return {
-        "n": sum(map(sum, matrix)),
-        "confusion": {
-            "rows": ["answerable", "unanswerable"],
-            "cols": ["answered", "declined"],
-            "matrix": matrix,
-        },
-        "unanswerable": {"f1": score_f1},
-        "answer_recall": recall,
-        "score": 100 * (score_f1 + recall) / 2,
-    }
+    return SplitMetrics(
+        n=sum(map(sum, matrix)),
+        n_answerable=sum(matrix[0]),
+        confusion=Confusion(["answerable", "unanswerable"], ["answered", "declined"], matrix),
+        unanswerable=UnanswerablePRF(
+            precision=0.0, recall=0.0, f1=score_f1, accuracy=0.0, support=0
+        ),
+        answer_recall=recall,
+        answer_f1=recall,
+        score=100 * (score_f1 + recall) / 2,
+    )
 
 
 def _write_run(
@@ -35,16 +43,29 @@ def _write_run(
 ):
     d = root / name
     (d / "eval").mkdir(parents=True)
-    ev = {
-        "name": name,
-        "mode": mode,
-        "splits": {
+    ev = EvalResult(
+        name=name,
+        kind="run",
+        mode=mode,
+        model=name,
+        base="base",
+        run_dir=str(d),
+        splits={
             "in_domain": _split(f1, recall, [[60, 10], [5, 25]]),
             "out_of_domain": _split(f1 - 0.1, recall - 0.1, [[50, 20], [10, 20]]),
         },
-        "retention_metrics": {"probe_acc": probe, "mc_acc": mc, "own_answer_prob": own},
-    }
-    (d / "eval" / "eval.json").write_text(json.dumps(ev))
+        retention={
+            "probe": {"accuracy": probe},
+            "mc": {"acc": mc},
+            "own_answers": {"prob_per_token": own},
+        },
+        retention_metrics={"probe_acc": probe, "mc_acc": mc, "own_answer_prob": own},
+        self_vs_gold=fig1,
+        options={},
+        config={},
+        wall_s=0.0,
+    )
+    (d / "eval" / "eval.json").write_text(json.dumps(ev.to_json()))
     if build is not None:
         n = 100
         s = {"n": n, "self": build, "paraphrase": 0, "gold": n - build, "R_share": build / n}
@@ -56,10 +77,10 @@ def _write_run(
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if fig1:
         rows = [
-            {"id": f"x{i}", "gold_logprob": -3.0 - 0.1 * i, "own_logprob": -0.5 - 0.05 * i}
-            for i in range(20)
+            SelfVsGoldRow(f"x{i}", False, True, -3.0 - 0.1 * i, -0.5 - 0.05 * i) for i in range(20)
         ]
-        (d / "eval" / "self_vs_gold.json").write_text(json.dumps({"rows": rows}))
+        doc = SelfVsGold(model="base", unit="mean log-probability per answer token", rows=rows)
+        (d / "eval" / "self_vs_gold.json").write_text(json.dumps(doc.to_json()))
     return d
 
 

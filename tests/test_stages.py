@@ -8,14 +8,8 @@ from ssrengine.data import load_examples
 from ssrengine.generation.hf import HFGenerator
 from ssrengine.io import read_rows
 from ssrengine.judge import RuleJudge
-from ssrengine.stages import (
-    GENERATIONS,
-    VERDICTS,
-    build_stats,
-    generate_rows,
-    judge_rows,
-    run_build,
-)
+from ssrengine.rundir import GENERATIONS, VERDICTS, BuildStats, GenerationRow, RehearsalRow
+from ssrengine.stages import generate_rows, judge_rows, run_build
 from tests.tiny import records, write_jsonl
 
 
@@ -63,7 +57,7 @@ def test_generate_killed_midway_resumes_without_loss_or_duplicates(setup, tmp_pa
     rows = generate_rows(cfg, run, examples, gen)
     on_disk = read_rows(run / GENERATIONS)
     assert Counter(r["id"] for r in on_disk) == Counter(e.id for e in examples)
-    assert {i: r["response"] for i, r in rows.items()} == {i: r["response"] for i, r in ref.items()}
+    assert {i: r.response for i, r in rows.items()} == {i: r.response for i, r in ref.items()}
     # A finished stage is a no-op.
     calls = Interrupting(gen, fail_at=1)
     generate_rows(cfg, run, examples, calls)
@@ -109,8 +103,8 @@ def test_judge_resumes_and_build_counts(setup, tmp_path):
         e.id for e in examples
     )
     assert [verdicts[e.id].accept for e in examples] == [bool(i % 2) for i in range(len(examples))]
-    write_jsonl(tmp_path / GENERATIONS, [{"id": i, "response": c} for i, c in cands.items()])
-    stats = run_build(cfg, tmp_path, examples)
+    write_jsonl(tmp_path / GENERATIONS, [_generation(i, c) for i, c in cands.items()])
+    stats = run_build(cfg, tmp_path, examples).to_json()
     rows = read_rows(tmp_path / "rehearsal.jsonl")
     assert [r["source"] for r in rows] == [
         "self" if i % 2 else "gold" for i in range(len(examples))
@@ -120,11 +114,19 @@ def test_judge_resumes_and_build_counts(setup, tmp_path):
     assert stats == json.loads((tmp_path / "build_stats.json").read_text())
 
 
+def _generation(i, response):
+    return GenerationRow(i, response, [], "stop", "hf", "m", "h").to_json()
+
+
+def _rehearsal(source, answerable):
+    return RehearsalRow("x", [], [], "t", source, answerable)
+
+
 def test_build_stats_split_by_answerability():
     rows = [
-        {"source": "self", "answerable": True},
-        {"source": "gold", "answerable": True},
-        {"source": "self", "answerable": False},
+        _rehearsal(source="self", answerable=True),
+        _rehearsal(source="gold", answerable=True),
+        _rehearsal(source="self", answerable=False),
     ]
-    s = build_stats(rows)
+    s = BuildStats.of(rows).to_json()
     assert s["answerable"]["R_share"] == 0.5 and s["unanswerable"]["R_share"] == 1.0
