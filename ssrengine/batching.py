@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from ssrengine.config import DataConfig, TrainConfig
 from ssrengine.data import encode, prompt_messages
 from ssrengine.errors import InputError
 from ssrengine.packing import PackedBatch, model_inputs, pack
+from ssrengine.rundir import REHEARSAL, RehearsalRow
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +49,15 @@ def shift_labels(labels: list[int]) -> list[int]:
 
 
 def encode_rows(
-    rows: list[dict[str, Any]], tokenizer: Any, data: DataConfig, *, file: str = "rehearsal.jsonl"
+    rows: Sequence[RehearsalRow], tokenizer: Any, data: DataConfig, *, file: str = REHEARSAL
 ) -> list[Encoded]:
     """Tokenize rehearsal rows; over-long examples follow data.on_overlong (targets are never cut)."""
     out, dropped, trimmed = [], 0, 0
     for lineno, r in enumerate(rows, 1):
-        docs = list(r.get("documents") or [])
+        docs = list(r.documents)
         while True:
-            msgs = prompt_messages(r["messages"], docs, data.system_prompt)
-            ids, labels = encode(tokenizer, msgs, r["target"])
+            msgs = prompt_messages(r.messages, docs, data.system_prompt)
+            ids, labels = encode(tokenizer, msgs, r.target)
             if len(ids) <= data.max_seq_len or data.on_overlong == "error":
                 break
             if data.on_overlong == "trim_documents" and docs:
@@ -65,7 +67,7 @@ def encode_rows(
         if len(ids) > data.max_seq_len:
             if data.on_overlong == "error":
                 raise InputError(
-                    f"example {r['id']!r} is {len(ids)} tokens, longer than data.max_seq_len={data.max_seq_len} "
+                    f"example {r.id!r} is {len(ids)} tokens, longer than data.max_seq_len={data.max_seq_len} "
                     "(set data.on_overlong = trim_documents or skip, or raise data.max_seq_len)",
                     file=file,
                     line=lineno,
@@ -73,8 +75,8 @@ def encode_rows(
                 )
             dropped += 1
             continue
-        trimmed += len(docs) < len(r.get("documents") or [])
-        out.append(Encoded(r["id"], ids, labels, r.get("source", "gold")))
+        trimmed += len(docs) < len(r.documents)
+        out.append(Encoded(r.id, ids, labels, r.source))
     if trimmed:
         log.warning(
             "trimmed documents of %d over-long example(s) to fit data.max_seq_len=%d",

@@ -38,17 +38,16 @@ from ssrengine.checkpoint import (
 )
 from ssrengine.config import Config
 from ssrengine.errors import InputError
-from ssrengine.io import atomic_write_jsonl, read_rows
+from ssrengine.io import atomic_write_jsonl
 from ssrengine.models import (
     hidden_and_head,
     load_model,
     load_tokenizer,
     pick_attn_implementation,
 )
+from ssrengine.rundir import MetricRow, RehearsalRow, RunDir, read_typed
 
 log = logging.getLogger(__name__)
-
-METRICS, REHEARSAL, CHECKPOINTS = "metrics.jsonl", "rehearsal.jsonl", "checkpoints"
 
 
 def loss_sum(model: Any, mb: MicroBatch, impl: str = "auto") -> torch.Tensor:
@@ -288,18 +287,17 @@ def _check(cfg: Config) -> None:
         )
 
 
-def _rehearsal_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / REHEARSAL
-    if not path.exists():
-        raise InputError("missing; run the build stage first", file=str(path))
-    return read_rows(path)
+def _rehearsal_rows(rd: RunDir) -> list[RehearsalRow]:
+    if not rd.rehearsal.exists():
+        raise InputError("missing; run the build stage first", file=str(rd.rehearsal))
+    return list(read_typed(rd.rehearsal, RehearsalRow))
 
 
 def setup(
     cfg: Config,
     run_dir: Path,
     *,
-    rows: list[dict[str, Any]] | None = None,
+    rows: list[RehearsalRow] | None = None,
     resume: Path | None = None,
 ) -> Trainer:
     """Model, optimizer, schedule and data from the config; restored from ``resume`` (a
@@ -309,15 +307,16 @@ def setup(
     torch.manual_seed(
         cfg.train.seed
     )  # the same on every rank: FSDP2 does not broadcast new weights
-    rows = _rehearsal_rows(run_dir) if rows is None else rows
+    rd = RunDir(run_dir)
+    rows = _rehearsal_rows(rd) if rows is None else rows
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model, peft_model, net = build_model(cfg, world)
-    encoded = encode_rows(rows, tokenizer, cfg.data, file=str(run_dir / REHEARSAL))
+    encoded = encode_rows(rows, tokenizer, cfg.data, file=str(rd.rehearsal))
     opt, sched = build_optimizer(cfg, net, world.device)
     tr = Trainer(
         cfg=cfg,
         world=world,
-        ckpt_root=run_dir / CHECKPOINTS,
+        ckpt_root=rd.checkpoints,
         hf_model=model,
         peft_model=peft_model,
         net=net,
@@ -367,32 +366,32 @@ def train_step(tr: Trainer) -> StepStats:
     )
 
 
-def _metrics_row(tr: Trainer, s: StepStats, dt: float) -> dict[str, Any]:
-    return {
-        "step": tr.step,
-        "loss": round(s.loss, 6),
-        "lr": s.lr,
-        "supervised_tokens": s.supervised_tokens,
-        "tokens": s.tokens,
-        "tokens_per_s": round(s.tokens / dt, 2),
-        "grad_norm": round(s.grad_norm, 6),
-        "step_time_s": round(dt, 4),
-        "epoch": (tr.consumed - 1) // tr.stream.per_epoch,
-        "world_size": tr.world.size,
-    }
+def _metrics_row(tr: Trainer, s: StepStats, dt: float) -> MetricRow:
+    return MetricRow(
+        step=tr.step,
+        loss=round(s.loss, 6),
+        lr=s.lr,
+        supervised_tokens=s.supervised_tokens,
+        tokens=s.tokens,
+        tokens_per_s=round(s.tokens / dt, 2),
+        grad_norm=round(s.grad_norm, 6),
+        step_time_s=round(dt, 4),
+        epoch=(tr.consumed - 1) // tr.stream.per_epoch,
+        world_size=tr.world.size,
+    )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows past the checkpoint we resume from: they will be recomputed."""
-    old = [r for r in read_rows(path) if r["step"] <= step] if path.exists() else []
-    atomic_write_jsonl(path, old)
+    old = [r for r in read_typed(path, MetricRow) if r.step <= step] if path.exists() else []
+    atomic_write_jsonl(path, [r.to_json() for r in old])
 
 
 def train(
     cfg: Config,
     run_dir: Path,
     *,
-    rows: list[dict[str, Any]] | None = None,
+    rows: list[RehearsalRow] | None = None,
     require_resume: bool = False,
 ) -> Path:
     """Train on ``rows`` (default: run_dir/rehearsal.jsonl); returns the final checkpoint dir.
@@ -400,7 +399,7 @@ def train(
     Resumes from the newest complete checkpoint in run_dir/checkpoints; a finished run is a no-op.
     Under torchrun every rank calls it; metrics and progress come from rank 0."""
     t = cfg.train
-    ckpt_root = run_dir / CHECKPOINTS
+    ckpt_root = RunDir(run_dir).checkpoints
     latest = latest_checkpoint(ckpt_root)
     if require_resume and latest is None:
         raise InputError(
@@ -411,7 +410,7 @@ def train(
         return latest
     tr = setup(cfg, run_dir, rows=rows, resume=latest)
     main = tr.world.is_main
-    metrics_path = run_dir / METRICS
+    metrics_path = RunDir(run_dir).metrics
     if main:
         _truncate_metrics(metrics_path, tr.step)
     start, final = tr.step, None
@@ -430,7 +429,7 @@ def train(
                 s = train_step(tr)
                 dt = time.perf_counter() - t0
                 if main:
-                    mf.write(json.dumps(_metrics_row(tr, s, dt)) + "\n")
+                    mf.write(json.dumps(_metrics_row(tr, s, dt).to_json()) + "\n")
                     mf.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{s.loss:.4f}", tok_s=f"{s.tokens / dt:.0f}")

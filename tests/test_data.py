@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from ssrengine.config import DataConfig
 from ssrengine.data import encode, load_examples, prompt_messages, render_prompt
 from ssrengine.errors import InputError
 from ssrengine.models import resolve_model_path
+from ssrengine.rundir import RehearsalRow
 from tests.tiny import records, write_jsonl
 
 
@@ -108,14 +110,22 @@ def test_overlong_policies(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rec = records(2)[1]
     long_doc = {"title": "Filler", "text": "word " * 400}
-    row = {**rec, "target": rec["response"], "documents": [rec["documents"][0], long_doc]}
+    row = RehearsalRow.from_json(
+        {
+            **rec,
+            "target": rec["response"],
+            "source": "gold",
+            "documents": [rec["documents"][0], long_doc],
+        },
+        "test",
+    )
     with pytest.raises(InputError) as e:
         encode_rows([row], tok, DataConfig(max_seq_len=256), file="r.jsonl")
     assert "r.jsonl:1: field 'documents'" in str(e.value) and "data.max_seq_len=256" in str(e.value)
     (enc,) = encode_rows([row], tok, DataConfig(max_seq_len=256, on_overlong="trim_documents"))
     assert len(enc.input_ids) <= 256
     assert tok.decode([t for t in enc.labels if t != IGNORE_INDEX]).startswith(rec["response"])
-    ok = {**row, "id": "short", "documents": rec["documents"]}
+    ok = dataclasses.replace(row, id="short", documents=rec["documents"])
     kept = encode_rows([row, ok], tok, DataConfig(max_seq_len=256, on_overlong="skip"))
     assert [e.id for e in kept] == ["short"]
 

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ssrengine.batching import encode_rows, padded_batch
 from ssrengine.config import load_config
+from ssrengine.rundir import RehearsalRow
 from ssrengine.trainer import accumulate
 from tests.tiny import records
 
@@ -15,7 +16,10 @@ from tests.tiny import records
 def test_fused_loss_matches_plain_cross_entropy(request, fixture, impl):
     model_dir = request.getfixturevalue(fixture)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = [{**r, "target": r["response"]} for r in records(6)]
+    rows = [
+        RehearsalRow.from_json({**r, "target": r["response"], "source": "gold"}, "test")
+        for r in records(6)
+    ]
     enc = encode_rows(rows, tok, load_config().data)
     mbs = [padded_batch(enc[:4], tok.pad_token_id), padded_batch(enc[4:], tok.pad_token_id)]
     out = {}

@@ -13,13 +13,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ssrengine.batching import encode_rows, padded_batch
 from ssrengine.config import load_config
 from ssrengine.io import read_rows
+from ssrengine.rundir import RehearsalRow
 from ssrengine.trainer import accumulate, setup, train, train_step
 from tests.test_checkpoint import pickled_files
 from tests.tiny import records, write_jsonl
 
 
 def rehearsal(n=16):
-    return [{**r, "target": r["response"], "source": "gold"} for r in records(n)]
+    return [
+        RehearsalRow.from_json({**r, "target": r["response"], "source": "gold"}, "test")
+        for r in records(n)
+    ]
 
 
 def _cfg(tiny, run_dir, *extra):
@@ -111,7 +115,7 @@ def test_killed_training_resumes_to_identical_weights(tiny_model_dir, tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     for d in (ref_dir, run_dir):
         d.mkdir()
-        write_jsonl(d / "rehearsal.jsonl", rehearsal(10))
+        write_jsonl(d / "rehearsal.jsonl", [r.to_json() for r in rehearsal(10)])
     ref = train(load_config(None, [*args, f"--run.dir={ref_dir}"]), ref_dir)
 
     cmd = [sys.executable, "-m", "ssrengine", "train", *args, f"--run.dir={run_dir}"]
