@@ -2,7 +2,8 @@
 
 `encode_rows` renders every row with the chat template (loss on the target only) and applies
 the over-long policy; `micro_batches` cuts one epoch into micro-batches, padded or packed.
-Labels are shifted here, once: ``labels[t]`` is the target of position ``t``.
+Both kinds shift labels with `ssrengine.packing.shift_labels`: ``labels[t]`` is the target of
+position ``t``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ssrengine import IGNORE_INDEX
 from ssrengine.config import DataConfig, TrainConfig
 from ssrengine.data import encode, prompt_messages
 from ssrengine.errors import InputError
-from ssrengine.packing import PackedBatch, model_inputs, pack
+from ssrengine.packing import PackedBatch, model_inputs, pack, shift_labels
 from ssrengine.rundir import REHEARSAL, RehearsalRow
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,6 @@ class MicroBatch:
     supervised_tokens: int  # known on the host from the data: no device sync to normalize
     real_tokens: int
     ids: list[str]
-
-
-def shift_labels(labels: list[int]) -> list[int]:
-    """Position t predicts token t+1; the last position of a sequence predicts nothing."""
-    return labels[1:] + [IGNORE_INDEX]
 
 
 def encode_rows(

@@ -201,6 +201,12 @@ def _flat(parts: Any) -> list[int]:
     )
 
 
+def shift_labels(labels: Sequence[int]) -> list[int]:
+    """The one label shift: position t predicts token t+1 of the same example; the last
+    position predicts nothing (never the next example's first token)."""
+    return [*labels[1:], IGNORE_INDEX]
+
+
 def pack_one(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]], ids: Sequence[str]
 ) -> PackedBatch:
@@ -215,11 +221,7 @@ def pack_one(
     cu = cu_seqlens(lengths)
     starts = cu[:-1].long()
     input_ids = torch.tensor(_flat(x for x, _ in sequences), dtype=torch.long)
-    raw = torch.tensor(_flat(y for _, y in sequences), dtype=torch.long)
-    # Shift within each example: position t predicts token t+1 of the same example; the last
-    # position of every example predicts nothing (never the next example's first token).
-    labels = torch.roll(raw, -1)
-    labels[cu[1:].long() - 1] = IGNORE_INDEX
+    labels = torch.tensor(_flat(shift_labels(_flat([y])) for _, y in sequences), dtype=torch.long)
     lens = torch.tensor(lengths)
     position_ids = torch.arange(len(input_ids)) - torch.repeat_interleave(starts, lens)
     return PackedBatch(
