@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from ssrengine.config import DataConfig, GenerationConfig, ModelConfig
-from ssrengine.data import Example, load_examples, prompt_messages, resolve_data_file
+from ssrengine.data import Example, load_examples, prompt_messages
+from ssrengine.datasets import resolve_data_file
 from ssrengine.generation import Completion, Generator, Request, SamplingParams
 from ssrengine.judge import LLMJudge, judge_messages
 

@@ -65,7 +65,8 @@ VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 def demo_lengths() -> tuple[np.ndarray, np.ndarray]:
     """(lengths, target lengths) of builtin:train encoded for SmolLM2, as the trainer does."""
-    from ssrengine.data import encode, load_examples, prompt_messages, resolve_data_file
+    from ssrengine.data import encode, load_examples, prompt_messages
+    from ssrengine.datasets import resolve_data_file
     from ssrengine.models import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")

@@ -1,6 +1,6 @@
 """Input records: validation with precise errors, prompt rendering, tokenization with labels.
 
-Record format (DESIGN.md): ``{id, documents?, messages, response, answerable?}``. Prompts are
+Record format: ``{id, documents?, messages, response, answerable?}``. Prompts are
 rendered with the model's own chat template; documents enter through `render_documents` only.
 Every prompt token gets the label IGNORE_INDEX.
 """
@@ -99,21 +99,6 @@ def parse_record(
         file=file,
         line=line,
     )
-
-
-def resolve_data_file(spec: str, seed: int = 0) -> Path:
-    """A path, or ``builtin:SPLIT`` → the embedded generator's split, written once to the cache."""
-    if spec.startswith("builtin:"):
-        from ssrengine.datasets.builtin import SPLITS, materialize
-
-        split = spec.removeprefix("builtin:")
-        if split not in SPLITS:
-            raise InputError(
-                f"unknown builtin split {split!r}; expected one of {', '.join(SPLITS)}",
-                field="data.train_file",
-            )
-        return materialize(split, seed)
-    return Path(spec)
 
 
 def load_examples(

@@ -24,7 +24,8 @@ from typing import Any
 
 from ssrengine.checkpoint import latest_checkpoint
 from ssrengine.config import Config, build_config, load_config, parse_overrides
-from ssrengine.data import Example, load_examples, prompt_messages, resolve_data_file
+from ssrengine.data import Example, load_examples, prompt_messages
+from ssrengine.datasets import resolve_data_file
 from ssrengine.errors import InputError
 from ssrengine.generation import Generator
 from ssrengine.generation.hf import HFGenerator

@@ -8,6 +8,7 @@ under its final name.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -33,11 +34,13 @@ def atomic_write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; a bad line raises InputError."""
+    """Yield (line number, object) for each non-blank line of a .jsonl (or gzipped .jsonl.gz)
+    file; a bad line raises InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", file=str(path))
-    with open(path, encoding="utf-8") as f:
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ssrengine.cache import cache_dir
 from ssrengine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,6 @@ EMBEDDED = {
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
     }
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SSRENGINE_CACHE", Path.home() / ".cache" / "ssrengine"))
 
 
 def fetch(name: str) -> Path:

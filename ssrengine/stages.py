@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from ssrengine.config import Config
-from ssrengine.data import Example, load_examples, prompt_messages, resolve_data_file
+from ssrengine.data import Example, load_examples, prompt_messages
+from ssrengine.datasets import resolve_data_file
 from ssrengine.errors import InputError
 from ssrengine.generation import (
     BackendError,

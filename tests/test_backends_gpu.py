@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from ssrengine.config import DataConfig, GenerationConfig, ModelConfig
-from ssrengine.data import Example, load_examples, prompt_messages, resolve_data_file
+from ssrengine.data import Example, load_examples, prompt_messages
+from ssrengine.datasets import resolve_data_file
 from ssrengine.generation import Completion, Request, SamplingParams, make_generator
 from ssrengine.judge import LLMJudge
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from ssrengine.data import load_examples, parse_record, resolve_data_file
-from ssrengine.datasets import builtin, loaders
+from ssrengine.data import load_examples, parse_record
+from ssrengine.datasets import builtin, loaders, resolve_data_file
 from ssrengine.datasets.__main__ import main
 from ssrengine.datasets.builtin import GOLD_REFUSAL, SIZES, SPLITS, generate
 from ssrengine.errors import InputError
+from ssrengine.io import iter_jsonl
 
 ASSETS = Path(__file__).parent / "assets"
 MD2D_DIAL = ASSETS / "multidoc2dial" / "multidoc2dial_dial_train.json"
@@ -291,3 +296,29 @@ def test_cli_round_trip(tmp_path, capsys):
     args = ["convert", "musique", str(MUSIQUE_ANS), str(MUSIQUE_FULL), "--out", str(out)]
     assert main(args) == 2
     assert "duplicate id 'musique-2hop__901_902'" in capsys.readouterr().err
+
+
+def test_data_side_imports_neither_torch_nor_upward(tmp_path):
+    """Reading data and materializing a builtin split need no torch; `ssrengine.data` (the
+    record format) does not import `ssrengine.datasets`, which builds on it."""
+    code = (
+        "import sys\n"
+        "import ssrengine.data\n"
+        "assert not any(m.startswith('ssrengine.datasets') for m in sys.modules), 'data->datasets'\n"
+        "from ssrengine.datasets import resolve_data_file\n"
+        "from ssrengine.datasets import loaders\n"
+        "ssrengine.data.load_examples(resolve_data_file('builtin:validation', seed=3))\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    env = {**os.environ, "SSRENGINE_CACHE": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-1500:]
+
+
+def test_gzipped_jsonl_reads_like_plain(tmp_path):
+    rows = generate("validation", 3)[:3]
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "a.jsonl.gz"
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    assert list(iter_jsonl(packed)) == list(iter_jsonl(plain)) == list(enumerate(rows, 1))

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ssrengine.cache import cache_dir
+from ssrengine.io import atomic_write_jsonl
+
 GENERATOR_VERSION = 1  # bump when the output changes: it names the cache directory
 GOLD_REFUSAL = "The documents do not say."
 SPLITS = ("train", "validation", "test", "ood")
@@ -362,9 +365,6 @@ def generate(split: str, seed: int = 0, size: int | None = None) -> list[dict[st
 
 def materialize(split: str, seed: int = 0) -> Path:
     """Write the split once to ``cache_dir()/data/builtin-v{VERSION}-seed{seed}/{split}.jsonl``."""
-    from ssrengine.io import atomic_write_jsonl
-    from ssrengine.models import cache_dir  # imports torch: keep it off the generator's path
-
     path = cache_dir() / "data" / f"builtin-v{GENERATOR_VERSION}-seed{seed}" / f"{split}.jsonl"
     if not path.exists():
         atomic_write_jsonl(path, generate(split, seed))

@@ -1,4 +1,4 @@
-"""Converters from public content-grounded QA formats into records (DESIGN.md).
+"""Converters from public content-grounded QA formats into records (the format of `ssrengine.data`).
 
 Every converter returns a list of record dicts that already passed `parse_record`, with ids that
 are unique per file. Malformed input raises InputError naming the file, the line (JSONL) or
@@ -15,17 +15,16 @@ the JSON path of the record (JSON), and the field.
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ssrengine.data import parse_record
 from ssrengine.datasets.builtin import GOLD_REFUSAL
 from ssrengine.errors import InputError
+from ssrengine.io import iter_jsonl
 
 _HTML_TOKEN = re.compile(r"^</?[A-Za-z][^>]*>$")
 _DETOK = re.compile(r" (?=[.,;:!?)%]|'s\b|n't\b)|(?<=\() ")
@@ -78,24 +77,6 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON: {e.msg}", file=str(path), line=e.lineno) from None
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) per non-blank line of a .jsonl or .jsonl.gz file."""
-    if not path.is_file():
-        raise InputError("file not found", file=str(path))
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg}", file=str(path), line=lineno) from None
-            if not isinstance(obj, dict):
-                raise InputError("each line must be a JSON object", file=str(path), line=lineno)
-            yield lineno, obj
 
 
 # ---------------------------------------------------------------------------- MultiDoc2Dial
@@ -279,7 +260,7 @@ def load_nq(path: str | Path, *, seed: int = 0) -> list[dict[str, Any]]:
     no long answer, GOLD_REFUSAL. The first annotation with a long answer is used."""
     file = str(path)
     records, lines = [], []
-    for line, obj in _iter_jsonl(Path(path)):
+    for line, obj in iter_jsonl(path):
         req = {"file": file, "line": line}
         ex_id = _require(obj, "example_id", (int, str), **req)
         question = _require(obj, "question_text", str, **req).strip()
@@ -350,7 +331,7 @@ def load_musique(path: str | Path, *, distractors: int = 3, seed: int = 0) -> li
     suffix ``-unanswerable``, since the full version pairs them with an answerable twin."""
     file = str(path)
     records, lines = [], []
-    for line, obj in _iter_jsonl(Path(path)):
+    for line, obj in iter_jsonl(path):
         req = {"file": file, "line": line}
         mid = _require(obj, "id", str, **req)
         question = _require(obj, "question", str, **req).strip()
