@@ -500,7 +500,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def _done(self) -> None:
+        """Take this request out of the in-flight count, before its reply (or drop) goes out:
+        a client that has its reply may send its next request at once, and that one must not
+        find this one still counted."""
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.server.loopback.end()
+
     def _send(self, status: int, body: bytes) -> None:
+        self._done()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -511,6 +520,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode())
 
     def _drop(self) -> None:
+        self._done()
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -534,6 +544,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"detail": "Not Found"})
             return
         fault = lb.begin()
+        self._counted = True
         try:
             if fault == "kill":
                 self._drop()
@@ -565,7 +576,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._json(status, obj)
         finally:
-            lb.end()
+            self._done()
 
 
 def build_chatty(out: Path, *, seed: int = 0) -> Path:
