@@ -14,7 +14,7 @@ Design (after Apple's cut-cross-entropy, arXiv 2411.09009, written anew):
 - Offsets are int64 (row * stride overflows int32 at N·H or V·H >= 2^31).
 - bf16/fp16 tiles feed tl.dot natively on GPU (fp32 accumulate); fp32 inputs use IEEE fp32 dot
   unless torch allows TF32 matmuls. Under TRITON_INTERPRET=1 every tile is upcast to fp32
-  before arithmetic: the interpreter mishandles raw bf16 (shared/ENVIRONMENT.md).
+  before arithmetic: the interpreter mishandles raw bf16.
 """
 
 from __future__ import annotations

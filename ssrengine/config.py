@@ -51,7 +51,7 @@ class ModelConfig:
 class DataConfig:
     train_file: str = _f(
         "builtin:train",
-        "Training JSONL (DESIGN.md record format) or `builtin:SPLIT` for the embedded generator (train, validation, test, ood).",
+        "Training JSONL (the README's record format) or `builtin:SPLIT` for the embedded generator (train, validation, test, ood).",
     )
     max_examples: int = _f(0, "Use only the first N training examples (0 = all).")
     max_seq_len: int = _f(1024, "Longest prompt + target in tokens.")

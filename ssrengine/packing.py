@@ -14,7 +14,7 @@ each attention implementation:
 - ``sdpa`` / ``eager``: ``position_ids`` restarting at 0 per example, and no attention mask;
   transformers then derives a block-diagonal causal mask from the restarts. It does so only
   when there is no KV cache: `ssrengine.models.hidden_and_head` passes ``use_cache=False``
-  (ENVIRONMENT.md: with a cache, tokens silently attend across examples). With
+  (with a cache, tokens silently attend across examples). With
   ``block_mask=True`` an explicit block-diagonal mask is passed instead.
 
 Label convention: ``PackedBatch.labels[t]`` is the target of position t, i.e. labels are already

@@ -420,7 +420,7 @@ def test_boundary_test_catches_leaks(tiny_model_dir, attn):
     # No position_ids: one causal sequence; every example sees the ones before it.
     assert cross_talk(model, batch, {"input_ids": ids}) > 1e-6
     # position_ids restart but a KV cache is on: transformers skips packed-sequence detection
-    # (the ENVIRONMENT.md trap). hidden_and_head always passes use_cache=False, so call the
+    # (tokens then attend across examples). hidden_and_head always passes use_cache=False, so call the
     # base model directly here.
     leaky = model.base_model
     captured = {}
