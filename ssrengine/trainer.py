@@ -1,5 +1,9 @@
 """The train stage: rehearsal.jsonl → checkpoints/step-N and metrics.jsonl.
 
+Three pieces, as in torchtitan: `setup` builds model, optimizer, schedule and data stream from
+the config (restoring a checkpoint through `ssrengine.checkpoint`); `train_step` is one
+optimizer step; `train` is the loop around it (metrics, progress, checkpoints, save on Ctrl-C).
+
 Loss normalization (torchtitan/torchtune): count the supervised tokens of the whole optimizer
 step first — all micro-batches, all ranks (one all-reduce) — sum-reduce each micro-batch's loss
 and divide by that count; never average micro-batch means (the 2024 gradient-accumulation bug).
