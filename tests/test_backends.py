@@ -442,7 +442,7 @@ def _reply(ids, reason, **meta):
 
 
 def test_parse_sglang_reply_shapes():
-    s = SamplingParams()
+    s = SamplingParams(max_new_tokens=16)
     [c] = parse_sglang_outputs([_reply([5, 6, 2], {"type": "stop", "matched": 2})], 1, s)
     assert (c.text, c.token_ids, c.finish_reason) == ("hi", [5, 6], "stop")
     [c] = parse_sglang_outputs([_reply([5, 6], {"type": "stop", "matched": "x"})], 1, s)

@@ -11,7 +11,10 @@ from ssrengine.config import GenerationConfig, ModelConfig
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 96
+    """One call's sampling; the run's values come from the generation config. The defaults
+    are the neutral ones (greedy, no nucleus cut, no stop strings)."""
+
+    max_new_tokens: int
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()

@@ -222,7 +222,7 @@ class PromptEncoder:
     messages are rendered with the model's own chat template, exactly as the hf backend does,
     and sent as token ids, so every backend sees the same prompt tokens."""
 
-    def __init__(self, model: str, *, trust_remote_code: bool = False, tokenizer: Any = None):
+    def __init__(self, model: str, *, trust_remote_code: bool, tokenizer: Any = None) -> None:
         self.tokenizer = tokenizer or load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.eos_ids = eos_ids(self.tokenizer, _config_eos(model))
         # Replies are parsed on the pool's threads; a fast tokenizer shared across threads can
