@@ -100,6 +100,7 @@ class HFGenerator(Generator):
     def _generate_batch(
         self, prompts: list[list[int]], sampling: SamplingParams
     ) -> list[Completion]:
+        """Prefill, then one token per step for the live rows until all have ended."""
         ids = sampling.logprob_token_ids
         wanted = torch.tensor(ids, device=self.device) if ids else None
         pick = self._picker(sampling)
@@ -114,7 +115,9 @@ class HFGenerator(Generator):
             logits = self._decode_one(rows, nxt, keep)
         return [self._finish(p, rows, b, sampling) for b, p in enumerate(prompts)]
 
-    def _forward(self, ids: torch.Tensor, rows: _Rows, pos: torch.Tensor, **kw: Any) -> Any:
+    def _forward(
+        self, ids: torch.Tensor, rows: _Rows, pos: torch.Tensor, **kw: Any
+    ) -> torch.Tensor:
         """Logits of the last position of each row, the KV cache extended in place."""
         out = self.hf_model(
             input_ids=ids,
