@@ -52,6 +52,7 @@ from ssrengine.rundir import (
     EvalDir,
     EvalResult,
     GenerationRow,
+    ProbeDetail,
     RunDir,
     SelfVsGold,
     SelfVsGoldRow,
@@ -320,15 +321,18 @@ def _retention(
     own["drift_per_token"] = own["logprob_per_token"] - ref["logprob_per_token"]
     own["base_logprob_per_token"] = ref["logprob_per_token"]
     pm = probe_metrics(probe.items, answers)
-    atomic_write_jsonl(
-        t.eval_dir.probe_details,
-        [
-            {"id": p.id, "category": p.category, "answer": answers[p.id],
-             "base_answer": probe.base_rows[p.id].response, "correct": pm["correct"][p.id],
-             "logprob_base_answer": s / max(n, 1)}
-            for p, (s, n) in zip(probe.items, lp)
-        ],
-    )  # fmt: skip
+    details = [
+        ProbeDetail(
+            id=p.id,
+            category=p.category,
+            answer=answers[p.id],
+            base_answer=probe.base_rows[p.id].response,
+            correct=pm["correct"][p.id],
+            logprob_base_answer=s / max(n, 1),
+        )
+        for p, (s, n) in zip(probe.items, lp)
+    ]
+    atomic_write_jsonl(t.eval_dir.probe_details, [d.to_json() for d in details])
     pm.pop("correct")
     return {"probe": pm, "mc": mc_accuracy(m.lm, m.tok, mc), "own_answers": own}
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ssrengine import stages
 from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.rundir import BuildStats, MetricRow, RunDir, read_json, read_typed
@@ -56,8 +57,6 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
-    from ssrengine import stages
-
     run_dir = prepare_run_dir(cfg)
     if stage in ("generate", "judge") and cfg.run.mode == "sft":
         log.info("%s: skipped (run.mode = sft trains on gold answers only)", stage)
@@ -75,6 +74,8 @@ def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
         print(f"rehearsal set ({cfg.run.mode}):\n{stages.format_stats(stats)}")
         return stats
     if stage == "train":
+        # torch is imported by the train stage only: the data stages on a server backend and
+        # the rule judge run without it.
         from ssrengine.trainer import train
 
         return train(cfg, run_dir, require_resume=resume)

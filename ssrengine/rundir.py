@@ -444,6 +444,19 @@ class EvalDetail(Row):
 
 
 @dataclass(frozen=True)
+class ProbeDetail(Row):
+    """One retention probe prompt: the evaluated model's answer, the base model's, whether the
+    answer is correct, and the base answer's log-probability per token under the model."""
+
+    id: str
+    category: str
+    answer: str
+    base_answer: str
+    correct: bool
+    logprob_base_answer: float
+
+
+@dataclass(frozen=True)
 class SelfVsGoldRow(Row):
     """Paper Figure 1, one training example: mean log-probability per token of the gold
     answer and of the model's own answer under the base model."""
