@@ -37,7 +37,12 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...])
 def prepare_run_dir(cfg: Config) -> Path:
     """Create run.dir and save config.json; refuse a run dir made with another model/data/mode."""
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the directory (or a parent) should be, no permission
+        raise InputError(
+            f"cannot create the run directory {str(run_dir)!r}: {e.strerror}", field="run.dir"
+        ) from None
     saved = RunDir(run_dir).config
     if saved.exists():
         old = read_json(saved)
@@ -52,7 +57,10 @@ def prepare_run_dir(cfg: Config) -> Path:
                 "use a new run.dir",
                 file=str(saved),
             )
-    cfg.save(saved)
+    try:
+        cfg.save(saved)
+    except OSError as e:
+        raise InputError(f"cannot write the run's config: {e.strerror}", file=str(saved)) from None
     return run_dir
 
 

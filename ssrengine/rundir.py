@@ -550,6 +550,4 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise InputError("missing", file=str(path)) from None
     except ValueError as e:
-        raise InputError(
-            f"not valid JSON ({e}); delete it to redo the step", file=str(path)
-        ) from None
+        raise InputError(f"not valid JSON ({e})", file=str(path)) from None
