@@ -161,12 +161,13 @@ def _matches(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-def _object(obj: Any, file: str, line: int | None) -> dict[str, Any]:
+def _object(obj: Any, file: str, line: int | None, at: str = "") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InputError(
-            f"expected a JSON object, got {type(obj).__name__}; delete the file to redo this stage",
+            f"expected a JSON object, got {type(obj).__name__}",
             file=file,
             line=line,
+            field=at.rstrip(".") or None,
         )
     return obj
 
@@ -190,7 +191,7 @@ class Row:
     @classmethod
     def from_json(cls: type[R], obj: Any, file: str, line: int | None = None, *, at: str = "") -> R:
         """``at`` prefixes field names in errors when the row is nested in another."""
-        obj = _object(obj, file, line)
+        obj = _object(obj, file, line, at)
         hints, values = _hints(cls), {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             name, tp = f.name, hints[f.name]
