@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from ssrengine import stages
 from ssrengine.config import Config
 from ssrengine.errors import InputError
-from ssrengine.rundir import BuildStats, MetricRow, RunDir, read_json, read_typed
+from ssrengine.rundir import BuildStats, MetricRow, RunDir, read_typed
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +38,17 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...])
 def prepare_run_dir(cfg: Config) -> Path:
     """Create run.dir and save config.json; refuse a run dir made with another model/data/mode."""
     run_dir = Path(cfg.run.dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where the directory (or a parent) should be, no permission
-        raise InputError(
-            f"cannot create the run directory {str(run_dir)!r}: {e.strerror}", field="run.dir"
-        ) from None
+    run_dir.mkdir(parents=True, exist_ok=True)
     saved = RunDir(run_dir).config
     if saved.exists():
-        old = read_json(saved)
-        if not isinstance(old, dict):
-            raise InputError(
-                "not a saved config (a JSON object); use a new run.dir", file=str(saved)
-            )
-        diff = config_diff(old, cfg.to_dict(), _PINNED)
+        diff = config_diff(json.loads(saved.read_text()), cfg.to_dict(), _PINNED)
         if diff:
             raise InputError(
                 "this run directory was made with a different config (" + "; ".join(diff) + "); "
                 "use a new run.dir",
                 file=str(saved),
             )
-    try:
-        cfg.save(saved)
-    except OSError as e:
-        raise InputError(f"cannot write the run's config: {e.strerror}", file=str(saved)) from None
+    cfg.save(saved)
     return run_dir
 
 

@@ -155,32 +155,3 @@ def test_edited_gold_answer_is_judged_again_and_build_follows(tmp_path):
     assert (stats.overall.own, stats.overall.gold) == (len(answerable) - 1, 1)
     rows = {r.id: r for r in read_typed(RunDir(tmp_path).rehearsal, RehearsalRow)}
     assert rows[edited[0].id].source == "gold" and rows[edited[0].id].target == REFUSAL
-
-
-@pytest.mark.parametrize(
-    ("make", "fragment"),
-    [
-        (lambda run: run.write_text("x"), "field 'run.dir': cannot create the run directory"),
-        (
-            lambda run: (run.parent / "p").write_text("x"),
-            "field 'run.dir': cannot create the run directory",
-        ),
-        (
-            lambda run: (run.mkdir(), (run / "config.json").write_text("{oops")),
-            "config.json: not valid JSON",
-        ),
-        (
-            lambda run: (run.mkdir(), (run / "config.json").write_text("[1]")),
-            "config.json: not a saved config",
-        ),
-    ],
-)
-def test_bad_run_directory_is_one_line_exit_2(tmp_path, capsys, make, fragment):
-    data = write_jsonl(tmp_path / "train.jsonl", records(2))
-    run = tmp_path / "run"
-    make(run)
-    target = tmp_path / "p" / "run" if (tmp_path / "p").exists() else run
-    argv = ["build", f"--data.train_file={data}", f"--run.dir={target}", "--run.mode=sft"]
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err
-    assert fragment in err and len(err.strip().splitlines()) == 1, err
