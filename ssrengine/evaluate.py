@@ -300,7 +300,9 @@ class _Probe:
     base_scores: list[tuple[float, int]]
 
 
-def _own_answer_scores(m: Loaded, probe: list[Example], rows: dict[str, GenerationRow]) -> Any:
+def _own_answer_scores(
+    m: Loaded, probe: list[Example], rows: dict[str, GenerationRow]
+) -> list[tuple[float, int]]:
     """The base model's exact greedy answer tokens, after the same prompt tokens, under ``m``."""
     ids = [rows[e.id].token_ids for e in probe]
     return score_sequences(m.lm, answer_token_sequences(m.tok, [e.messages for e in probe], ids))

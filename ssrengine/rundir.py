@@ -343,20 +343,15 @@ class SourceCounts:
         count = {s: sum(r.source == s for r in rows) for s in SOURCES}
         return cls(len(rows), count["self"], count["paraphrase"], count["gold"])
 
+    def count(self, source: str) -> int:
+        """Targets from ``source``, one of SOURCES."""
+        return {"self": self.own, "paraphrase": self.paraphrase, "gold": self.gold}[source]
+
     def share(self, source: str) -> float:
-        """Fraction of the subset's targets from ``source`` (one of SOURCES)."""
-        return {"self": self.own, "paraphrase": self.paraphrase, "gold": self.gold}[source] / max(
-            self.n, 1
-        )
+        return self.count(source) / max(self.n, 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "self": self.own,
-            "paraphrase": self.paraphrase,
-            "gold": self.gold,
-            "R_share": self.r_share,
-        }
+        return {"n": self.n, **{s: self.count(s) for s in SOURCES}, "R_share": self.r_share}
 
     @classmethod
     def from_json(cls, obj: Any, file: str, field: str) -> SourceCounts:
