@@ -250,9 +250,21 @@ def _is_row(tp: Any) -> bool:
 
 
 def read_typed(path: Path, cls: type[R]) -> Iterator[R]:
-    """Rows of a run-dir JSONL file as ``cls``, in order (a torn last line is ignored)."""
+    """Rows of a run-dir JSONL file as ``cls``, in order (a torn last line is ignored).
+
+    Line numbers count the rows: exact for files the engine wrote (no blank lines)."""
     for lineno, obj in enumerate(read_rows(path), 1):
-        yield cls.from_json(obj, str(path), lineno)
+        try:
+            yield cls.from_json(obj, str(path), lineno)
+        except InputError as e:
+            # A file from another version of the engine, or edited by hand: the stage that
+            # writes it recomputes what it needs.
+            raise InputError(
+                f"{e.message}; delete the file to redo its stage",
+                file=e.file,
+                line=e.line,
+                field=e.field,
+            ) from None
 
 
 # -------------------------------------------------------------------------- stage rows
