@@ -7,6 +7,7 @@ exits with status 2 and one line naming the file, line and field.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -82,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
             return eval_main(args, overrides)
         cfg = load_config(args.config, overrides)
         if args.command == "config":
-            import json
-
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         from ssrengine.pipeline import run_all, run_stage

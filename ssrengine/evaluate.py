@@ -53,6 +53,7 @@ from ssrengine.rundir import (
     EvalDir,
     EvalResult,
     GenerationRow,
+    ProbeDetail,
     RunDir,
     SelfVsGold,
     SelfVsGoldRow,
@@ -300,7 +301,9 @@ class _Probe:
     base_scores: list[tuple[float, int]]
 
 
-def _own_answer_scores(m: Loaded, probe: list[Example], rows: dict[str, GenerationRow]) -> Any:
+def _own_answer_scores(
+    m: Loaded, probe: list[Example], rows: dict[str, GenerationRow]
+) -> list[tuple[float, int]]:
     """The base model's exact greedy answer tokens, after the same prompt tokens, under ``m``."""
     ids = [rows[e.id].token_ids for e in probe]
     return score_sequences(m.lm, answer_token_sequences(m.tok, [e.messages for e in probe], ids))
@@ -321,15 +324,18 @@ def _retention(
     own["drift_per_token"] = own["logprob_per_token"] - ref["logprob_per_token"]
     own["base_logprob_per_token"] = ref["logprob_per_token"]
     pm = probe_metrics(probe.items, answers)
-    atomic_write_jsonl(
-        t.eval_dir.probe_details,
-        [
-            {"id": p.id, "category": p.category, "answer": answers[p.id],
-             "base_answer": probe.base_rows[p.id].response, "correct": pm["correct"][p.id],
-             "logprob_base_answer": s / max(n, 1)}
-            for p, (s, n) in zip(probe.items, lp)
-        ],
-    )  # fmt: skip
+    details = [
+        ProbeDetail(
+            id=p.id,
+            category=p.category,
+            answer=answers[p.id],
+            base_answer=probe.base_rows[p.id].response,
+            correct=pm["correct"][p.id],
+            logprob_base_answer=s / max(n, 1),
+        )
+        for p, (s, n) in zip(probe.items, lp)
+    ]
+    atomic_write_jsonl(t.eval_dir.probe_details, [d.to_json() for d in details])
     pm.pop("correct")
     return {"probe": pm, "mc": mc_accuracy(m.lm, m.tok, mc), "own_answers": own}
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from ssrengine import stages
 from ssrengine.config import Config
 from ssrengine.errors import InputError
-from ssrengine.rundir import BuildStats, MetricRow, RunDir, read_json, read_typed
+from ssrengine.rundir import BuildStats, MetricRow, RunDir, read_typed
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = RunDir(run_dir).config
     if saved.exists():
-        old = read_json(saved)
-        if not isinstance(old, dict):
-            raise InputError(
-                "not a saved config (a JSON object); use a new run.dir", file=str(saved)
-            )
-        diff = config_diff(old, cfg.to_dict(), _PINNED)
+        diff = config_diff(json.loads(saved.read_text()), cfg.to_dict(), _PINNED)
         if diff:
             raise InputError(
                 "this run directory was made with a different config (" + "; ".join(diff) + "); "
@@ -56,8 +53,6 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
-    from ssrengine import stages
-
     run_dir = prepare_run_dir(cfg)
     if stage in ("generate", "judge") and cfg.run.mode == "sft":
         log.info("%s: skipped (run.mode = sft trains on gold answers only)", stage)
@@ -75,6 +70,8 @@ def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
         print(f"rehearsal set ({cfg.run.mode}):\n{stages.format_stats(stats)}")
         return stats
     if stage == "train":
+        # torch is imported by the train stage only: the data stages on a server backend and
+        # the rule judge run without it.
         from ssrengine.trainer import train
 
         return train(cfg, run_dir, require_resume=resume)

@@ -161,12 +161,13 @@ def _matches(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-def _object(obj: Any, file: str, line: int | None) -> dict[str, Any]:
+def _object(obj: Any, file: str, line: int | None, at: str = "") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InputError(
-            f"expected a JSON object, got {type(obj).__name__}; delete the file to redo this stage",
+            f"expected a JSON object, got {type(obj).__name__}",
             file=file,
             line=line,
+            field=at.rstrip(".") or None,
         )
     return obj
 
@@ -190,7 +191,7 @@ class Row:
     @classmethod
     def from_json(cls: type[R], obj: Any, file: str, line: int | None = None, *, at: str = "") -> R:
         """``at`` prefixes field names in errors when the row is nested in another."""
-        obj = _object(obj, file, line)
+        obj = _object(obj, file, line, at)
         hints, values = _hints(cls), {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             name, tp = f.name, hints[f.name]
@@ -249,9 +250,21 @@ def _is_row(tp: Any) -> bool:
 
 
 def read_typed(path: Path, cls: type[R]) -> Iterator[R]:
-    """Rows of a run-dir JSONL file as ``cls``, in order (a torn last line is ignored)."""
+    """Rows of a run-dir JSONL file as ``cls``, in order (a torn last line is ignored).
+
+    Line numbers count the rows: exact for files the engine wrote (no blank lines)."""
     for lineno, obj in enumerate(read_rows(path), 1):
-        yield cls.from_json(obj, str(path), lineno)
+        try:
+            yield cls.from_json(obj, str(path), lineno)
+        except InputError as e:
+            # A file from another version of the engine, or edited by hand: the stage that
+            # writes it recomputes what it needs.
+            raise InputError(
+                f"{e.message}; delete the file to redo its stage",
+                file=e.file,
+                line=e.line,
+                field=e.field,
+            ) from None
 
 
 # -------------------------------------------------------------------------- stage rows
@@ -342,20 +355,15 @@ class SourceCounts:
         count = {s: sum(r.source == s for r in rows) for s in SOURCES}
         return cls(len(rows), count["self"], count["paraphrase"], count["gold"])
 
+    def count(self, source: str) -> int:
+        """Targets from ``source``, one of SOURCES."""
+        return {"self": self.own, "paraphrase": self.paraphrase, "gold": self.gold}[source]
+
     def share(self, source: str) -> float:
-        """Fraction of the subset's targets from ``source`` (one of SOURCES)."""
-        return {"self": self.own, "paraphrase": self.paraphrase, "gold": self.gold}[source] / max(
-            self.n, 1
-        )
+        return self.count(source) / max(self.n, 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "self": self.own,
-            "paraphrase": self.paraphrase,
-            "gold": self.gold,
-            "R_share": self.r_share,
-        }
+        return {"n": self.n, **{s: self.count(s) for s in SOURCES}, "R_share": self.r_share}
 
     @classmethod
     def from_json(cls, obj: Any, file: str, field: str) -> SourceCounts:
@@ -441,6 +449,19 @@ class EvalDetail(Row):
     declined: bool
     recall: float | None = None
     f1: float | None = None
+
+
+@dataclass(frozen=True)
+class ProbeDetail(Row):
+    """One retention probe prompt: the evaluated model's answer, the base model's, whether the
+    answer is correct, and the base answer's log-probability per token under the model."""
+
+    id: str
+    category: str
+    answer: str
+    base_answer: str
+    correct: bool
+    logprob_base_answer: float
 
 
 @dataclass(frozen=True)
@@ -537,6 +558,4 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise InputError("missing", file=str(path)) from None
     except ValueError as e:
-        raise InputError(
-            f"not valid JSON ({e}); delete it to redo the step", file=str(path)
-        ) from None
+        raise InputError(f"not valid JSON ({e})", file=str(path)) from None

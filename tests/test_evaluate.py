@@ -336,3 +336,13 @@ def test_retention_metrics_count_the_shipped_mc_set_once():
     assert retention_metrics({**ret, "lm_eval": {"skipped": "not installed"}}) == {
         "probe_acc": 0.5, "mc_acc": 0.4, "own_answer_prob": 0.7,
     }  # fmt: skip
+
+
+def test_task_metrics_and_judge_share_the_gold_class():
+    """An answerable example whose gold text reads as a refusal is answerable in both."""
+    from ssrengine.judge import gold_declines
+
+    hedged = ex(0, "The documents do not mention the fee, but the deadline is 5 May.", True)
+    metrics, (d,) = task_metrics([hedged], {"e0": "The deadline is 5 May."})
+    assert d.unanswerable is gold_declines(hedged) is False
+    assert metrics.n_answerable == 1 and d.recall > 0

@@ -7,7 +7,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ssrengine.config import ModelConfig
 from ssrengine.data import Example
 from ssrengine.generation.hf import HFGenerator
-from ssrengine.judge import LLMJudge, RuleJudge, is_refusal, judge_messages, token_f1
+from ssrengine.judge import (
+    LLMJudge,
+    RuleJudge,
+    gold_declines,
+    is_refusal,
+    judge_messages,
+    token_f1,
+)
 
 
 def ex(response, answerable=True):
@@ -72,3 +79,30 @@ def test_llm_judge_reads_p_yes_from_next_token_logprobs(tiny_model_dir):
     assert judge.judge_batch([e, e], ["a", "b"])[0].score == pytest.approx(
         judge.judge(e, "a").score, abs=1e-5
     )
+
+
+# An answerable question whose gold answer contains a refusal phrase: the label decides.
+HEDGED = "The documents do not mention the fee, but the deadline is 5 May."
+
+
+@pytest.mark.parametrize(
+    ("cand", "accept"),
+    [
+        ("The deadline is 5 May; the fee is not stated.", True),
+        (HEDGED, True),
+        ("I don't know.", False),
+        ("The documents do not say.", False),
+    ],
+)
+def test_answerable_gold_that_reads_as_a_refusal_is_judged_on_content(cand, accept):
+    e = ex(HEDGED, answerable=True)
+    assert not gold_declines(e)
+    v = RuleJudge(0.3).judge(e, cand)
+    assert v.accept is accept, v.reason
+
+
+def test_gold_declines_is_the_label_else_the_text():
+    assert gold_declines(ex("Founded in 1987.", answerable=False))
+    assert not gold_declines(ex("The documents do not say.", answerable=True))
+    assert gold_declines(ex("The documents do not say.", answerable=None))
+    assert not gold_declines(ex("Founded in 1987.", answerable=None))

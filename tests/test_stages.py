@@ -1,5 +1,6 @@
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -130,3 +131,17 @@ def test_build_stats_split_by_answerability():
     ]
     s = BuildStats.of(rows).to_json()
     assert s["answerable"]["R_share"] == 0.5 and s["unanswerable"]["R_share"] == 1.0
+
+
+def test_changed_dtype_or_backend_is_regenerated_not_reused(setup, tmp_path):
+    """The generation key covers what the answer depends on besides prompt and model."""
+    cfg, examples, gen = setup
+    generate_rows(cfg, tmp_path, examples, gen)
+    bf16 = replace(cfg, model=replace(cfg.model, dtype="bfloat16"))
+    generate_rows(bf16, tmp_path, examples, gen)
+    assert len(read_rows(tmp_path / GENERATIONS)) == 2 * len(examples)
+    other = Interrupting(gen, fail_at=0)
+    other.backend = "sglang-http"
+    rows = generate_rows(bf16, tmp_path, examples, other)
+    assert len(read_rows(tmp_path / GENERATIONS)) == 3 * len(examples)
+    assert {r.backend for r in rows.values()} == {"sglang-http"}
