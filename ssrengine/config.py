@@ -21,7 +21,7 @@ from typing import Any, Literal
 import tomllib
 
 from ssrengine.errors import InputError
-from ssrengine.io import read_text
+from ssrengine.io import read_json, read_text
 
 
 def _f(
@@ -423,14 +423,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_json(path: str | Path) -> Config:
     """A run directory's saved config.json; a damaged one is an InputError naming the file."""
-    try:
-        raw = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise InputError(
-            f"not valid JSON ({e.msg}, column {e.colno}); delete it or restore it",
-            file=str(path),
-            line=e.lineno,
-        ) from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise InputError("expected a JSON object of config sections", file=str(path))
     return build_config(raw, source=str(path))

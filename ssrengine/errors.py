@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
+# The errnos of a full disk: no space, or the user's quota spent.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class InputError(ValueError):
     """Bad user input: a file, line, field or argument that cannot be used.

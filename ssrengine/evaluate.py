@@ -32,6 +32,7 @@ from ssrengine.data import Example, load_examples, prompt_messages, resolve_data
 from ssrengine.errors import InputError
 from ssrengine.io import atomic_write_jsonl, atomic_write_text, read_rows
 from ssrengine.judge import is_refusal, token_f1, token_recall
+from ssrengine.runlock import lock_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +510,8 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
     t = resolve_target(
         args.target, config=args.config, overrides=overrides, out=args.out, base=args.base
     )
-    res = run_eval(t, options_from_args(args))
+    with lock_run_dir(t.out):  # eval writes t.out/eval: one command per directory at a time
+        res = run_eval(t, options_from_args(args))
     print(summary_line(res))
     print(f"written: {t.out / EVAL_DIR / EVAL_JSON}")
     return 0

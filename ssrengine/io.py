@@ -13,7 +13,6 @@ as strict UTF-8; a bad byte is an InputError naming the file, line and byte offs
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import os
@@ -22,9 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ssrengine.errors import DiskFullError, InputError
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+from ssrengine.errors import DISK_FULL_ERRNOS, DiskFullError, InputError
 
 
 def decode_utf8(data: bytes, path: str | Path, *, offset: int = 0, line: int | None = None) -> str:
@@ -58,8 +55,18 @@ def read_text(path: str | Path) -> str:
     return decode_utf8(read_bytes(path), path)
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; unreadable, non-UTF-8 or invalid JSON is an InputError."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"not valid JSON: {e.msg} (column {e.colno})", file=str(path), line=e.lineno
+        ) from None
+
+
 def _space_error(path: Path, needed: int | None, e: OSError) -> OSError:
-    if e.errno not in _FULL:
+    if e.errno not in DISK_FULL_ERRNOS:
         return e
     try:
         free: int | None = shutil.disk_usage(path.parent).free

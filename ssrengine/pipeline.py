@@ -9,6 +9,7 @@ from typing import Any
 
 from ssrengine.config import Config
 from ssrengine.errors import InputError
+from ssrengine.runlock import check_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...])
 
 def prepare_run_dir(cfg: Config) -> Path:
     """Create run.dir and save config.json; refuse a run dir made with another model/data/mode."""
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_run_dir(cfg.run.dir)  # a file in the way, read-only, damaged config.json
     saved = run_dir / "config.json"
     if saved.exists():
         diff = config_diff(json.loads(saved.read_text()), cfg.to_dict(), _PINNED)
