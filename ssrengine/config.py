@@ -413,10 +413,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise InputError(f"invalid TOML: {e}", file=source) from None
     build_config(raw, source=source, check=False)  # unknown keys and types against the file
+    origins = {f"{sec}.{key}": source for sec, values in raw.items() for key in values}
     cli = parse_overrides(overrides or [])
     for sec, values in cli.items():
         raw.setdefault(sec, {}).update(values)
-    origins = {f"{sec}.{key}": "<command line>" for sec, values in cli.items() for key in values}
+        origins.update({f"{sec}.{key}": "<command line>" for key in values})
     where = source if not overrides else f"{source} + command line"
     return build_config(raw, source=where, origins=origins)
 

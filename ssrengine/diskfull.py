@@ -56,17 +56,19 @@ def disk_full_error(exc: BaseException, run_dir: str | Path) -> DiskFullError | 
     if hit is None:
         return None
     run_dir = Path(run_dir)
-    path, needed = Path(getattr(hit, "filename", None) or run_dir), None
+    path, needed, at_least = Path(getattr(hit, "filename", None) or run_dir), None, False
     ckpts = run_dir / "checkpoints"
     partial = sorted(ckpts.glob(".step-*.tmp"), key=lambda p: p.stat().st_mtime)
     if partial:
         path = partial[-1]
         complete = sorted(ckpts.glob("step-*"), key=lambda p: p.stat().st_mtime)
-        needed = _tree_size(complete[-1]) if complete else None
+        # No complete one to measure: what was written before the disk filled is a lower bound.
+        needed = _tree_size(complete[-1] if complete else path)
+        at_least = not complete
         for p in partial:
             shutil.rmtree(p, ignore_errors=True)
     try:
         free: int | None = shutil.disk_usage(run_dir).free
     except OSError:
         free = None
-    return DiskFullError(str(path), needed=needed, free=free)
+    return DiskFullError(str(path), needed=needed, free=free, at_least=at_least)

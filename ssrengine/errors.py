@@ -34,8 +34,16 @@ class DiskFullError(InputError):
     """A write failed for lack of space (ENOSPC/EDQUOT). Reported like bad input, one line and
     exit 2, because the user must act (free space) and a rerun resumes where the write failed."""
 
-    def __init__(self, path: str, *, needed: int | None = None, free: int | None = None) -> None:
-        need = f"needs {_size(needed)}, " if needed is not None else ""
+    def __init__(
+        self,
+        path: str,
+        *,
+        needed: int | None = None,
+        free: int | None = None,
+        at_least: bool = False,
+    ) -> None:
+        more = "more than " if at_least else ""
+        need = f"needs {more}{_size(needed)}, " if needed is not None else ""
         have = f"{_size(free)} free" if free is not None else "no space left"
         super().__init__(
             f"disk full: writing this {need}{have} on its filesystem; "

@@ -27,12 +27,8 @@ def check_run_dir(path: str | Path) -> Path:
     for p in (run_dir, *run_dir.parents):
         if p.exists():
             if not p.is_dir():
-                what = (
-                    "is a file"
-                    if p == run_dir
-                    else f"is a file, so run.dir {str(run_dir)!r} cannot be created"
-                )
-                raise InputError(f"{what}, not a directory", file=str(p), field="run.dir")
+                where = "" if p == run_dir else f"; run.dir {str(run_dir)!r} cannot be made in it"
+                raise InputError(f"is a file, not a directory{where}", file=str(p), field="run.dir")
             break
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

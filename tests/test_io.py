@@ -65,7 +65,9 @@ def test_non_utf8_names_file_line_and_byte_offset(tmp_path, reader):
 def test_read_text_of_latin1_names_line(tmp_path):
     path = tmp_path / "c.toml"
     path.write_bytes("[train]\n# Zürich\n".encode("latin-1"))
-    with pytest.raises(InputError, match=r"c\.toml:2: not valid UTF-8: byte 0xfc at byte offset 11"):
+    with pytest.raises(
+        InputError, match=r"c\.toml:2: not valid UTF-8: byte 0xfc at byte offset 11"
+    ):
         read_text(path)
 
 
