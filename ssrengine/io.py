@@ -17,7 +17,7 @@ import glob
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,19 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", file=str(path))
-    for lineno, line in _lines(read_bytes(path), path):
+    try:
+        f = open(path, "rb")  # binary lines end at b"\n" only
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror}", file=str(path)) from None
+    with f:
+        yield from _objects(f, path)
+
+
+def _objects(lines: Iterable[bytes], path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    offset = 0
+    for lineno, raw in enumerate(lines, 1):
+        line = decode_utf8(raw, path, offset=offset, line=lineno)
+        offset += len(raw)
         if not line.strip():
             continue
         try:
