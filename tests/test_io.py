@@ -114,3 +114,46 @@ def test_dead_writers_temp_files_are_removed(tmp_path):
     dead.write_text("partial")
     atomic_write_text(tmp_path / "x.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_generated_text_with_separators_round_trips_through_the_stages(tiny_model_dir, tmp_path):
+    """Model output carrying the separators: generate, judge and build write it and read it
+    back on resume (the old splitlines() reader failed: 'corrupt row ... delete the file')."""
+    from dataclasses import replace
+
+    from ssrengine.config import load_config
+    from ssrengine.data import load_examples
+    from ssrengine.generation.hf import HFGenerator
+    from ssrengine.judge import RuleJudge
+    from ssrengine.stages import generate_rows, judge_rows, run_build
+    from tests.tiny import records, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", records(4))
+    cfg = load_config(None, [f"--model.path={tiny_model_dir}", f"--data.train_file={data}"])
+    examples = load_examples(data)
+
+    class Separating:
+        """The tiny model's real answers with the separators a model may emit appended."""
+
+        backend, model = "hf", str(tiny_model_dir)
+
+        def __init__(self):
+            self.inner, self.calls = HFGenerator(str(tiny_model_dir), batch_size=4), 0
+
+        def generate(self, requests, sampling):
+            self.calls += 1
+            outs = self.inner.generate(requests, sampling)
+            return [replace(o, text=o.text + SEPARATORS) for o in outs]
+
+    gen = Separating()
+    rows = generate_rows(cfg, tmp_path, examples, gen)
+    assert generate_rows(cfg, tmp_path, examples, gen) == rows and gen.calls == 1
+    assert all(r["response"].endswith(SEPARATORS) for r in rows.values())
+    # Gold = the model's own answer, so the judge accepts it and build rehearses that text.
+    own = [replace(e, response=rows[e.id]["response"], answerable=None) for e in examples]
+    answers = {e.id: e.response for e in own}
+    first = judge_rows(cfg, tmp_path, own, answers, RuleJudge(0.3))
+    assert judge_rows(cfg, tmp_path, own, answers, RuleJudge(0.3)) == first
+    run_build(cfg, tmp_path, own)
+    rehearsal = read_rows(tmp_path / "rehearsal.jsonl")
+    assert [(r["source"], r["target"]) for r in rehearsal] == [("self", answers[e.id]) for e in own]
