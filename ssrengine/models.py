@@ -169,19 +169,13 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
-    model_dir = resolve_model_path(path)
-    check_model_files(model_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir),
-            dtype=DTYPES[dtype],
-            attn_implementation=pick_attn_implementation(attn_implementation, dev),
-            trust_remote_code=trust_remote_code,
-        )
-    except InputError:
-        raise
-    except (OSError, ValueError, KeyError) as e:  # what the checks above cannot foresee
-        raise load_error("model", model_dir, e) from None
+    check_model_files(resolve_model_path(path))  # name a broken file before transformers reads it
+    model = AutoModelForCausalLM.from_pretrained(
+        str(resolve_model_path(path)),
+        dtype=DTYPES[dtype],
+        attn_implementation=pick_attn_implementation(attn_implementation, dev),
+        trust_remote_code=trust_remote_code,
+    )
     return model.to(dev)
 
 
