@@ -1,7 +1,9 @@
 """Typed run configuration: one frozen dataclass per section, filled from TOML + overrides.
 
-Every field carries its documentation in ``metadata["doc"]``; the README's key table is
-generated from it (``python -m ssrengine config --markdown``), so code and docs cannot drift.
+Every field carries its documentation in ``metadata["doc"]`` and its allowed values (a
+``Literal`` type, a numeric range, non-empty, a pattern); the README's key table is generated
+from both (``python -m ssrengine config --markdown``), so code and docs cannot drift. `validate`
+is the one place values are judged, at load: later code may rely on every stated range.
 """
 
 from __future__ import annotations
@@ -310,11 +312,8 @@ def _problem(cls: type, name: str, value: Any) -> str | None:
 def validate(
     cfg: Config, *, source: str = "<config>", origins: dict[str, str] | None = None
 ) -> None:
-    """Every field's type, choices and range, then the checks that span fields.
-
-    The one place config values are judged: later code may rely on every range stated in the
-    docs. ``origins`` maps ``section.key`` to where its value came from (file or command line).
-    """
+    """Every field's type, choices and range, then the checks that span fields. ``origins``
+    maps ``section.key`` to where its value came from (the file or the command line)."""
     origins = origins or {}
     for sec, cls in SECTIONS.items():
         section = getattr(cfg, sec)
@@ -444,5 +443,8 @@ def markdown_table() -> str:
                 doc += f" Range: {range_text(f)}."
             if f.metadata.get("nonempty"):
                 doc += " Must not be empty."
+            if f.metadata.get("pattern"):
+                escaped = f.metadata["pattern"].replace("|", "\\|")  # a bare | ends the cell
+                doc += f" Format: `{escaped}`."
             lines.append(f"| `{sec}.{f.name}` | `{default}` | {doc} |")
     return "\n".join(lines)
