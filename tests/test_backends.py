@@ -431,12 +431,14 @@ def test_sglang_command_carries_the_config(chatty_dir):
         "--tp-size": "2",
         "--dp-size": "4",
         "--mem-fraction-static": "0.7",
-        "--dtype": "auto",
+        "--dtype": "bfloat16",  # SGLang's "auto" would serve an fp32 checkpoint in fp16
     }
 
 
-def _reply(ids, reason, **meta):
-    return {"text": " hi ", "output_ids": ids, "meta_info": {"finish_reason": reason, **meta}}
+def _reply(ids, reason, prompt_tail=(), **meta):
+    """A /generate result; output_ids start with `prompt_tail` as SGLang's do (see loopback)."""
+    meta = {"finish_reason": reason, "completion_tokens": len(ids), **meta}
+    return {"text": " hi ", "output_ids": [*prompt_tail, *ids], "meta_info": meta}
 
 
 def test_parse_sglang_reply_shapes():
@@ -447,6 +449,9 @@ def test_parse_sglang_reply_shapes():
     assert c.token_ids == [5, 6]
     [c] = parse_sglang_outputs([_reply([5], {"type": "length", "length": 1})], 1, s)
     assert c.finish_reason == "length"
+    tail = [101, 102, 103, 104, 105]  # the last 5 prompt tokens, as SGLang 0.5.x returns them
+    [c] = parse_sglang_outputs([_reply([5, 6, 2], {"type": "stop", "matched": 2}, tail)], 1, s)
+    assert c.token_ids == [5, 6]
     judge = SamplingParams(max_new_tokens=1, logprob_token_ids=(5, 9))
     steps = [[[-0.5, 5, None], [-2.0, 9, None]]]
     [c] = parse_sglang_outputs(
@@ -456,6 +461,7 @@ def test_parse_sglang_reply_shapes():
     bad = [
         [_reply([5], {"type": "abort", "message": "oom"})],
         [_reply([5], {"type": "length"}, output_token_ids_logprobs=[[[-1.0, 5, None]]])],
+        [_reply([5], {"type": "length"}, completion_tokens=3)],  # more than output_ids
         [],
     ]
     for obj in bad:

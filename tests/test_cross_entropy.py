@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ssrengine.kernels import fused_linear_cross_entropy, sequence_log_likelihood
 from ssrengine.kernels.cross_entropy import torch_linear_cross_entropy
 from ssrengine.kernels.triton_cross_entropy import KernelConfig, triton_linear_cross_entropy
+
+from ssrengine.kernels import fused_linear_cross_entropy, sequence_log_likelihood
 
 IGNORE = -100
 IMPLS = ["torch", "triton"]

@@ -44,7 +44,7 @@ def sglang_command(
     tp_size: int = 1,
     dp_size: int = 1,
     mem_fraction: float = 0.85,
-    dtype: str = "auto",
+    dtype: str = "float32",
     trust_remote_code: bool = False,
 ) -> list[str]:
     cmd = [
@@ -72,9 +72,11 @@ def sglang_command(
 
 
 def sglang_dtype(dtype: str) -> str:
-    """model.dtype float32 is the CPU training default; SGLang serves the checkpoint's own
-    16-bit dtype (its attention kernels target 16-bit), unless one is asked for explicitly."""
-    return dtype if dtype in ("bfloat16", "float16") else "auto"
+    """SGLang's --dtype for model.dtype: a 16-bit dtype as asked; bfloat16 for float32 (the
+    master-weight default), never "auto", which SGLang resolves to float16 for an fp32
+    checkpoint (python/sglang/srt/configs/model_config.py, _get_and_verify_dtype), whose
+    range a model trained in bf16 can overflow."""
+    return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -181,7 +183,7 @@ def launch_sglang(
     tp_size: int = 1,
     dp_size: int = 1,
     mem_fraction: float = 0.85,
-    dtype: str = "auto",
+    dtype: str = "float32",
     trust_remote_code: bool = False,
     startup_timeout_s: float = 900.0,
 ) -> ServerProcess:
