@@ -16,19 +16,19 @@ TRITON_INTERPRET=1: an interpreted @triton.jit has no compiler front end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
-from triton.knobs import nvidia as nvidia_knobs
 
 from . import triton_cross_entropy as tce
 
@@ -52,8 +52,8 @@ class Compiled:
     config: tce.KernelConfig
     shared: int
     shared_limit: int
-    registers: int
-    spill_bytes: int
+    registers: int  # per thread
+    stack_bytes: int  # per thread; these kernels have no local arrays, so this is spill space
     mma: int  # mma.sync instructions in the PTX (sm80-89 tensor cores)
     wgmma: int  # wgmma instructions (sm90 tensor cores)
 
@@ -84,10 +84,21 @@ def _signature(fn: triton.JITFunction, args: tuple, kwargs: dict) -> tuple[dict,
     return signature, constexprs, attrs
 
 
-def _ptxas_usage(log: str) -> tuple[int, int]:
-    regs = re.findall(r"Used (\d+) registers", log)
-    spills = re.findall(r"(\d+) bytes spill stores", log)
-    return (int(regs[-1]) if regs else -1), (int(spills[-1]) if spills else 0)
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread, from the cubin with the cuobjdump Triton ships
+    (also right for a kernel Triton's cache served without running ptxas)."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [str(cuobjdump), "--dump-resource-usage", f.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"no resource usage in cuobjdump output:\n{out}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _launch_args(kind: str, dtype: torch.dtype, cfg: tce.KernelConfig) -> tuple[tuple, dict]:
@@ -123,17 +134,11 @@ def compile_one(arch: int, mode: str, kind: tce.Pass) -> Compiled:
     options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
     signature, constexprs, attrs = _signature(fn, args, kwargs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    log = io.StringIO()
-    nvidia_knobs.dump_ptxas_log = True  # ptxas -v: registers and spills
-    try:
-        with contextlib.redirect_stdout(log):
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    finally:
-        nvidia_knobs.dump_ptxas_log = False
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = k.asm["ptx"]
-    regs, spills = _ptxas_usage(log.getvalue())
+    regs, stack = _resource_usage(k.asm["cubin"])
     return Compiled(
-        arch, mode, kind, cfg, k.metadata.shared, limit, regs, spills,
+        arch, mode, kind, cfg, k.metadata.shared, limit, regs, stack,
         mma=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
         wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
     )  # fmt: skip

@@ -184,17 +184,17 @@ SHARED_MEMORY_BY_ARCH = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90:
 _TILES_16BIT = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
-    KernelConfig(128, 64, 64, num_warps=4, num_stages=2),
-    KernelConfig(64, 64, 64, num_warps=4, num_stages=2),
+    KernelConfig(64, 128, 64, num_warps=8, num_stages=2),
+    KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
     KernelConfig(64, 64, 32, num_warps=4, num_stages=1),
     KernelConfig(32, 32, 32, num_warps=4, num_stages=1),
 )
 _TILES_FP32 = (
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
     KernelConfig(128, 128, 32, num_warps=8, num_stages=2),
-    KernelConfig(128, 64, 32, num_warps=4, num_stages=2),
-    KernelConfig(64, 64, 32, num_warps=4, num_stages=2),
-    KernelConfig(64, 64, 16, num_warps=4, num_stages=1),
+    KernelConfig(128, 64, 32, num_warps=8, num_stages=2),
+    KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+    KernelConfig(64, 64, 16, num_warps=4, num_stages=2),
     KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
 )
 

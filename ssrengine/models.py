@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ssrengine.attention import pick_attn_implementation
 from ssrengine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -116,26 +117,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_attn_implementation(requested: str, device: torch.device) -> str:
-    """``auto``: FlashAttention-2 (varlen for packed batches) on CUDA when flash-attn is
-    installed; otherwise ``sdpa_varlen``, which runs packed rows as one SDPA call per example
-    (no T×T mask) and padded batches / generation as plain sdpa."""
-    from ssrengine.packing import register_sdpa_varlen
-
-    if requested == "sdpa_varlen":
-        return register_sdpa_varlen()
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return register_sdpa_varlen()
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -159,14 +140,18 @@ def load_model(
     device: str = "auto",
     attn_implementation: str = "auto",
     trust_remote_code: bool = False,
+    autocast: str = "float32",
 ) -> Any:
+    """A transformers causal LM with `dtype` weights on `device`; `autocast` is the dtype it
+    will run under ("float32": none), which decides whether FlashAttention-2 can be used."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
+    attn = pick_attn_implementation(attn_implementation, dev, weights=dtype, autocast=autocast)
     model = AutoModelForCausalLM.from_pretrained(
         str(resolve_model_path(path)),
         dtype=DTYPES[dtype],
-        attn_implementation=pick_attn_implementation(attn_implementation, dev),
+        attn_implementation=attn,
         trust_remote_code=trust_remote_code,
     )
     return model.to(dev)

@@ -84,6 +84,7 @@ def open_generator(cfg: Config, *, for_judge: bool = False) -> Generator:
             device=cfg.model.device,
             trust_remote_code=cfg.model.trust_remote_code,
             launch=g.launch,
+            launch_python=g.launch_python,
             tp_size=g.tp_size,
             dp_size=g.dp_size,
             mem_fraction=g.mem_fraction,

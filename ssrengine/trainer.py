@@ -28,17 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ssrengine import IGNORE_INDEX, distributed
+from ssrengine.attention import compute_dtype
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.io import atomic_write_jsonl, read_rows
-from ssrengine.models import (
-    hidden_and_head,
-    load_model,
-    load_tokenizer,
-    pick_attn_implementation,
-)
+from ssrengine.models import hidden_and_head, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +168,8 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         dtype=cfg.model.dtype,
         # FSDP2: load on the CPU; fully_shard moves only this rank's shards to the device.
         device="cpu" if fsdp else str(world.device),
-        attn_implementation=pick_attn_implementation(cfg.model.attn_implementation, world.device),
+        attn_implementation=cfg.model.attn_implementation,
+        autocast=compute_dtype(t.dtype, world.device),
         trust_remote_code=cfg.model.trust_remote_code,
     )
     peft_model = None
@@ -194,7 +191,9 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         world,
         t.parallel,
         layers=distributed.decoder_layers(model) if fsdp else [],
-        param_dtype=torch.bfloat16 if fsdp and t.dtype == "bfloat16" else None,
+        param_dtype=torch.bfloat16
+        if fsdp and compute_dtype(t.dtype, world.device) == "bfloat16"
+        else None,
     )
     return model, peft_model, net
 
@@ -280,7 +279,8 @@ def train(
     # FSDP2 with bf16 computes in bf16 through its mixed-precision policy instead.
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
-        if t.dtype == "bfloat16" and not (world.size > 1 and t.parallel == "fsdp")
+        if compute_dtype(t.dtype, device) == "bfloat16"
+        and not (world.size > 1 and t.parallel == "fsdp")
         else nullcontext()
     )
     ckpt = {

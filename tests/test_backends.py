@@ -410,9 +410,9 @@ def test_sglang_is_optional(chatty_dir):
         pytest.skip("sglang is installed")
     except ImportError:
         pass
-    with pytest.raises(InputError, match=r"ssrengine\[gpu\]"):
+    with pytest.raises(InputError, match=r"ssrengine\[sglang\]"):
         make_generator("sglang", str(chatty_dir))
-    with pytest.raises(InputError, match=r"ssrengine\[gpu\]"):
+    with pytest.raises(InputError, match=r"ssrengine\[sglang\]"):
         make_generator("sglang-http", str(chatty_dir), launch=True)
 
 

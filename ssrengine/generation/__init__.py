@@ -57,6 +57,7 @@ def make_generator(
             batch_size=batch_size,
             launch=bool(options.get("launch", False)),
             dtype=dtype,
+            **_pick(options, "launch_python"),
             **sglang,
             **http,
             **common,

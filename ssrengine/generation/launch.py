@@ -46,9 +46,12 @@ def sglang_command(
     mem_fraction: float = 0.85,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    python: str = "",
 ) -> list[str]:
+    """The server command line; `python` (empty: this interpreter) runs SGLang, which may live
+    in another environment, since SGLang releases pin their own torch and transformers."""
     cmd = [
-        sys.executable,
+        python or sys.executable,
         "-m",
         "sglang.launch_server",
         "--model-path",
@@ -186,12 +189,20 @@ def launch_sglang(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     startup_timeout_s: float = 900.0,
+    python: str = "",
 ) -> ServerProcess:
-    """Start an SGLang server for ``model`` on a free local port; returns once it is healthy."""
-    if importlib.util.find_spec("sglang") is None:
+    """Start an SGLang server for ``model`` on a free local port; returns once it is healthy.
+    `python`: the interpreter of the environment SGLang is installed in (empty: this one)."""
+    if python:
+        if not os.access(python, os.X_OK):
+            raise InputError(
+                f"{python!r} is not an executable Python", field="generation.launch_python"
+            )
+    elif importlib.util.find_spec("sglang") is None:
         raise InputError(
             "generation.launch needs SGLang in this environment (GPU only): "
-            "pip install 'ssrengine[gpu]', or start a server yourself and set generation.url",
+            "pip install 'ssrengine[sglang]', set generation.launch_python to the Python of an "
+            "environment that has it, or start a server yourself and set generation.url",
             field="generation.launch",
         )
     port = free_port()
@@ -203,6 +214,7 @@ def launch_sglang(
         mem_fraction=mem_fraction,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        python=python,
     )
     return ServerProcess(
         cmd, f"http://127.0.0.1:{port}", name="sglang", startup_timeout_s=startup_timeout_s

@@ -107,6 +107,7 @@ class SGLangHTTPGenerator(Generator):
         max_retries: int = 5,
         backoff_s: float = 1.0,
         launch: bool = False,
+        launch_python: str = "",
         tp_size: int = 1,
         dp_size: int = 1,
         mem_fraction: float = 0.85,
@@ -134,6 +135,7 @@ class SGLangHTTPGenerator(Generator):
                 mem_fraction=mem_fraction,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
+                python=launch_python,
             )
             url = self.server.url
         if not url:
