@@ -157,12 +157,47 @@ def load_model(
     return model.to(dev)
 
 
+# Models whose logits are `lm_head(hidden) * scale` (as their modeling_*.py computes them):
+# model type prefix -> (config attribute, whether the scale multiplies or divides).
+_LOGIT_SCALES = {"cohere": ("logit_scale", False), "granite": ("logits_scaling", True)}
+# Config attributes of logit transforms the fused loss cannot express as hidden @ W.T.
+_UNSUPPORTED = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def logit_multiplier(config: Any) -> float:
+    """The factor s with logits = s * (hidden @ lm_head.T) for this model: folded into the
+    hidden states, so the fused loss (which never builds logits) sees the model's own logits.
+    A transform that is not a scale (Gemma's tanh softcapping) or a scale attribute on a model
+    type whose use of it is not known here is refused, naming the model type."""
+    kind = getattr(config, "model_type", "") or ""
+    scale = 1.0
+    for prefix, (attr, divides) in _LOGIT_SCALES.items():
+        value = getattr(config, attr, None)
+        if kind.startswith(prefix) and value is not None:
+            scale = 1.0 / float(value) if divides else float(value)
+    for attr in _UNSUPPORTED:
+        value = getattr(config, attr, None)
+        known = any(kind.startswith(p) and attr == a for p, (a, _) in _LOGIT_SCALES.items())
+        if value not in (None, 0, 1, 1.0, False) and not known:
+            raise InputError(
+                f"model type {kind!r} transforms its logits ({attr} = {value}), which the fused "
+                "cross-entropy and the scorer, computing hidden @ lm_head.T, do not support",
+                field="model.path",
+            )
+    return scale
+
+
 def hidden_and_head(
     model: Any, input_ids: torch.Tensor, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not."""
+    """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not, with
+    hidden @ weight.T = the model's logits (a logit scale is folded into the hidden states)."""
     out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
-    return out.last_hidden_state, model.get_output_embeddings().weight
+    hidden = out.last_hidden_state
+    scale = logit_multiplier(model.config)
+    if scale != 1.0:
+        hidden = hidden * scale
+    return hidden, model.get_output_embeddings().weight
 
 
 def main(argv: list[str] | None = None) -> int:
