@@ -311,7 +311,7 @@ def test_triton_path_under_torch_compile():
 
 
 # ------------------------------------------------------------------------------ GPU only
-# Run with TRITON_INTERPRET=0 to test the compiled kernels (conftest defaults it to 1).
+# conftest leaves TRITON_INTERPRET unset where CUDA is present: these run compiled kernels.
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -184,3 +184,41 @@ def test_triton_interpret_only_without_a_gpu():
     env = {"TRITON_INTERPRET": "0"}
     default_triton_interpret(env, cuda=False)
     assert env["TRITON_INTERPRET"] == "0"
+
+
+# ----------------------------------------------------------------------------- on a GPU
+def _packed(examples: list[list[int]]):
+    from ssrengine.packing import pack
+
+    seqs = [(ids, [-100] * 2 + ids[2:]) for ids in examples]
+    [batch] = pack(seqs, sum(len(s) for s, _ in seqs))
+    return batch.to("cuda")
+
+
+@pytest.mark.gpu
+def test_fp32_weights_train_under_bf16_autocast_with_flash_attention(tiny_model_dir):
+    """The GPU default (fp32 master weights, train.dtype auto = bf16 autocast) picks FA2 and
+    runs forward and backward through it and the Triton loss; without autocast (generation,
+    scoring) the same weights get sdpa_varlen instead of a flash-attn dtype error."""
+    pytest.importorskip("flash_attn")
+    from ssrengine.models import hidden_and_head, load_model
+    from ssrengine.packing import model_inputs
+
+    auto = attention.compute_dtype("auto", CUDA)
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cuda", autocast=auto)
+    assert model.config._attn_implementation == "flash_attention_2"
+    batch = _packed([list(range(3, 40)), list(range(5, 30))])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden, weight = hidden_and_head(model, **model_inputs(batch, "flash_attention_2"))
+        loss = fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, batch.labels
+        )
+    loss.backward()
+    assert torch.isfinite(loss).item()
+    assert model.get_output_embeddings().weight.grad.dtype == torch.float32
+
+    plain = load_model(str(tiny_model_dir), dtype="float32", device="cuda")
+    assert plain.config._attn_implementation == "sdpa_varlen"
+    with torch.no_grad():
+        hidden, _ = hidden_and_head(plain, **model_inputs(batch, "sdpa_varlen"))
+    assert hidden.dtype == torch.float32 and torch.isfinite(hidden).all()
