@@ -35,11 +35,6 @@ def compute_dtype(train_dtype: str, device: torch.device) -> str:
     return train_dtype
 
 
-def autocast_dtype(train_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype training runs under on `device`, or None (no autocast)."""
-    return torch.bfloat16 if compute_dtype(train_dtype, device) == "bfloat16" else None
-
-
 def _flash_attn_installed() -> bool:
     try:
         import flash_attn  # noqa: F401
