@@ -12,6 +12,9 @@ Design (after Apple's cut-cross-entropy, arXiv 2411.09009, written anew):
   scale * (softmax - onehot) and adds its products with weight and hidden into fp32 grad
   buffers with atomics. No [N, V] buffer exists in either pass.
 - Offsets are int64 (row * stride overflows int32 at N·H or V·H >= 2^31).
+- Tiles: on a GPU each pass picks its tile sizes and pipeline depth from the device's shared
+  memory per block (`pick_config`, `_launch`), since one fixed choice cannot fit A100 (163 KiB),
+  A10/L4 (99 KiB) and H100 (227 KiB) alike; kernels/aot.py compiles the choices for each.
 - bf16/fp16 tiles feed tl.dot natively on GPU (fp32 accumulate); fp32 inputs use IEEE fp32 dot
   unless torch allows TF32 matmuls. Under TRITON_INTERPRET=1 every tile is upcast to fp32
   before arithmetic: the interpreter mishandles raw bf16 (shared/ENVIRONMENT.md).
@@ -226,14 +229,11 @@ def estimate_shared_memory(cfg: KernelConfig, dtype: torch.dtype, kind: Pass) ->
     return logits + copies * (v * d + n * d) * es + 2 * n * v * es
 
 
-def pick_config(
-    kind: Pass, dtype: torch.dtype, shared_memory: int, *, start: int = 0
-) -> tuple[int, KernelConfig]:
-    """(index, config): the first candidate from `start` on whose estimate fits
-    `shared_memory` bytes; the smallest candidate when none does (its launch then reports
-    the real figure)."""
+def pick_config(kind: Pass, dtype: torch.dtype, shared_memory: int) -> tuple[int, KernelConfig]:
+    """(index, config): the first candidate whose estimate fits `shared_memory` bytes; the
+    smallest candidate when none does (its launch then reports the real figure)."""
     tiles = candidate_configs(dtype)
-    for i in range(start, len(tiles)):
+    for i in range(len(tiles)):
         if estimate_shared_memory(tiles[i], dtype, kind) <= shared_memory:
             return i, tiles[i]
     return len(tiles) - 1, tiles[-1]

@@ -21,11 +21,16 @@ from tests.tiny import build_tiny  # noqa: E402  (after TRITON_INTERPRET is deci
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        marker = "gpu"
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        skip = pytest.mark.skip(reason="Triton interpreter test: set TRITON_INTERPRET=1 to run it")
+        marker = "interpreter"
+    else:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)
 
 

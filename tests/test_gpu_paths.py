@@ -64,7 +64,7 @@ def _inputs(n=24, h=32, v=80, seed=0):
     return hidden, weight, labels
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_fused_loss_follows_autocast(impl):
     """Under bf16 autocast, fp32 hidden and weight are multiplied in bf16 (tensor cores on a
     GPU), exactly as explicit bf16 inputs; the fp32 master weight still gets an fp32 grad."""
