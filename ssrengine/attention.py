@@ -59,8 +59,10 @@ def pick_attn_implementation(
         return register_sdpa_varlen()
     if requested == FLASH and not sixteen:
         raise InputError(
-            'flash_attention_2 runs in bf16/fp16 only: set model.dtype = "bfloat16" or '
-            'train.dtype = "bfloat16" (or "auto" on CUDA), or another attention',
+            "flash_attention_2 runs in bf16/fp16 only, and this model computes in float32 here "
+            "(float32 weights without autocast, as in generation and evaluation): use 'auto' "
+            "(FlashAttention-2 where it can run, sdpa_varlen elsewhere) or model.dtype = "
+            "'bfloat16'",
             field="model.attn_implementation",
         )
     if requested != "auto":
