@@ -245,6 +245,8 @@ def test_install_without_a_compiler_falls_back(tmp_path):
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
         f"sys.path.insert(0, {str(target)!r}); import ssrengine.packing as p; "
         f"assert p.__file__.startswith({str(target)!r}), p.__file__; "
+        "from ssrengine.kernels import cross_entropy as c, fused_linear_cross_entropy; "
+        f"assert c.__file__.startswith({str(target)!r}), c.__file__; "
         "print(p.native_available(), len(p.pack([([1, 2, 3], [1, 2, 3])] * 5, 8)))"
     )
     out = subprocess.run(
