@@ -357,10 +357,10 @@ class LoopbackServer:
             }
             if want[i] and o.lp is not None:
                 self._sglang_logprobs(meta, o, tops[i], ids_lp[i], with_text)
-            # SGLang 0.5.x answers output_ids from the detokenizer's decode_ids, which begin
+            # SGLang 0.5.x answers output_ids=recv_obj.decode_ids (python/sglang/srt/managers/
+            # detokenizer_manager.py, handle_batch_token_id_out), which begin
             # INIT_INCREMENTAL_DETOKENIZATION_OFFSET = 5 tokens before the end of the prompt
-            # (python/sglang/srt/managers/schedule_batch.py, Req.init_incremental_detokenize;
-            # python/sglang/srt/managers/detokenizer_manager.py; sgl-project/sglang#17240).
+            # (schedule_batch.py, Req.init_incremental_detokenize; sgl-project/sglang#17240).
             surr = o.prompt[max(len(o.prompt) - SGLANG_DETOKENIZATION_OFFSET, 0) :]
             results.append({"text": o.text, "output_ids": surr + o.ids, "meta_info": meta})
         if fault == "abort":
