@@ -467,3 +467,17 @@ def test_parse_sglang_reply_shapes():
     for obj in bad:
         with pytest.raises((MalformedReply, KeyError)):
             parse_sglang_outputs(obj, 1, judge)
+
+
+def test_sglang_can_run_from_another_environment(chatty_dir, tmp_path):
+    """generation.launch_python: the server command runs that interpreter (SGLang in its own
+    environment); one that is not executable is refused before anything starts."""
+    from ssrengine.generation.launch import launch_sglang, sglang_command
+
+    cmd = sglang_command(str(chatty_dir), port=31000, python="/opt/sglang/bin/python")
+    assert cmd[:3] == ["/opt/sglang/bin/python", "-m", "sglang.launch_server"]
+    missing = str(tmp_path / "no-such-python")
+    with pytest.raises(InputError, match=r"generation\.launch_python"):
+        launch_sglang(str(chatty_dir), python=missing)
+    with pytest.raises(InputError, match=r"generation\.launch_python"):
+        make_generator("sglang-http", str(chatty_dir), launch=True, launch_python=missing)
