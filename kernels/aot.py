@@ -51,6 +51,7 @@ class Compiled:
     kernel: str
     config: tce.KernelConfig
     shared: int
+    shared_estimate: int  # what the launcher planned with (estimate_shared_memory)
     shared_limit: int
     registers: int  # per thread
     stack_bytes: int  # per thread; these kernels have no local arrays, so this is spill space
@@ -138,7 +139,8 @@ def compile_one(arch: int, mode: str, kind: tce.Pass) -> Compiled:
     ptx = k.asm["ptx"]
     regs, stack = _resource_usage(k.asm["cubin"])
     return Compiled(
-        arch, mode, kind, cfg, k.metadata.shared, limit, regs, stack,
+        arch, mode, kind, cfg, k.metadata.shared, tce.estimate_shared_memory(cfg, dtype, kind),
+        limit, regs, stack,
         mma=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
         wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
     )  # fmt: skip

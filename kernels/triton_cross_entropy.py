@@ -214,19 +214,20 @@ def candidate_configs(dtype: torch.dtype) -> tuple[KernelConfig, ...]:
 
 
 def estimate_shared_memory(cfg: KernelConfig, dtype: torch.dtype, kind: Pass) -> int:
-    """An upper bound on the shared memory Triton allocates for `cfg`, fitted to compiles for
-    sm80-sm90 (tests/test_triton_aot.py checks the real figure of every config it picks).
+    """The shared memory Triton allocates for `cfg`, from above, fitted to compiles for
+    sm80-sm90 (tests/test_triton_aot.py checks the real figure of every config the launcher
+    picks; a launch that still does not fit falls back, see `_launch`).
 
-    A pipelined loop holds num_stages - 1 copies (at least one) of its two tl.dot operand
-    tiles. The backward has two such loops, plus the (N, V) gradient tile and its transpose
-    staged for the second loop's dots, in fp32 when the inputs are fp32."""
+    A pipelined loop holds copies of its two tl.dot operand tiles: num_stages - 1 on sm80-89,
+    num_stages on sm90 (asynchronous wgmma), so the forward counts num_stages. The backward
+    has two such loops plus the (N, V) gradient tile and its transpose; there Triton reuses
+    buffers across the loops, and num_stages - 1 copies per loop bounds every compile seen."""
     es = torch.finfo(dtype).bits // 8
-    copies = max(cfg.num_stages - 1, 1)
     n, v, d = cfg.block_n, cfg.block_v, cfg.block_d
-    logits = copies * (n * d + d * v) * es
     if kind == "forward":
-        return logits
-    return logits + copies * (v * d + n * d) * es + 2 * n * v * es
+        return max(cfg.num_stages, 1) * (n * d + d * v) * es
+    copies = max(cfg.num_stages - 1, 1)
+    return copies * (n * d + d * v + v * d + n * d) * es + 2 * n * v * es
 
 
 def pick_config(kind: Pass, dtype: torch.dtype, shared_memory: int) -> tuple[int, KernelConfig]:

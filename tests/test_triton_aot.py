@@ -66,6 +66,11 @@ def test_shared_memory_fits_the_arch(compiled):
     assert not over, [(r["arch"], r["mode"], r["kernel"], r["shared"]) for r in over]
 
 
+def test_the_launchers_estimate_bounds_the_real_figure(compiled):
+    under = [r for r in compiled if r["shared"] > r["shared_estimate"]]
+    assert not under, [(r["arch"], r["mode"], r["kernel"], r["shared"]) for r in under]
+
+
 def test_16bit_and_tf32_use_tensor_cores(compiled):
     for r in compiled:
         tensor_core = r["wgmma"] if r["arch"] >= 90 else r["mma"]
