@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ssrengine import IGNORE_INDEX, distributed
-from ssrengine.attention import compute_dtype
+from ssrengine.attention import compute_dtype, pick_attn_implementation
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from ssrengine.config import Config
@@ -163,13 +163,17 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
     """(transformers model, peft model or None, the trainable module: wrapped CausalLMLoss)."""
     t = cfg.train
     fsdp = world.size > 1 and t.parallel == "fsdp"
+    compute = compute_dtype(t.dtype, world.device)
     model = load_model(
         cfg.model.path,
         dtype=cfg.model.dtype,
         # FSDP2: load on the CPU; fully_shard moves only this rank's shards to the device.
         device="cpu" if fsdp else str(world.device),
-        attn_implementation=cfg.model.attn_implementation,
-        autocast=compute_dtype(t.dtype, world.device),
+        # Chosen for the training device (an FSDP2 model is loaded on the CPU first).
+        attn_implementation=pick_attn_implementation(
+            cfg.model.attn_implementation, world.device, weights=cfg.model.dtype, autocast=compute
+        ),
+        autocast=compute,
         trust_remote_code=cfg.model.trust_remote_code,
     )
     peft_model = None
@@ -191,9 +195,7 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         world,
         t.parallel,
         layers=distributed.decoder_layers(model) if fsdp else [],
-        param_dtype=torch.bfloat16
-        if fsdp and compute_dtype(t.dtype, world.device) == "bfloat16"
-        else None,
+        param_dtype=torch.bfloat16 if fsdp and compute == "bfloat16" else None,
     )
     return model, peft_model, net
 
