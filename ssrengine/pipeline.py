@@ -157,23 +157,18 @@ def run_stage(
     return stats
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool) -> Path:
-    # torch is imported by the train stage only: the data stages on a server backend and
-    # the rule judge run without it.
-    from ssrengine import distributed
-    from ssrengine.trainer import train
-
-    rd = RunDir(run_dir)
+def check_rehearsal(cfg: Config, rd: RunDir) -> str:
+    """The hash of rehearsal.jsonl after checking it is what the build stage makes under
+    ``cfg``: built under these settings and not changed since."""
     if not rd.rehearsal.exists():
         raise InputError("missing; run the build stage first", file=str(rd.rehearsal))
-    inputs = rows_hash(read_typed(rd.rehearsal, RehearsalRow))
-    records = read_provenance(rd)
-    build = records.get("build")
+    rows = rows_hash(read_typed(rd.rehearsal, RehearsalRow))
+    build = read_provenance(rd).get("build")
     why = (
         ["it has no build record"]
         if build is None
         else config_changes(build.config, stage_config(cfg.to_dict(), "build"))
-        + (["its rows changed since the build stage wrote them"] if build.output != inputs else [])
+        + (["its rows changed since the build stage wrote them"] if build.output != rows else [])
     )
     if why:
         raise InputError(
@@ -181,6 +176,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool) -> Path:
             "run the build stage first",
             file=str(rd.rehearsal),
         )
+    return rows
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool) -> Path:
+    # The trainer (torch.distributed, the kernels) is imported by the train stage only.
+    from ssrengine import distributed
+    from ssrengine.trainer import train
+
+    rd = RunDir(run_dir)
+    inputs = check_rehearsal(cfg, rd)
+    records = read_provenance(rd)
     if has_checkpoint(rd):
         if records["train"].inputs != inputs:  # check_run_dir made sure the record exists
             raise InputError(

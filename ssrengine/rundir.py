@@ -11,6 +11,7 @@
     checkpoints/step-N/      see ssrengine.checkpoint                     train stage
     provenance.json          Provenance per stage: what its output was made from
     eval/                    see `EvalDir`                                eval
+    export/FORMAT/           the rehearsal set for another trainer        export
 
 Every row is a frozen dataclass with ``to_json()`` and ``from_json(obj, file, line)``: a row
 read back that is not an object, lacks a field or has one of the wrong type is an InputError
@@ -45,6 +46,7 @@ PROVENANCE = "provenance.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval"
+EXPORT = "export"
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ class RunDir:
     @property
     def eval(self) -> EvalDir:
         return EvalDir(self.root / EVAL)
+
+    def export(self, fmt: str) -> Path:
+        return self.root / EXPORT / fmt
 
 
 def content_hash(obj: Any) -> str:
