@@ -137,3 +137,20 @@ def test_records_name_the_config_and_inputs_of_each_stage(run_args):
     assert "train.lr" in rec["train"].config and "train.save_every" not in rec["train"].config
     saved = json.loads(rd.provenance.read_text())
     assert saved["build"]["output"] == rec["train"].inputs
+
+
+def test_own_rehearsal_set_trains_as_given_and_is_then_pinned(run_args, capsys):
+    """A rehearsal.jsonl the build stage did not write is the user's input: training records
+    it, and a later edit is refused like any changed input under a checkpoint."""
+    rd, args = run_args
+    rd.root.mkdir()
+    rows = [
+        RehearsalRow(f"r{i}", [{"role": "user", "content": "Who?"}], [], "Acme.", "gold")
+        for i in range(4)
+    ]
+    write_jsonl(rd.rehearsal, [r.to_json() for r in rows])
+    assert cli_main(["train", *args]) == 0
+    write_jsonl(
+        rd.rehearsal, [{**rows[0].to_json(), "target": "Edited."}, *(r.to_json() for r in rows[1:])]
+    )
+    assert "trained on another rehearsal set" in _fails(capsys, ["train", *args])
