@@ -523,13 +523,6 @@ class Provenance(Row):
     inputs: str
     output: str = ""
 
-    def changes(self, config: dict[str, Any], inputs: str) -> list[str]:
-        """Why this record does not describe an output made now from ``config`` and ``inputs``."""
-        out = config_changes(self.config, config)
-        if inputs != self.inputs:
-            out.append("its input rows changed")
-        return out
-
 
 def read_provenance(rd: RunDir) -> dict[str, Provenance]:
     """Every stage's record by stage name ({} for a run dir without one)."""

@@ -66,27 +66,25 @@ def prepare(cfg: Config, examples: list[Example] | None = None) -> list[Example]
         n = _length(tok, prompt_messages(e.messages, docs, d.system_prompt), e.response, reserve)
         while n > d.max_seq_len and d.on_overlong == "trim_documents" and docs:
             docs.pop()  # the last document goes first; the target is never touched
-            n = _length(
-                tok, prompt_messages(e.messages, docs, d.system_prompt), e.response, reserve
-            )
-        if n > d.max_seq_len:
-            if d.on_overlong != "skip":  # trim_documents with no document left to drop
-                raise InputError(
-                    f"example {e.id!r} needs {n} tokens, more than data.max_seq_len={d.max_seq_len}"
-                    + (
-                        f" (its answer may take generation.max_new_tokens={reserve})"
-                        if reserve
-                        else ""
-                    )
-                    + "; set data.on_overlong = trim_documents or skip, or raise data.max_seq_len",
-                    file=e.file,
-                    line=e.line,
-                    field="documents" if docs else "messages",
-                )
+            msgs = prompt_messages(e.messages, docs, d.system_prompt)
+            n = _length(tok, msgs, e.response, reserve)
+        if n <= d.max_seq_len:
+            trimmed += len(docs) < len(e.documents)
+            out.append(replace(e, documents=docs) if len(docs) < len(e.documents) else e)
+            continue
+        if d.on_overlong == "skip":
             skipped += 1
             continue
-        trimmed += len(docs) < len(e.documents)
-        out.append(replace(e, documents=docs) if len(docs) < len(e.documents) else e)
+        answer = f" (its answer may take generation.max_new_tokens={reserve})" if reserve else ""
+        fix = "skip" if d.on_overlong == "trim_documents" else "trim_documents or skip"
+        raise InputError(
+            f"example {e.id!r} needs {n} tokens{' without documents' if e.documents and not docs else ''}, "
+            f"more than data.max_seq_len={d.max_seq_len}{answer}; set data.on_overlong = {fix} "
+            "or raise data.max_seq_len",
+            file=e.file,
+            line=e.line,
+            field="documents" if docs else "messages",
+        )
     if trimmed:
         log.warning(
             "trimmed documents of %d over-long example(s) to fit data.max_seq_len=%d",

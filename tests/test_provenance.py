@@ -154,3 +154,13 @@ def test_own_rehearsal_set_trains_as_given_and_is_then_pinned(run_args, capsys):
         rd.rehearsal, [{**rows[0].to_json(), "target": "Edited."}, *(r.to_json() for r in rows[1:])]
     )
     assert "trained on another rehearsal set" in _fails(capsys, ["train", *args])
+
+
+def test_unreadable_provenance_is_one_line(run_args, capsys):
+    rd, args = run_args
+    assert cli_main(["run", *args]) == 0
+    rd.provenance.write_text("{")
+    err = _fails(capsys, ["run", *args])
+    assert "provenance.json: not valid JSON" in err
+    rd.provenance.write_text('{"train": {"stage": "train", "config": {}}}')
+    assert "provenance.json: field 'train.inputs': missing" in _fails(capsys, ["run", *args])
