@@ -451,8 +451,9 @@ class MetricRow(Row):
 STAGES = ("generate", "judge", "build", "train")
 
 # The config keys (a section or section.field) each stage's own work depends on. Keys that
-# change only how the work is done (batch sizes, URLs, concurrency, checkpoint cadence) are
-# left out: changing them never changes an output.
+# change only how the work is done (batch sizes of generate and judge, URLs, concurrency,
+# checkpoint cadence, the parallel layout, recomputing activations, the cross-entropy
+# implementation) are left out: changing them changes no output beyond float rounding.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "generate": (
         "model",
@@ -475,7 +476,13 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "build": ("run.mode",),
     "train": ("train",),
 }
-_OPERATIONAL = ("train.save_every", "train.keep_checkpoints")
+_OPERATIONAL = (
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.parallel",
+    "train.gradient_checkpointing",
+    "train.loss_impl",
+)
 
 
 def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
