@@ -511,11 +511,11 @@ def stage_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every flattened key whose value differs."""
+    """``key: old -> new`` for every flattened key of both whose value differs. A key of one
+    side only is a config field another ssrengine version added or removed (or a key it no
+    longer counts in `STAGE_KEYS`): not a change the user made, so it never refuses a run."""
     return [
-        f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
+        f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new)) if old[k] != new[k]
     ]
 
 

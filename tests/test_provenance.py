@@ -164,3 +164,12 @@ def test_unreadable_provenance_is_one_line(run_args, capsys):
     assert "provenance.json: not valid JSON" in err
     rd.provenance.write_text('{"train": {"stage": "train", "config": {}}}')
     assert "provenance.json: field 'train.inputs': missing" in _fails(capsys, ["run", *args])
+
+
+def test_fields_of_another_version_are_not_changes():
+    """A record written before a config field existed (or was counted) refuses nothing."""
+    from ssrengine.rundir import config_changes
+
+    old = {"train.lr": 1e-4, "train.loss_impl": "auto"}
+    assert config_changes(old, {"train.lr": 1e-4, "train.epochs": 0}) == []
+    assert config_changes(old, {"train.lr": 2e-4}) == ["train.lr: 0.0001 -> 0.0002"]
