@@ -16,6 +16,7 @@ from typing import Any
 from ssrengine import IGNORE_INDEX
 from ssrengine.config import Config
 from ssrengine.data import encode, prompt_messages
+from ssrengine.errors import InputError
 
 OPEN, CLOSE = "⟦", "⟧"
 GREEN, RED, RESET = "\x1b[32m", "\x1b[31m", "\x1b[0m"
@@ -26,6 +27,8 @@ def render(cfg: Config, n: int = 3, *, tokens: bool = False, color: bool = False
     from ssrengine.models import load_tokenizer
     from ssrengine.stages import prepare, train_examples
 
+    if n < 1:
+        raise InputError(f"expected at least 1 record, got {n}", field="--n")
     limit = min(n, cfg.data.max_examples) if cfg.data.max_examples else n
     raw = train_examples(replace(cfg, data=replace(cfg.data, max_examples=limit)))
     tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)

@@ -1,9 +1,12 @@
-"""The data stages of a run: generate → judge → build. Each is resumable.
+"""The data stages of a run: prepare → generate → judge → build. Each is resumable.
 
-generate and judge append rows to JSONL files as batches complete and skip rows already
-present under their resume key (`ssrengine.rundir`: a key covers everything the row depends on),
-so a killed stage resumes with nothing lost or duplicated and an edited input is recomputed.
-build writes rehearsal.jsonl and build_stats.json whole, atomically.
+prepare validates the training records and fits them to data.max_seq_len once; every later
+stage renders the prompt of those fitted examples. generate and judge append rows to JSONL
+files as batches complete and skip rows already present under their resume key
+(`ssrengine.rundir`: a key covers everything the row depends on), so a killed stage resumes
+with nothing lost or duplicated and an edited input is recomputed. judge and build read only
+the rows of the current keys, never a row another setting made. build writes rehearsal.jsonl
+and build_stats.json whole, atomically.
 """
 
 from __future__ import annotations

@@ -109,3 +109,6 @@ def test_render_marks_exactly_the_supervised_span(tiny_model_dir, tmp_path, caps
     prompt_part, target_part = tokens.split("\n", 2)[1].rsplit("'\\n'(-100) ", 1)
     assert prompt_part.count("(-100)") == prompt_part.count("'(")  # every prompt token masked
     assert "(-100)" not in target_part and "'<|im_end|>'" in target_part
+    capsys.readouterr()
+    assert cli_main(["render", *args, "--n", "0"]) == 2  # 0 would otherwise mean "all"
+    assert "field '--n'" in capsys.readouterr().err
