@@ -14,13 +14,12 @@ import json
 import math
 import operator
 import re
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 from ssrengine.errors import InputError
 from ssrengine.io import read_json, read_text
@@ -264,6 +263,9 @@ def _field_type(cls: type, name: str) -> tuple[type, tuple[Any, ...] | None]:
     return hint, _field(cls, name).metadata["choices"]
 
 
+_BOOL_TEXT = ("true", "false", "1", "0", "yes", "no")
+
+
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     """Parse a command-line string into the field's type; `validate` checks the result."""
     want, _ = _field_type(cls, name)
@@ -271,7 +273,7 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
         text = value.strip()
         try:
             if want is bool:
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                if text.lower() not in _BOOL_TEXT:
                     raise ValueError
                 value = text.lower() in ("true", "1", "yes")
             else:
@@ -391,8 +393,19 @@ def build_config(
     return cfg
 
 
+def _is_bool_key(key: str) -> bool:
+    sec, _, name = key.partition(".")
+    cls = SECTIONS.get(sec)
+    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+        return False
+    return _field_type(cls, name)[0] is bool
+
+
 def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
-    """``--section.field=value`` (or ``--section.field value``) → nested dict of strings."""
+    """``--section.field=value`` (or ``--section.field value``) → nested dict of strings.
+
+    A boolean key may stand alone: ``--train.lora`` is true, ``--no-train.lora`` false; a bare
+    boolean takes the next argument as its value only when that reads as a boolean."""
     out: dict[str, dict[str, str]] = {}
     i = 0
     while i < len(args):
@@ -400,10 +413,22 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
             raise InputError(f"expected --section.field=value, got {arg!r}", file="<command line>")
         key, sep, value = arg[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(args):
+        negated = key.startswith("no-") and _is_bool_key(key[3:].replace("-", "_"))
+        if negated:
+            if sep:
+                raise InputError(f"--{key} takes no value, got {arg!r}", file="<command line>")
+            key, value = key[3:], "false"
+        elif not sep:
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if _is_bool_key(key.replace("-", "_")):
+                if nxt is not None and nxt.strip().lower() in _BOOL_TEXT:
+                    value, i = nxt, i + 1
+                else:
+                    value = "true"
+            elif nxt is None:
                 raise InputError(f"missing value for --{key}", file="<command line>")
-            value, i = args[i + 1], i + 1
+            else:
+                value, i = nxt, i + 1
         sec, _, name = key.partition(".")
         out.setdefault(sec, {})[name.replace("-", "_")] = value
         i += 1

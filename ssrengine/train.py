@@ -9,7 +9,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from ssrengine.cli import main as cli_main
 
-    return cli_main(["run", *(sys.argv[1:] if argv is None else argv)])
+    args = sys.argv[1:] if argv is None else argv
+    return cli_main(["run", *args], prog="python -m ssrengine.train")
 
 
 if __name__ == "__main__":
