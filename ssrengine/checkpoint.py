@@ -25,10 +25,12 @@ filesystem all of them see.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +156,28 @@ def save_checkpoint(
     return final
 
 
+@contextlib.contextmanager
+def _no_hf_bars() -> Iterator[None]:
+    """transformers' own bars ("Writing model shards") off: ours shows the save."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _export_hf(
+    out: Path, weights: dict[str, torch.Tensor], *, hf_model: Any, peft_model: Any, cfg: Config
+) -> None:
+    with _no_hf_bars():
+        _export_hf_files(out, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg)
+
+
+def _export_hf_files(
     out: Path, weights: dict[str, torch.Tensor], *, hf_model: Any, peft_model: Any, cfg: Config
 ) -> None:
     if peft_model is None:

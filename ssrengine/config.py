@@ -96,6 +96,18 @@ class DataConfig:
         "Instruction placed before the documents in the system message.",
     )
     seed: int = _f(0, "Seed of the embedded dataset generator.", ge=0)
+    eval_file: str = _f(
+        "",
+        "Validation records (same formats as data.train_file, `builtin:validation` included): "
+        "validation loss on their gold answers every train.eval_every steps. Empty = none.",
+    )
+    eval_fraction: float = _f(
+        0.0,
+        "Without data.eval_file: hold out this fraction of the rehearsal set (chosen by a hash "
+        "of each id, so the same rows on every run) for the validation loss; the rest trains.",
+        ge=0,
+        lt=1,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,15 +173,37 @@ class JudgeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    max_steps: int = _f(20, "Optimizer steps.", ge=1)
+    max_steps: int = _f(
+        20,
+        "Optimizer steps; 0 = as many as train.epochs takes.",
+        ge=0,
+    )
+    epochs: float = _f(
+        1.0,
+        "Passes over the rehearsal set when train.max_steps = 0: steps = ceil(epochs × "
+        "micro-batches per epoch / (train.grad_accum × ranks)).",
+        gt=0,
+    )
     seed: int = _f(0, "Seed for data order and initialization of any new parameters.", ge=0)
     lr: float = _f(2e-5, "Peak learning rate (AdamW).", gt=0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
     adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = _f(0.95, "AdamW beta2.", ge=0, lt=1)
     adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
-    warmup_steps: int = _f(2, "Linear warmup steps, then cosine decay.", ge=0)
-    min_lr_ratio: float = _f(0.1, "Cosine floor as a fraction of train.lr.", ge=0, le=1)
+    optimizer: Literal["adamw", "adamw_fused"] = _f(
+        "adamw",
+        "`adamw` (torch's foreach implementation on CUDA) or `adamw_fused` (torch's fused "
+        "kernel: one launch per step on CUDA).",
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _f(
+        "cosine",
+        "After train.warmup_steps of linear warmup: cosine or linear decay to "
+        "train.min_lr_ratio × train.lr at the last step, or constant.",
+    )
+    warmup_steps: int = _f(2, "Linear warmup steps, then train.lr_scheduler.", ge=0)
+    min_lr_ratio: float = _f(
+        0.1, "Floor of the cosine and linear decay as a fraction of train.lr.", ge=0, le=1
+    )
     micro_batch_size: int = _f(4, "Sequences per micro-batch when train.packing = false.", ge=1)
     max_tokens: int = _f(2048, "Tokens per packed micro-batch when train.packing = true.", ge=1)
     grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
@@ -190,6 +224,24 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
+    eval_every: int = _f(
+        0,
+        "Validation loss (data.eval_file or data.eval_fraction) every N steps and at the last "
+        "step, into metrics.jsonl as `eval_loss` (0 = at the last step only; none without "
+        "validation data).",
+        ge=0,
+    )
+    keep_best: bool = _f(
+        False,
+        "Keep the checkpoint of the lowest validation loss as checkpoints/best (a checkpoint "
+        "is saved at each evaluation that improves it).",
+    )
+    report_to: tuple[str, ...] = _f(
+        (),
+        "Metrics also to these trackers (metrics.jsonl is always written): a TOML list or "
+        "comma-separated; tensorboard writes run.dir/tensorboard.",
+        ("tensorboard", "wandb", "trackio"),
+    )
     keep_checkpoints: int = _f(
         2, "Keep the newest N step checkpoints (0 = all; the final one is always kept).", ge=0
     )
@@ -260,6 +312,8 @@ def _field_type(cls: type, name: str) -> tuple[type, tuple[Any, ...] | None]:
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         return type(choices[0]), choices
+    if typing.get_origin(hint) is tuple:  # tuple[str, ...]: a list of names
+        return tuple, _field(cls, name).metadata["choices"]
     return hint, _field(cls, name).metadata["choices"]
 
 
@@ -269,6 +323,10 @@ _BOOL_TEXT = ("true", "false", "1", "0", "yes", "no")
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     """Parse a command-line string into the field's type; `validate` checks the result."""
     want, _ = _field_type(cls, name)
+    if want is tuple:  # a TOML list, or "a,b" on the command line
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return tuple(value) if isinstance(value, list) else value
     if isinstance(value, str) and want is not str:
         text = value.strip()
         try:
@@ -306,6 +364,11 @@ def _problem(cls: type, name: str, value: Any) -> str | None:
     numeric = want in (int, float)
     if not isinstance(value, want) or (numeric and isinstance(value, bool)):
         return f"expected {want.__name__}, got {value!r}"
+    if want is tuple:
+        bad = [v for v in value if not isinstance(v, str) or (choices and v not in choices)]
+        if bad:
+            return f"each must be one of {', '.join(map(repr, choices or ()))}, got {bad[0]!r}"
+        return None
     if choices and value not in choices:
         return f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
     if want is float and not math.isfinite(value):
@@ -348,6 +411,10 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             f"train.max_tokens={t.max_tokens} is smaller than data.max_seq_len="
             f"{cfg.data.max_seq_len}: a packed bin must hold the longest example"
         )
+    if cfg.data.eval_file and cfg.data.eval_fraction:
+        out.append("set data.eval_file or data.eval_fraction, not both")
+    if t.keep_best and not (cfg.data.eval_file or cfg.data.eval_fraction):
+        out.append("train.keep_best needs validation data: data.eval_file or data.eval_fraction")
     http = ("sglang-http", "openai")
     if g.backend in http and not g.url and not (g.backend == "sglang-http" and g.launch):
         out.append(f"generation.backend = {g.backend!r} needs generation.url (a server URL)")

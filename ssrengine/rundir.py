@@ -445,6 +445,9 @@ class MetricRow(Row):
     step_time_s: float = 0.0
     epoch: int = 0
     world_size: int = 1
+    eval_loss: float | None = None  # validation loss, at the steps train.eval_every names
+
+    _OMIT_NONE = ("eval_loss",)
 
 
 # -------------------------------------------------------------------------- provenance
@@ -482,6 +485,11 @@ _OPERATIONAL = (
     "train.parallel",
     "train.gradient_checkpointing",
     "train.loss_impl",
+    # Validation and trackers watch training without changing it.
+    "data.eval_file",
+    "train.eval_every",
+    "train.keep_best",
+    "train.report_to",
 )
 
 

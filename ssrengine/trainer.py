@@ -20,6 +20,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ssrengine import IGNORE_INDEX, distributed
+from ssrengine import IGNORE_INDEX, distributed, reporting, validation
 from ssrengine.attention import compute_dtype, pick_attn_implementation
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.checkpoint import (
@@ -45,6 +48,7 @@ from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.io import atomic_write_jsonl
 from ssrengine.models import hidden_and_head, load_model, load_tokenizer
+from ssrengine.optim import build_optimizer, total_steps
 from ssrengine.rundir import MetricRow, RehearsalRow, RunDir, read_typed
 
 log = logging.getLogger(__name__)
@@ -116,19 +120,6 @@ def accumulate(
             (loss / norm).backward()
         total += loss.detach()
     return distributed.all_sum(total), n_sup
-
-
-def lr_lambda(cfg: Config) -> Any:
-    t = cfg.train
-
-    def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        span = max(1, t.max_steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 class MicroBatchStream:
@@ -217,25 +208,6 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
     return model, peft_model, net
 
 
-def build_optimizer(
-    cfg: Config, net: nn.Module, device: torch.device
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no weight decay on vectors: norms, biases) and warmup + cosine."""
-    t = cfg.train
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=t.lr,
-        betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_eps,
-        foreach=device.type == "cuda",
-    )
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-
-
 @dataclass
 class Trainer:
     """Everything a training step needs, built by `setup`; ``step`` and ``consumed`` (global
@@ -254,9 +226,11 @@ class Trainer:
     autocast: torch.dtype | None
     step: int = 0
     consumed: int = 0
+    eval_batches: list[MicroBatch] = dataclasses.field(default_factory=list)
 
     def save(self, **extra: Any) -> Path:
         """Checkpoint step-``step`` (collective); ``extra`` goes into trainer_state.json."""
+        log.info("saving checkpoint step-%d ...", self.step)
         return save_checkpoint(
             self.ckpt_root,
             self.step,
@@ -313,11 +287,13 @@ def setup(
         cfg.train.seed
     )  # the same on every rank: FSDP2 does not broadcast new weights
     rd = RunDir(run_dir)
-    rows = _rehearsal_rows(rd) if rows is None else rows
+    rows, eval_rows = validation.split(cfg, _rehearsal_rows(rd) if rows is None else rows)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model, peft_model, net = build_model(cfg, world)
     encoded = encode_rows(rows, tokenizer, cfg.data, file=str(rd.rehearsal))
-    opt, sched = build_optimizer(cfg, net, world.device)
+    stream = MicroBatchStream(encoded, cfg, tokenizer.pad_token_id)
+    cfg = _with_steps(cfg, stream, world)
+    opt, sched = build_optimizer(cfg.train, net, world.device, cfg.train.max_steps)
     tr = Trainer(
         cfg=cfg,
         world=world,
@@ -328,8 +304,9 @@ def setup(
         tokenizer=tokenizer,
         optimizer=opt,
         scheduler=sched,
-        stream=MicroBatchStream(encoded, cfg, tokenizer.pad_token_id),
+        stream=stream,
         autocast=_bf16(cfg, world)[1],
+        eval_batches=validation.batches(cfg, eval_rows, tokenizer),
     )
     if resume is not None:
         state = load_trainer_state(resume, model=net, optimizer=opt, scheduler=sched)
@@ -371,7 +348,82 @@ def train_step(tr: Trainer) -> StepStats:
     )
 
 
-def _metrics_row(tr: Trainer, s: StepStats, dt: float) -> MetricRow:
+def _with_steps(cfg: Config, stream: MicroBatchStream, world: distributed.World) -> Config:
+    """``cfg`` with train.max_steps resolved (0: from train.epochs and the data)."""
+    steps = total_steps(cfg.train, stream.per_epoch, world.size)
+    if steps != cfg.train.max_steps:
+        log.info(
+            "train.epochs=%g: %d optimizer steps (%d micro-batches per epoch, %d per step)",
+            cfg.train.epochs,
+            steps,
+            stream.per_epoch,
+            cfg.train.grad_accum * world.size,
+        )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
+
+
+def _planned_steps(cfg: Config, ckpt: Path) -> int:
+    """The run's length without building it: train.max_steps, or the one a checkpoint of the
+    same run resolved from train.epochs (its run_config.json)."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    saved = json.loads((ckpt / "run_config.json").read_text())
+    return int(saved["train"]["max_steps"])
+
+
+def validation_loss(tr: Trainer) -> float | None:
+    """Mean loss per supervised token over the validation batches (every rank evaluates all
+    of them: the same forward passes on every rank, as FSDP2's collectives need), or None."""
+    if not tr.eval_batches:
+        return None
+    device = tr.world.device
+    total, n = torch.zeros((), device=device), 0
+    tr.net.eval()
+    try:
+        with torch.no_grad():
+            for mb in tr.eval_batches:
+                ctx = torch.autocast(device.type, dtype=tr.autocast) if tr.autocast else None
+                with ctx or nullcontext():
+                    total += tr.net(_to(mb, device)).float()
+                n += mb.supervised_tokens
+    finally:
+        tr.net.train()
+    return total.item() / max(n, 1)
+
+
+def _validate(tr: Trainer) -> float | None:
+    """The validation loss at the steps train.eval_every names (and the last), else None."""
+    t = tr.cfg.train
+    due = tr.step == t.max_steps or (t.eval_every and tr.step % t.eval_every == 0)
+    return validation_loss(tr) if due else None
+
+
+def _keep_best(tr: Trainer, eval_loss: float | None, saved: Path | None) -> None:
+    """train.keep_best: a new lowest validation loss makes this step checkpoints/best (saved
+    now unless ``saved`` is this step's checkpoint). Hard links: pruning step-N keeps it."""
+    if not tr.cfg.train.keep_best or eval_loss is None:
+        return
+    best = tr.ckpt_root / "best"
+    state = best / "trainer_state.json"
+    if state.is_file() and json.loads(state.read_text()).get("eval_loss", math.inf) <= eval_loss:
+        return
+    if saved is None or saved.name != f"step-{tr.step}":
+        saved = tr.save(eval_loss=eval_loss)
+    if tr.world.is_main:
+        tmp = tr.ckpt_root / ".best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(saved, tmp, copy_function=os.link)
+        state = json.loads((tmp / "trainer_state.json").read_text())
+        (tmp / "trainer_state.json").unlink()  # a link: step-N's own file stays as it is
+        state["eval_loss"] = eval_loss
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.rename(best)
+        log.info("new best validation loss %.4f: %s -> %s", eval_loss, saved.name, best)
+    distributed.barrier()
+
+
+def _metrics_row(tr: Trainer, s: StepStats, dt: float, eval_loss: float | None) -> MetricRow:
     return MetricRow(
         step=tr.step,
         loss=round(s.loss, 6),
@@ -383,6 +435,7 @@ def _metrics_row(tr: Trainer, s: StepStats, dt: float) -> MetricRow:
         step_time_s=round(dt, 4),
         epoch=(tr.consumed - 1) // tr.stream.per_epoch,
         world_size=tr.world.size,
+        eval_loss=None if eval_loss is None else round(eval_loss, 6),
     )
 
 
@@ -402,19 +455,34 @@ def train(
     """Train on ``rows`` (default: run_dir/rehearsal.jsonl); returns the final checkpoint dir.
 
     Resumes from the newest complete checkpoint in run_dir/checkpoints; a finished run is a no-op.
-    Under torchrun every rank calls it; metrics and progress come from rank 0."""
+    Under torchrun every rank calls it; metrics and progress come from rank 0. Log lines go
+    above the progress bar."""
+    with logging_redirect_tqdm():
+        return _train(cfg, run_dir, rows=rows, require_resume=require_resume)
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    rows: list[RehearsalRow] | None = None,
+    require_resume: bool = False,
+) -> Path:
     t = cfg.train
+    reporting.check(t.report_to)
     ckpt_root = RunDir(run_dir).checkpoints
     latest = latest_checkpoint(ckpt_root)
     if require_resume and latest is None:
         raise InputError(
             "--resume given but there is no checkpoint to resume from", file=str(ckpt_root)
         )
-    if latest is not None and read_trainer_state(latest)["step"] >= t.max_steps:
+    if latest is not None and read_trainer_state(latest)["step"] >= _planned_steps(cfg, latest):
         log.info("training already finished: %s", latest)
         return latest
     tr = setup(cfg, run_dir, rows=rows, resume=latest)
+    t = tr.cfg.train  # train.max_steps resolved
     main = tr.world.is_main
+    reporters = reporting.Reporters(cfg, run_dir) if main else None
     metrics_path = RunDir(run_dir).metrics
     if main:
         _truncate_metrics(metrics_path, tr.step)
@@ -433,13 +501,17 @@ def train(
                 t0 = time.perf_counter()
                 s = train_step(tr)
                 dt = time.perf_counter() - t0
+                eval_loss = _validate(tr)
                 if main:
-                    mf.write(json.dumps(_metrics_row(tr, s, dt).to_json()) + "\n")
+                    row = _metrics_row(tr, s, dt, eval_loss)
+                    mf.write(json.dumps(row.to_json()) + "\n")
                     mf.flush()
+                    reporters.log(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{s.loss:.4f}", tok_s=f"{s.tokens / dt:.0f}")
                 if tr.step == t.max_steps or (t.save_every and tr.step % t.save_every == 0):
                     final = tr.save(final_loss=s.loss)
+                _keep_best(tr, eval_loss, final)
         except KeyboardInterrupt:
             # Ranks are interrupted at different points; a collective save could hang.
             if tr.step > start and tr.world.size == 1:
@@ -448,5 +520,7 @@ def train(
             raise
         finally:
             bar.close()
+            if reporters is not None:
+                reporters.close()
     assert final is not None
     return final

@@ -109,8 +109,8 @@ def test_every_range_is_checked_and_documented(sec, f):
 
 def test_range_error_names_the_file_or_the_command_line(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text("[train]\nmax_steps = 0\ngrad_accum = 0\n")
-    with pytest.raises(InputError, match=r"c\.toml: train\.max_steps: must be >= 1, got 0"):
+    p.write_text("[train]\nmax_steps = -1\ngrad_accum = 0\n")
+    with pytest.raises(InputError, match=r"c\.toml: train\.max_steps: must be >= 0, got -1"):
         load_config(p)
     # the command line fixes one value; the other is still the file's
     with pytest.raises(InputError, match=r"c\.toml: train\.grad_accum: must be >= 1, got 0"):
@@ -164,3 +164,31 @@ def test_non_utf8_config_names_line_and_offset(tmp_path):
         InputError, match=r"c\.toml:2: not valid UTF-8: byte 0xe9 at byte offset 27"
     ):
         load_config(p)
+
+
+def test_list_key_from_toml_list_or_commas(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[train]\nreport_to = ["tensorboard"]\n')
+    assert load_config(p).train.report_to == ("tensorboard",)
+    cfg = load_config(None, ["--train.report_to=tensorboard, wandb"])
+    assert cfg.train.report_to == ("tensorboard", "wandb")
+    assert load_config(None).train.report_to == ()
+    with pytest.raises(InputError, match=r"train\.report_to: each must be one of .*got 'mlflow'"):
+        load_config(None, ["--train.report_to=mlflow"])
+    path = tmp_path / "config.json"
+    cfg.save(path)
+    from ssrengine.config import config_from_json
+
+    assert config_from_json(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["--data.eval_file=x.jsonl", "--data.eval_fraction=0.1"], "not both"),
+        (["--train.keep_best"], "train.keep_best needs validation data"),
+    ],
+)
+def test_validation_settings_that_cannot_work(overrides, needle):
+    with pytest.raises(InputError, match=needle):
+        load_config(None, overrides)

@@ -1,4 +1,6 @@
+import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -149,3 +151,105 @@ def test_resume_without_checkpoint_is_an_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(InputError, match="no checkpoint to resume from"):
         train(_cfg(tiny_model_dir, tmp_path), tmp_path, rows=rehearsal(), require_resume=True)
+
+
+def test_epochs_derive_steps_and_max_steps_wins(tiny_model_dir, tmp_path):
+    # 16 rows, padded batches of 4: 4 micro-batches an epoch; grad_accum 2 -> 2 steps an epoch.
+    base = ("--train.max_steps=0", "--train.loss_impl=naive", "--no-train.packing")
+    cfg = _cfg(tiny_model_dir, tmp_path, *base, "--train.epochs=1.5", "--train.grad_accum=2")
+    final = train(cfg, tmp_path / "e", rows=rehearsal())
+    assert final.name == "step-3"  # ceil(1.5 * 4 / 2)
+    assert [r["epoch"] for r in read_rows(tmp_path / "e" / "metrics.jsonl")] == [0, 0, 1]
+    assert train(cfg, tmp_path / "e", rows=rehearsal()) == final  # finished: a no-op
+    cfg = _cfg(tiny_model_dir, tmp_path, *base[1:], "--train.epochs=1.5", "--train.max_steps=1")
+    assert train(cfg, tmp_path / "m", rows=rehearsal()).name == "step-1"
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_lr_schedules_warm_up_then_follow_their_shape(kind):
+    from ssrengine.optim import lr_factor
+
+    t = load_config(
+        None, [f"--train.lr_scheduler={kind}", "--train.warmup_steps=2", "--train.min_lr_ratio=0.1"]
+    ).train
+    f = [lr_factor(t, 10, s) for s in range(10)]
+    assert f[0] < f[1] < f[2] == 1.0
+    want_last = {
+        "cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)),
+        "linear": 0.1 + 0.9 / 8,
+    }
+    if kind == "constant":
+        assert f[2:] == [1.0] * 8
+    else:
+        assert all(a > b for a, b in itertools.pairwise(f[2:]))
+        assert f[-1] == pytest.approx(want_last[kind])
+
+
+def test_fused_adamw_matches_adamw(tiny_model_dir, tmp_path):
+    losses = []
+    for opt in ("adamw", "adamw_fused"):
+        cfg = _cfg(tiny_model_dir, tmp_path, "--train.loss_impl=naive", f"--train.optimizer={opt}")
+        tr = setup(cfg, tmp_path / opt, rows=rehearsal())
+        losses.append([train_step(tr).loss for _ in range(3)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_validation_loss_logged_and_best_kept(tiny_model_dir, tmp_path):
+    from ssrengine.validation import held_out
+
+    rows = rehearsal()
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path,
+        "--train.max_steps=4",
+        "--train.loss_impl=naive",
+        "--data.eval_fraction=0.25",
+        "--train.eval_every=2",
+        "--train.keep_best",
+    )
+    train(cfg, tmp_path, rows=rows)
+    metrics = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in metrics if "eval_loss" in r] == [2, 4]
+    held = [r for r in rows if held_out(r.id, 0.25)]
+    assert 0 < len(held) < len(rows)
+    # The logged loss is the fused loss of the held-out rows under the saved weights.
+    best = json.loads((tmp_path / "checkpoints" / "best" / "trainer_state.json").read_text())
+    evals = {r["step"]: r["eval_loss"] for r in metrics if "eval_loss" in r}
+    assert best["eval_loss"] == pytest.approx(min(evals.values()), abs=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "best")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "checkpoints" / "best")
+    enc = encode_rows(held, tok, cfg.data)
+    total, n = accumulate(model, [padded_batch(enc, tok.pad_token_id)], impl="naive")
+    assert (total / n).item() == pytest.approx(best["eval_loss"], rel=1e-4)
+
+
+def test_tensorboard_gets_the_metrics_rows(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="the dev extra installs tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path,
+        "--train.max_steps=3",
+        "--train.loss_impl=naive",
+        "--data.eval_fraction=0.25",
+        "--train.report_to=tensorboard",
+    )
+    train(cfg, tmp_path, rows=rehearsal())
+    metrics = read_rows(tmp_path / "metrics.jsonl")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/loss")] == [3]
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in metrics
+    ]
+
+
+def test_missing_tracker_is_one_line_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    from ssrengine.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec: None, as when not installed
+    cfg = _cfg(tiny_model_dir, tmp_path, "--train.report_to=wandb")
+    with pytest.raises(InputError, match=r"train.report_to.*needs the wandb package"):
+        train(cfg, tmp_path, rows=rehearsal())
+    assert not (tmp_path / "checkpoints").exists()
