@@ -395,7 +395,10 @@ def _validate(tr: Trainer) -> float | None:
     """The validation loss at the steps train.eval_every names (and the last), else None."""
     t = tr.cfg.train
     due = tr.step == t.max_steps or (t.eval_every and tr.step % t.eval_every == 0)
-    return validation_loss(tr) if due else None
+    loss = validation_loss(tr) if due else None
+    if loss is not None:
+        log.info("step %d: validation loss %.4f", tr.step, loss)
+    return loss
 
 
 def _keep_best(tr: Trainer, eval_loss: float | None, saved: Path | None) -> None:
