@@ -28,7 +28,14 @@ def _f(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
 class ModelConfig:
     path: str = _f(
         "smollm2-135m",
-        "Embedded model name (`smollm2-135m`, fetched on first use) or a local Hugging Face model directory.",
+        "Embedded model name (`smollm2-135m`, fetched on first use), a local Hugging Face model "
+        "directory, or a Hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`) already in the Hugging "
+        "Face cache (`HF_HUB_CACHE`; nothing is downloaded).",
+    )
+    chat_template: str = _f(
+        "",
+        "Chat template replacing the tokenizer's own, wherever this run loads a tokenizer: a "
+        "Jinja file path or the template text itself; empty = the tokenizer's template.",
     )
     dtype: str = _f(
         "float32",
@@ -51,7 +58,13 @@ class ModelConfig:
 class DataConfig:
     train_file: str = _f(
         "builtin:train",
-        "Training JSONL (the README's record format) or `builtin:SPLIT` for the embedded generator (train, validation, test, ood).",
+        "Training data (the README's record formats): a `.jsonl`/`.jsonl.gz`, `.json`, `.csv`, "
+        "`.parquet` or `.arrow` file, a `save_to_disk` or Hub-style dataset directory, or "
+        "`builtin:SPLIT` for the embedded generator (train, validation, test, ood).",
+    )
+    split: str = _f(
+        "train",
+        "Split to read from a dataset directory with several; single files ignore it.",
     )
     max_examples: int = _f(0, "Use only the first N training examples (0 = all).")
     max_seq_len: int = _f(1024, "Longest prompt + target in tokens.")
@@ -99,14 +112,25 @@ class GenerationConfig:
 class JudgeConfig:
     kind: str = _f(
         "rule",
-        "`rule`: refusal agreement + answer token-F1; `llm`: P(Yes) from one step of next-token logprobs.",
-        ("rule", "llm"),
+        "`rule`: refusal agreement + answer token-F1; `llm`: P(Yes) from one step of next-token "
+        "logprobs; `python:MODULE:NAME`: your own judge (a function `(example, candidate) -> "
+        "Verdict | bool`, or a Judge class), see the README.",
     )
     threshold: float = _f(0.5, "LLM judge: accept when P(Yes)/(P(Yes)+P(No)) >= threshold.")
     min_f1: float = _f(
         0.3,
         "Rule judge: accept an answer when its token F1 against the gold answer is >= min_f1 "
         "and it contains every number of the gold answer.",
+    )
+    rubric: str = _f(
+        "",
+        "LLM judge: a text file with the grading instructions (the system message; it must ask "
+        "for a one-word Yes or No); empty = the built-in rubric.",
+    )
+    refusal_patterns: str = _f(
+        "",
+        "Rule judge: a regular expression (Python `re`, case-insensitive; join several with `|`) "
+        "that also marks an answer as declining, beside the built-in phrases.",
     )
     model: str = _f("", "LLM judge model; empty = model.path.")
     backend: str = _f(
