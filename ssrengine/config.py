@@ -113,8 +113,8 @@ class JudgeConfig:
     kind: str = _f(
         "rule",
         "`rule`: refusal agreement + answer token-F1; `llm`: P(Yes) from one step of next-token "
-        "logprobs; `python:MODULE:NAME`: your own judge (a function `(example, candidate) -> "
-        "Verdict | bool`, or a Judge class), see the README.",
+        "logprobs; `python:MODULE:NAME`: your own judge (a function `(example, candidate)` returning a "
+        "Verdict or a bool, or a Judge class), see the README.",
     )
     threshold: float = _f(0.5, "LLM judge: accept when P(Yes)/(P(Yes)+P(No)) >= threshold.")
     min_f1: float = _f(
@@ -129,7 +129,7 @@ class JudgeConfig:
     )
     refusal_patterns: str = _f(
         "",
-        "Rule judge: a regular expression (Python `re`, case-insensitive; join several with `|`) "
+        "Rule judge: a regular expression (Python `re`, case-insensitive; alternatives in one pattern) "
         "that also marks an answer as declining, beside the built-in phrases.",
     )
     model: str = _f("", "LLM judge model; empty = model.path.")

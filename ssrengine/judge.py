@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import inspect
 import math
 import re
 import string
@@ -248,6 +249,14 @@ class FunctionJudge:
         return [self.judge(e, c) for e, c in zip(examples, candidates)]
 
 
+def _source_hash(fn: Any) -> str:
+    """Part of a user function's judge name, so an edited function redoes its verdicts."""
+    try:
+        return _short_hash(inspect.getsource(fn))
+    except (OSError, TypeError):  # no source (a builtin, a C extension): the name alone
+        return "nosource"
+
+
 def load_user_judge(spec: str) -> Judge:
     """``python:MODULE:NAME``: NAME is a function ``(example, candidate) -> Verdict | bool``,
     or a class (built with no arguments) or object with a ``judge`` method. MODULE is imported
@@ -288,7 +297,7 @@ def load_user_judge(spec: str) -> Judge:
             obj.name = spec
         return obj
     if callable(obj):
-        return FunctionJudge(obj, spec)
+        return FunctionJudge(obj, f"{spec}@{_source_hash(obj)}")
     raise bad("expected a function (example, candidate) -> Verdict | bool, or a Judge class")
 
 
