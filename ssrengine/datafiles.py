@@ -3,7 +3,8 @@
 `read_rows` picks the reader by extension or directory layout:
 
 - ``.jsonl`` / ``.ndjson`` (``.gz`` too): one JSON object per line; the number is the line.
-- ``.json`` (``.gz`` too): a list of objects; JSON Lines under a ``.json`` name (what
+- ``.json`` (``.gz`` too): a list of objects (or an object holding one such list, as
+  ``{"data": [...]}``), the number is the item; JSON Lines under a ``.json`` name (what
   ``Dataset.to_json`` writes) is read as JSONL.
 - ``.csv`` / ``.tsv`` (``.gz`` too): a header row, then one record per row; the number is the
   row's first line. Cells holding lists (``messages``, ``documents``, a message-list
@@ -84,7 +85,7 @@ def _json_rows(path: Path) -> Rows:
         raise InputError("expected a list of record objects (or JSON Lines)", file=str(path))
     for i, obj in enumerate(data, 1):
         if not isinstance(obj, dict):
-            raise InputError(f"item {i} is not a JSON object", file=str(path))
+            raise InputError(f"item {i} is not a JSON object", file=str(path), line=i)
         yield i, obj
 
 
