@@ -56,14 +56,21 @@ def _open_text(path: Path) -> Any:
     return open(path, encoding="utf-8", newline="")
 
 
+_TEXT_SUFFIXES = (*JSONL_SUFFIXES, ".json", *CSV_SUFFIXES)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def _decode_errors(path: Path, rows: Rows) -> Rows:
     """A file that is not UTF-8 text (or a corrupt gzip) is one line, not a traceback."""
     try:
         yield from rows
     except UnicodeDecodeError as e:
         raise InputError(
-            f"not UTF-8 text ({e.reason} at byte {e.start}); a gzip file must end in .gz",
-            file=str(path),
+            f"not valid UTF-8 ({e.reason}); save the file as UTF-8", file=str(path)
         ) from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise InputError(f"corrupt gzip file: {e}", file=str(path)) from None
@@ -209,6 +216,8 @@ def read_rows(path: str | Path, split: str | None = None) -> Rows:
     if not path.is_file():
         raise InputError("file not found", file=str(path))
     suffix = _suffix(path)
+    if suffix in _TEXT_SUFFIXES and path.suffix.lower() != ".gz" and _is_gzip(path):
+        raise InputError(f"gzip-compressed; name it {path.name}.gz", file=str(path))
     if suffix in JSONL_SUFFIXES:
         return _decode_errors(path, iter_jsonl(path))
     if suffix == ".json":

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssrengine.config import ModelConfig, build_config
+from ssrengine.config import Config, JudgeConfig, ModelConfig, build_config
 from ssrengine.data import Example
 from ssrengine.errors import InputError
 from ssrengine.generation.base import Completion
@@ -16,6 +16,7 @@ from ssrengine.judge import (
     gold_declines,
     is_refusal,
     judge_messages,
+    load_user_judge,
     make_judge,
     token_f1,
 )
@@ -244,18 +245,28 @@ def test_edited_function_judge_changes_its_name(tmp_path, user_module):
 @pytest.mark.parametrize(
     ("kind", "needle"),
     [
-        ("python:my_judges", "expected python:MODULE:NAME"),
         ("python:no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
         ("python:my_judges:missing", "module 'my_judges' has no 'missing'"),
         ("python:my_judges:NOT_A_JUDGE", "expected a function"),
         ("python:my_judges:NeedsArgs", "cannot build the judge class with no arguments"),
-        ("regex", "unknown judge 'regex'; expected rule, llm or python:MODULE:NAME"),
     ],
 )
 def test_bad_judge_spec_is_one_line(user_module, kind, needle):
     with pytest.raises(InputError) as e:
         make_judge(judge_cfg(kind=kind))
     assert "field 'judge.kind'" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["python:my_judges", "regex", "python::f"])
+def test_malformed_judge_kind_fails_at_config_load(kind):
+    with pytest.raises(InputError, match=rf"judge.kind: got '{kind}', expected a value matching"):
+        judge_cfg(kind=kind)
+    with pytest.raises(
+        InputError, match=r"field 'judge.kind': .*(expected python:MODULE:NAME|unknown judge)"
+    ):
+        load_user_judge(kind) if kind.startswith("python:") else make_judge(
+            Config(judge=JudgeConfig(kind=kind))
+        )
 
 
 def test_user_judge_with_a_wrong_return_type_is_one_line(user_module):
