@@ -115,8 +115,12 @@ def parse_record(
     msgs, resp, resp_field = _dialog_and_answer(obj, response_key, bad)
     if not msgs:
         raise bad("no turn before the gold answer; expected the user's question", "messages")
+    where = "prompt" if resp_field == "completion" else "messages"
+    for i, m in enumerate(msgs[1:], 1):
+        if m["role"] == "system":
+            # One defined place for the record's own instruction (see prompt_messages).
+            raise bad("a system message may only be the first message", f"{where}[{i}].role")
     if msgs[-1]["role"] != "user":
-        where = "prompt" if resp_field == "completion" else "messages"
         raise bad(
             "the last message must be the user's turn being answered",
             f"{where}[{len(msgs) - 1}].role",
@@ -211,14 +215,19 @@ def render_documents(documents: list[dict[str, str]]) -> str:
 def prompt_messages(
     messages: list[dict[str, str]], documents: list[dict[str, str]], system_prompt: str
 ) -> list[dict[str, str]]:
-    """Chat messages for the model: instruction + documents as the system turn, then the dialog."""
-    system = system_prompt
+    """Chat messages for the model: one system turn, then the dialog.
+
+    The system turn is the record's own system message when it has one (its first message),
+    else ``system_prompt`` (data.system_prompt); the documents are appended to it after a
+    blank line. Nothing of the record is dropped."""
+    own = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    system = system_prompt if own is None else own
     if documents:
         system = (
             f"{system}\n\n{render_documents(documents)}" if system else render_documents(documents)
         )
     head = [{"role": "system", "content": system}] if system else []
-    return head + [m for m in messages if m["role"] != "system"]
+    return head + (messages[1:] if own is not None else messages)
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
