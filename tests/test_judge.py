@@ -1,4 +1,5 @@
 import math
+import subprocess
 import sys
 
 import pytest
@@ -273,3 +274,13 @@ def test_user_judge_with_a_wrong_return_type_is_one_line(user_module):
     judge = make_judge(judge_cfg(kind=f"python:{user_module}:broken"))
     with pytest.raises(InputError, match=r"returned str; expected a Verdict or a bool"):
         judge.judge(ex("a"), "b")
+
+
+def test_cli_run_with_a_judge_that_cannot_load_stops_before_generate(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ssrengine", "run", "--judge.kind=python:nowhere_xyz:f"]
+    res = subprocess.run([*cmd, f"--run.dir={run}"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: field 'judge.kind': 'python:nowhere_xyz:f': cannot import"), last
+    assert not (run / "generations.jsonl").exists()
