@@ -21,6 +21,7 @@ on first use.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
@@ -172,22 +173,27 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
+@contextlib.contextmanager
+def _quiet(ds: Any) -> Iterator[None]:
+    """`datasets`' own bars off while it reads: ours is the one bar, a nested one garbles it."""
+    quiet = ds.utils.are_progress_bars_disabled()
+    ds.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not quiet:
+            ds.enable_progress_bars()
+
+
 def _load_dataset(source: Path, what: str, split: str | None, **kwargs: Any) -> Rows:
     """Rows via `datasets.load_dataset`, prepared in a throwaway cache (the user's HF cache is
     left alone) and held in memory."""
     ds = _need_datasets(source, what)
-    with tempfile.TemporaryDirectory(prefix="ssrengine-data-") as cache:
-        quiet = ds.utils.are_progress_bars_disabled()
+    with tempfile.TemporaryDirectory(prefix="ssrengine-data-") as cache, _quiet(ds):
         try:
-            ds.disable_progress_bars()  # ours is the one bar; a nested one would garble it
             loaded = ds.load_dataset(**kwargs, cache_dir=cache, keep_in_memory=True)
-        except InputError:
-            raise
         except Exception as e:  # any failure of the reader is a file it cannot read
             raise InputError(f"cannot read it: {_first_line(e)}", file=str(source)) from None
-        finally:
-            if not quiet:
-                ds.enable_progress_bars()
         table = _pick_split(source, dict(loaded), split)
         rows = list(enumerate(table.to_list(), 1))
     yield from rows
@@ -195,10 +201,11 @@ def _load_dataset(source: Path, what: str, split: str | None, **kwargs: Any) -> 
 
 def _saved_rows(path: Path, split: str | None) -> Rows:
     ds = _need_datasets(path, "a save_to_disk directory")
-    try:
-        loaded = ds.load_from_disk(str(path), keep_in_memory=True)
-    except Exception as e:
-        raise InputError(f"cannot read it: {_first_line(e)}", file=str(path)) from None
+    with _quiet(ds):
+        try:
+            loaded = ds.load_from_disk(str(path), keep_in_memory=True)
+        except Exception as e:  # as above
+            raise InputError(f"cannot read it: {_first_line(e)}", file=str(path)) from None
     table = _pick_split(path, dict(loaded), split) if isinstance(loaded, ds.DatasetDict) else loaded
     yield from enumerate(table.to_list(), 1)
 

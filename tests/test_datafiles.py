@@ -271,3 +271,17 @@ def test_cli_exits_2_with_one_line_on_a_bad_parquet_row(tmp_path):
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 't.parquet'}:1: field 'documents[0]': expected an object with a string 'text'"
     )
+
+
+def test_reading_shows_no_datasets_bar(tmp_path, capfd):
+    _quiet()
+    ds = datasets.Dataset.from_list(RECORDS)
+    ds.to_parquet(tmp_path / "t.parquet")
+    ds.save_to_disk(tmp_path / "saved")
+    datasets.enable_progress_bars()
+    capfd.readouterr()
+    load_examples(tmp_path / "t.parquet")
+    load_examples(tmp_path / "saved")
+    assert capfd.readouterr().err == ""
+    assert not datasets.utils.are_progress_bars_disabled()  # the user's setting is back
+    _quiet()
