@@ -472,6 +472,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "judge.kind",
         "judge.threshold",
         "judge.min_f1",
+        "judge.rubric",
+        "judge.refusal_patterns",
         "judge.model",
         "judge.backend",
         "judge.paraphrase",
@@ -487,6 +489,7 @@ _OPERATIONAL = (
     "train.loss_impl",
     # Validation and trackers watch training without changing it.
     "data.eval_file",
+    "data.eval_split",
     "train.eval_every",
     "train.keep_best",
     "train.report_to",

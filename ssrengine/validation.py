@@ -46,7 +46,7 @@ def eval_file_rows(cfg: Config) -> list[RehearsalRow]:
     from ssrengine.datasets import resolve_data_file
 
     path = resolve_data_file(cfg.data.eval_file, cfg.data.seed)
-    examples = load_examples(path, on_invalid=cfg.data.on_invalid)
+    examples = load_examples(path, split=cfg.data.eval_split, on_invalid=cfg.data.on_invalid)
     return [
         RehearsalRow(
             id=e.id,
