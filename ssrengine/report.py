@@ -16,7 +16,9 @@ import argparse
 import base64
 import html
 import json
+import logging
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from ssrengine.rundir import (
     SelfVsGold,
     read_typed,
 )
+
+log = logging.getLogger(__name__)
 
 RETENTION_LABELS = {
     "probe_acc": "probe acc",
@@ -199,9 +203,16 @@ def claim_lines(checks: list[dict[str, Any]]) -> list[str]:
 
 # ----------------------------------------------------------------------------------- plots
 def _plt() -> Any:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError(
+            "the report's plots need matplotlib, which is not installed "
+            "(pip install 'ssrengine[report]' or matplotlib)"
+        ) from None
     matplotlib.use("Agg")
+    # Whole labels in every figure: the saved image grows to fit them, never clips them.
+    matplotlib.rcParams["savefig.bbox"] = "tight"
     import matplotlib.pyplot as plt
 
     return plt
@@ -246,14 +257,27 @@ def plot_loss_curves(runs: list[RunData], path: Path) -> bool:
     if not have:
         return False
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in have:
-        ax.plot(
+        (line,) = ax.plot(
             [m.step for m in r.metrics],
             [m.loss for m in r.metrics],
             marker=".",
             label=f"{r.name} ({r.mode})",
         )
+        evals = [m for m in r.metrics if m.eval_loss is not None]
+        if evals:
+            ax.plot(
+                [m.step for m in evals],
+                [m.eval_loss for m in evals],
+                marker="o",
+                ls="--",
+                color=line.get_color(),
+                label=f"{r.name} validation",
+            )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per supervised token)")
     ax.set_title("Training loss")
@@ -381,6 +405,108 @@ the probe under the evaluated model; lm-eval metrics where run. *avg drop*: mean
 of the retention metrics vs base, in percent (the paper's headline number)."""
 
 
+# Config keys shown per run: what tells runs apart.
+RUN_KEYS = (
+    "run.mode",
+    "data.train_file",
+    "judge.kind",
+    "judge.min_f1",
+    "train.max_steps",
+    "train.lr",
+    "train.lora",
+)
+
+
+def runs_section(runs: list[RunData]) -> list[str]:
+    """Markdown: each run's model, examples per eval split and its distinguishing config."""
+    from ssrengine.rundir import flat_config
+
+    lines = [
+        "## Runs",
+        "",
+        "| run | mode | model | eval examples | config |",
+        "|---|---|---|---|---|",
+    ]
+    for r in runs:
+        n = ", ".join(
+            f"{SPLIT_LABELS.get(s, s)} n={m.n} ({m.n_answerable} answerable)"
+            for s, m in r.eval.splits.items()
+        )
+        flat = flat_config(r.eval.config)
+        cfg = ", ".join(f"`{k}={flat[k]}`" for k in RUN_KEYS if k in flat) or "—"
+        lines.append(f"| {r.name} | {r.mode} | `{r.eval.model}` | {n or '—'} | {cfg} |")
+    return [*lines, ""]
+
+
+def drop_warnings(runs: list[RunData], base: RunData | None) -> list[str]:
+    """Markdown bullets for every retention drop the table cannot show, and why."""
+    if base is None:
+        return []
+    out = []
+    for r in runs:
+        if r is base:
+            continue
+        for k in sorted(set(base.eval.retention_metrics) | set(r.eval.retention_metrics)):
+            label = RETENTION_LABELS.get(k, k)
+            if k not in r.eval.retention_metrics:
+                why = f"{r.name} was not evaluated on it"
+            elif k not in base.eval.retention_metrics:
+                why = f"the base ({base.name}) was not evaluated on it"
+            elif not base.eval.retention_metrics[k]:
+                why = f"the base ({base.name}) scores 0 on it"
+            else:
+                continue
+            out.append(f"- warning: no {label} drop for {r.name}: {why}.")
+    for line in out:
+        log.warning("%s", line[2:])
+    return [*out, ""] if out else []
+
+
+def md_inline(text: str) -> str:
+    """Markdown inline marks (``**bold**``, ``*emphasis*``, `` `code` ``) as HTML, rest escaped."""
+    s = html.escape(text, quote=False)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+    return re.sub(r"(?<![\w*])\*(?=\S)(.+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", s)
+
+
+def md_blocks(lines: list[str]) -> str:
+    """The markdown this report writes (headings, pipe tables, bullets, paragraphs) as HTML."""
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 6)
+            out.append(f"<h{level}>{md_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(set(c) <= set(":-") for c in cells):  # the |---| rule
+                    tag = "th" if not rows else "td"
+                    rows.append("".join(f"<{tag}>{md_inline(c)}</{tag}>" for c in cells))
+                i += 1
+            out.append("<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{md_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.strip():
+            para = []
+            while i < len(lines) and lines[i].strip() and lines[i][0] not in "#|-":
+                para.append(lines[i])
+                i += 1
+            out.append(f"<p>{md_inline(' '.join(para))}</p>")
+            continue
+        i += 1
+    return "".join(out)
+
+
 def write_report(
     runs: list[RunData], base: RunData | None, out: Path, *, title: str = "SSR report"
 ) -> dict[str, Any]:
@@ -410,13 +536,15 @@ def write_report(
     base_line = (
         f"Base: **{base.name}**." if base else "No base run given: relative drops are omitted."
     )
+    about = runs_section(runs) + drop_warnings(runs, base)
     md = [f"# {title}", "", base_line, "", markdown_table(table), ""]
     md += claim_lines(checks) + ([""] if checks else [])
+    md += about
     md += [NOTES, ""]
     for f, cap in made:
         md += [f"## {cap}", "", f"![{cap}]({f})", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_text(out / "report.html", _html(title, base_line, table, checks, made, out))
+    atomic_write_text(out / "report.html", _html(title, base_line, table, checks, made, out, about))
     summary = {
         "base": base.name if base else None,
         "table": table,
@@ -434,6 +562,7 @@ def _html(
     checks: list[dict[str, Any]],
     plots: list[tuple[str, str]],
     out: Path,
+    about: list[str],
 ) -> str:
     cols = table_columns(table)
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in cols)
@@ -441,22 +570,21 @@ def _html(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k), d))}</td>" for _, k, d in cols) + "</tr>"
         for r in table["rows"]
     )
-    claims = "".join(
-        f"<li>{html.escape(line[2:].replace('**', ''))}</li>" for line in claim_lines(checks)
-    )
+    claims = "".join(f"<li>{md_inline(line[2:])}</li>" for line in claim_lines(checks))
     imgs = "".join(
         f"<h2>{html.escape(cap)}</h2><img alt='{html.escape(cap)}' "
         f"src='data:image/png;base64,{base64.b64encode((out / f).read_bytes()).decode()}'>"
         for f, cap in plots
     )
-    notes = html.escape(NOTES).replace("\n", " ")
+    notes = md_blocks(NOTES.splitlines())
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
         "img{max-width:100%}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(base_line.replace('**', ''))}</p>"
-        f"<table><tr>{head}</tr>{body}</table><ul>{claims}</ul><p>{notes}</p>{imgs}</body></html>\n"
+        f"<h1>{html.escape(title)}</h1><p>{md_inline(base_line)}</p>"
+        f"<table><tr>{head}</tr>{body}</table><ul>{claims}</ul>{md_blocks(about)}{notes}{imgs}"
+        "</body></html>\n"
     )
 
 
