@@ -251,8 +251,10 @@ T = "train --config {cfg} "
 G = "generate --config {cfg} "
 CASES = [
     # config values: each field's range, named, before any work
-    Case("max_steps=0", T + "--train.max_steps=0", "train.max_steps: must be >= 1, got 0"),
-    Case("max_steps=-3", T + "--train.max_steps=-3", "train.max_steps: must be >= 1, got -3"),
+    Case("epochs=0", T + "--train.max_steps=0 --train.epochs=0", "train.epochs: must be > 0, got 0.0"),
+    Case("max_steps=-3", T + "--train.max_steps=-3", "train.max_steps: must be >= 0, got -3"),
+    Case("eval_fraction=1", T + "--data.eval_fraction=1", "data.eval_fraction: must be >= 0 and < 1"),
+    Case("report_to", T + "--train.report_to=mlfow", "train.report_to: each must be one of"),
     Case("lr=nan", T + "--train.lr=nan", "train.lr: must be a finite number, got nan"),
     Case("lr=inf", T + "--train.lr=inf", "train.lr: must be a finite number, got inf"),
     Case("lr=0", T + "--train.lr=0", "train.lr: must be > 0, got 0.0"),
