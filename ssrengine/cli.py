@@ -190,6 +190,13 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         args, overrides = parser.parse_known_args(argv)
         parser = _subparser(parser, args.command)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+        return _run(parser, args, overrides)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]) -> int:
     run_dir = "."
     try:
         _check_unknown_flags(parser, overrides)
