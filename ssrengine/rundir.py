@@ -72,6 +72,11 @@ class EvalDir:
     def probe_details(self) -> Path:
         return self.root / "probe_details.jsonl"
 
+    @property
+    def mc_details(self) -> Path:
+        """Per-item multiple-choice results (MCDetail): the report pairs runs on them."""
+        return self.root / "mc_details.jsonl"
+
     def split(self, name: str) -> Path:
         """A split's generations (GenerationRow)."""
         return self.root / f"{name}.jsonl"
@@ -440,15 +445,17 @@ class MetricRow(Row):
 @dataclass(frozen=True)
 class EvalDetail(Row):
     """One example of an eval split: gold class, whether the answer declined, and for
-    answerable questions the answer's token recall/F1 (0 when it declined)."""
+    answerable questions the answer's token recall/F1 (0 when it declined).
+    ``refusal_logprob``: log p(the refusal | prompt) under the model (the decision probe)."""
 
-    _OMIT_NONE = ("recall", "f1")
+    _OMIT_NONE = ("recall", "f1", "refusal_logprob")
 
     id: str
     unanswerable: bool
     declined: bool
     recall: float | None = None
     f1: float | None = None
+    refusal_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -462,6 +469,14 @@ class ProbeDetail(Row):
     base_answer: str
     correct: bool
     logprob_base_answer: float
+
+
+@dataclass(frozen=True)
+class MCDetail(Row):
+    """One multiple-choice item: whether the model's argmax choice is the answer."""
+
+    id: str
+    correct: bool
 
 
 @dataclass(frozen=True)
@@ -510,7 +525,11 @@ class UnanswerablePRF(Row):
 @dataclass(frozen=True)
 class SplitMetrics(Row):
     """Task metrics of one eval split; ``score`` = mean of unanswerable F1 and answer recall, in
-    points. ``data`` is the split's data spec (empty until the split is named in eval.json)."""
+    points. ``data`` is the split's data spec (empty until the split is named in eval.json).
+    ``paper``: the paper's metrics, each ``{value, lo, hi}`` with its 95% bootstrap interval
+    (`ssrengine.metrics.paper_metrics`); absent in evals made before it existed."""
+
+    _OMIT_NONE = ("paper",)
 
     n: int
     n_answerable: int
@@ -520,6 +539,7 @@ class SplitMetrics(Row):
     answer_f1: float
     score: float
     data: str = ""
+    paper: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
