@@ -24,9 +24,11 @@ demo: $(STAMP)
 	$(PY) -m ssrengine.train --config $(CONFIG)
 
 # The paper's experiment in miniature (README, "The experiment"): base vs SFT vs SSR on
-# SmolLM2-135M with the embedded data, on the CPU, then one report. EVAL_ARGS sizes the eval.
+# SmolLM2-135M with the embedded data, on the CPU, then one report. EVAL_ARGS sizes the eval:
+# 200 questions per split (class-balanced; all of builtin:test and builtin:ood), the whole
+# probe (200 prompts) and MC set (300 items); fewer cannot separate the runs (README).
 EXP ?= runs/experiment
-EVAL_ARGS ?= --limit 60
+EVAL_ARGS ?= --limit 200 --probe-limit 0 --mc-limit 0
 experiment: $(STAMP)
 	$(PY) -m ssrengine.models fetch smollm2-135m
 	$(PY) -m ssrengine eval smollm2-135m --config configs/experiment_sft.toml --out $(EXP)/base $(EVAL_ARGS)
