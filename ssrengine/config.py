@@ -150,6 +150,20 @@ class TrainConfig:
         "Cross-entropy: fused (triton on CUDA, chunked torch on CPU), or naive full logits.",
         ("auto", "triton", "torch", "naive"),
     )
+    loss_weight_self: float = _f(
+        1.0, "Loss weight of every target token from the model's own accepted answers (R)."
+    )
+    loss_weight_paraphrase: float = _f(1.0, "Loss weight of paraphrase targets' tokens.")
+    loss_weight_prefix: float = _f(
+        1.0, "Loss weight of gold-decision-prefix targets' tokens (the `prefix` tier)."
+    )
+    loss_weight_gold: float = _f(1.0, "Loss weight of gold targets' tokens (G).")
+    decision_tokens: int = _f(
+        0,
+        "The first N target tokens of every example (the answer-or-decline decision) get "
+        "train.decision_weight on top of their source weight (0 = off).",
+    )
+    decision_weight: float = _f(1.0, "Loss weight multiplier of the train.decision_tokens.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(

@@ -472,8 +472,18 @@ def plot_rg_share(runs: list[RunData], path: Path) -> bool:
                 parts[k].append(s.share(k))
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 4))
     bottom = [0.0] * len(labels)
-    colors = {"self": "tab:green", "paraphrase": "tab:olive", "gold": "tab:gray"}
-    names = {"self": "R (own answer)", "paraphrase": "paraphrase", "gold": "G (gold)"}
+    colors = {
+        "self": "tab:green",
+        "paraphrase": "tab:olive",
+        "prefix": "tab:cyan",
+        "gold": "tab:gray",
+    }
+    names = {
+        "self": "R (own answer)",
+        "paraphrase": "paraphrase",
+        "prefix": "gold decision, own words",
+        "gold": "G (gold)",
+    }
     for k, vals in parts.items():
         ax.bar(labels, vals, bottom=bottom, label=names[k], color=colors[k])
         bottom = [b + v for b, v in zip(bottom, vals)]

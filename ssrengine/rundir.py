@@ -314,13 +314,14 @@ class VerdictRow(Row):
         return verdict_key(self.id, self.judge, self.input_hash)
 
 
-SOURCES = ("self", "paraphrase", "gold")
+SOURCES = ("self", "paraphrase", "prefix", "gold")
 
 
 @dataclass(frozen=True)
 class RehearsalRow(Row):
     """A training example: the prompt and the target the model is fine-tuned on.
-    ``source`` is one of SOURCES (R = the model's own accepted answer, paraphrase, G = gold)."""
+    ``source`` is one of SOURCES (R = the model's own accepted answer, paraphrase, the base
+    model's completion of the gold decision, G = gold)."""
 
     id: str
     messages: list[dict[str, str]]
@@ -350,6 +351,7 @@ class SourceCounts:
     own: int  # "self" in JSON
     paraphrase: int
     gold: int
+    prefix: int = 0
 
     @property
     def r_share(self) -> float:
@@ -358,29 +360,38 @@ class SourceCounts:
     @classmethod
     def of(cls, rows: list[RehearsalRow]) -> SourceCounts:
         count = {s: sum(r.source == s for r in rows) for s in SOURCES}
-        return cls(len(rows), count["self"], count["paraphrase"], count["gold"])
+        return cls(len(rows), count["self"], count["paraphrase"], count["gold"], count["prefix"])
 
     def count(self, source: str) -> int:
         """Targets from ``source``, one of SOURCES."""
-        return {"self": self.own, "paraphrase": self.paraphrase, "gold": self.gold}[source]
+        return {
+            "self": self.own,
+            "paraphrase": self.paraphrase,
+            "prefix": self.prefix,
+            "gold": self.gold,
+        }[source]
 
     def share(self, source: str) -> float:
         return self.count(source) / max(self.n, 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, **{s: self.count(s) for s in SOURCES}, "R_share": self.r_share}
+        # "prefix" only where that tier ran: build stats of other runs keep their keys
+        counts = {s: self.count(s) for s in SOURCES if s != "prefix" or self.prefix}
+        return {"n": self.n, **counts, "R_share": self.r_share}
 
     @classmethod
     def from_json(cls, obj: Any, file: str, field: str) -> SourceCounts:
         if not isinstance(obj, dict):
             raise InputError("expected an object", file=file, field=field)
-        got = {}
+        got = {"prefix": 0}  # absent in build stats written before the prefix tier
         for k in ("n", *SOURCES):
+            if k == "prefix" and k not in obj:
+                continue
             v = obj.get(k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InputError(f"expected a count, got {v!r}", file=file, field=f"{field}.{k}")
             got[k] = v
-        return cls(got["n"], got["self"], got["paraphrase"], got["gold"])
+        return cls(got["n"], got["self"], got["paraphrase"], got["gold"], got["prefix"])
 
 
 BUILD_SUBSETS = ("overall", "answerable", "unanswerable")
