@@ -120,6 +120,10 @@ class JudgeConfig:
         False,
         "S3FT tier: for rejected answers, the base model paraphrases the gold answer; an accepted paraphrase becomes the target.",
     )
+    gold_answerable_share: float = _f(
+        0.0,
+        "Class-aware selection: keep accepted answerable examples as gold (hard negatives: same documents as an unanswerable gold example first, then the least sure verdicts) until answerable examples are at least this share of G; in [0, 1), 0 = off.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,6 +42,7 @@ from ssrengine.rundir import (
     read_typed,
     verdict_key,
 )
+from ssrengine.selection import answerable_gold
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,14 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
             for e in rejected:
                 if _accepted(e, para.get(e.id), pverd.get(e.id)):
                     targets[e.id] = (para[e.id].response, "paraphrase")
+        if cfg.judge.gold_answerable_share:
+            by_id = {e.id: e for e in examples}
+            sources = {i: src for i, (_, src) in targets.items()}
+            scores = {i: v.score for i, v in verdicts.items()}
+            for i in answerable_gold(
+                examples, sources, scores, cfg.judge.gold_answerable_share, cfg.train.seed
+            ):
+                targets[i] = (by_id[i].response, "gold")
     rows = [
         RehearsalRow(
             id=e.id,
