@@ -120,6 +120,10 @@ class JudgeConfig:
         False,
         "S3FT tier: for rejected answers, the base model paraphrases the gold answer; an accepted paraphrase becomes the target.",
     )
+    prefix: bool = _f(
+        False,
+        "Gold decision, own words: for rejected answers, the base model continues the gold answer's first sentence (forced as the start of its answer) up to its first sentence end; an accepted completion becomes the target (source `prefix`).",
+    )
     gold_answerable_share: float = _f(
         0.0,
         "Class-aware selection: keep accepted answerable examples as gold (hard negatives: same documents as an unanswerable gold example first, then the least sure verdicts) until answerable examples are at least this share of G; in [0, 1), 0 = off.",

@@ -61,9 +61,13 @@ def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
         return stages.run_generate(cfg, run_dir)
     if stage == "judge":
         verdicts = stages.run_judge(cfg, run_dir)
+        rejected = [e for e in stages.train_examples(cfg) if not verdicts[e.id].accept]
         if cfg.judge.paraphrase:
-            rejected = [e for e in stages.train_examples(cfg) if not verdicts[e.id].accept]
             stages.run_paraphrase(cfg, run_dir, rejected)
+        if cfg.judge.prefix:
+            from ssrengine.prefix_tier import run_prefix
+
+            run_prefix(cfg, run_dir, rejected)
         return verdicts
     if stage == "build":
         stats = stages.run_build(cfg, run_dir)

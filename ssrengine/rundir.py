@@ -38,6 +38,8 @@ GENERATIONS = "generations.jsonl"
 VERDICTS = "verdicts.jsonl"
 PARAPHRASES = "paraphrases.jsonl"
 PARAPHRASE_VERDICTS = "paraphrase_verdicts.jsonl"
+PREFIXES = "prefixes.jsonl"
+PREFIX_VERDICTS = "prefix_verdicts.jsonl"
 REHEARSAL = "rehearsal.jsonl"
 BUILD_STATS = "build_stats.json"
 METRICS = "metrics.jsonl"
@@ -109,6 +111,15 @@ class RunDir:
     @property
     def paraphrase_verdicts(self) -> Path:
         return self.root / PARAPHRASE_VERDICTS
+
+    @property
+    def prefixes(self) -> Path:
+        """Gold-decision-prefix tier: the base model's continuations (GenerationRow)."""
+        return self.root / PREFIXES
+
+    @property
+    def prefix_verdicts(self) -> Path:
+        return self.root / PREFIX_VERDICTS
 
     @property
     def rehearsal(self) -> Path:

@@ -140,9 +140,11 @@ def generate_rows(
     *,
     path: Path | None = None,
     messages_fn: Callable[[Example], list[dict[str, str]]] | None = None,
+    ids_fn: Callable[[Example], list[int]] | None = None,
 ) -> dict[str, GenerationRow]:
     """Generate an answer per example into ``path`` (default: the run's generations.jsonl);
-    returns the rows of the current key by id."""
+    returns the rows of the current key by id. ``ids_fn``: prompts as token ids instead of
+    chat messages (e.g. a prompt with the start of the answer forced)."""
     path = path or RunDir(run_dir).generations
     g = cfg.generation
     sampling = SamplingParams(
@@ -155,14 +157,20 @@ def generate_rows(
         lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
     )
     prompts = {e.id: messages_fn(e) for e in examples}
+    ids = {e.id: ids_fn(e) for e in examples} if ids_fn else None
     # Everything the answer depends on besides the model: its key changes when any of it does.
     hashes = {
-        i: content_hash([m, asdict(sampling), generator.backend, cfg.model.dtype])
+        i: content_hash(
+            [ids[i] if ids else m, asdict(sampling), generator.backend, cfg.model.dtype]
+        )
         for i, m in prompts.items()
     }
 
+    def request(i: str) -> Request:
+        return Request(input_ids=ids[i]) if ids else Request(messages=prompts[i])
+
     def work(part: Sequence[Example]) -> list[GenerationRow]:
-        outs = generator.generate([Request(messages=prompts[e.id]) for e in part], sampling)
+        outs = generator.generate([request(e.id) for e in part], sampling)
         return [
             GenerationRow(
                 id=e.id,
@@ -319,7 +327,8 @@ def _accepted(e: Example, gen: GenerationRow | None, verdict: VerdictRow | None)
 
 
 def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None) -> BuildStats:
-    """R (accepted own answers) + paraphrases + G (gold) → rehearsal.jsonl and build_stats.json."""
+    """R (accepted own answers) + paraphrases + gold-decision prefixes + G (gold) →
+    rehearsal.jsonl and build_stats.json."""
     rd = RunDir(run_dir)
     examples = examples if examples is not None else train_examples(cfg)
     targets: dict[str, tuple[str, str]] = {e.id: (e.response, "gold") for e in examples}
@@ -342,6 +351,12 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
             for e in rejected:
                 if _accepted(e, para.get(e.id), pverd.get(e.id)):
                     targets[e.id] = (para[e.id].response, "paraphrase")
+        if cfg.judge.prefix:
+            from ssrengine.prefix_tier import accepted_prefix_targets  # it imports this module
+
+            still = [e for e in examples if targets[e.id][1] == "gold"]
+            for i, text in accepted_prefix_targets(rd, still).items():
+                targets[i] = (text, "prefix")
         if cfg.judge.gold_answerable_share:
             by_id = {e.id: e for e in examples}
             sources = {i: src for i, (_, src) in targets.items()}
@@ -382,6 +397,7 @@ def format_stats(stats: BuildStats) -> str:
         if s.n:
             lines.append(
                 f"  {k:<13} n={s.n:<5} R (self)={s.own:<5} paraphrase={s.paraphrase:<5} "
-                f"G (gold)={s.gold:<5} R share={s.r_share:.1%}"
+                + (f"prefix={s.prefix:<5} " if s.prefix else "")
+                + f"G (gold)={s.gold:<5} R share={s.r_share:.1%}"
             )
     return "\n".join(lines)
