@@ -30,7 +30,7 @@ from typing import Any
 
 from ssrengine import stats
 from ssrengine.errors import InputError
-from ssrengine.io import atomic_write_text
+from ssrengine.io import atomic_write_text, read_json
 from ssrengine.metrics import DECISION_AUC, PAPER_METRICS, retention_metrics, split_stats
 from ssrengine.rundir import (
     SOURCES,
@@ -42,7 +42,6 @@ from ssrengine.rundir import (
     ProbeDetail,
     RunDir,
     SelfVsGold,
-    read_json,
     read_typed,
 )
 

@@ -25,7 +25,10 @@ def _rows(n=8):
 
 
 def _train(*extra):
-    return load_config(None, ["--train.micro_batch_size=3", "--train.max_tokens=160", *extra])
+    return load_config(
+        None,
+        ["--train.micro_batch_size=3", "--train.max_tokens=160", "--data.max_seq_len=160", *extra],
+    )
 
 
 def test_example_weights_by_source_and_decision_tokens():
@@ -36,7 +39,7 @@ def test_example_weights_by_source_and_decision_tokens():
     assert example_weights(labels, "self", t) == [0, 0, 0, 3.0, 3.0, 1.0, 1.0]
     assert weighted(t) and not weighted(_train().train)
     with pytest.raises(InputError, match=r"train\.loss_weight_self"):
-        weighted(_train("--train.loss_weight_self=-1").train)
+        _train("--train.loss_weight_self=-1")
 
 
 def _step(tiny_model_dir, cfg, impl, *, packing):
