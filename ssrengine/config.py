@@ -214,6 +214,10 @@ class TrainConfig:
         ge=0,
     )
     decision_weight: float = _f(1.0, "Loss weight multiplier of the train.decision_tokens.", ge=0)
+    loss_per_example: bool = _f(
+        False,
+        "Divide each example's token weights by its number of target tokens, so every example weighs its source weight in total however long its target (the step loss becomes the weighted mean over examples of their mean token loss).",
+    )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     keep_checkpoints: int = _f(

@@ -91,3 +91,18 @@ def test_weighted_step_is_the_weighted_token_mean_in_any_batching(tiny_model_dir
     # the weights really change the step: not the unweighted gradient
     plain = _step(tiny_model_dir, _train(), "torch", packing=True)
     assert abs(plain[1] - packed[1]) > 1e-4
+
+
+def test_per_example_normalization_is_the_mean_of_example_means(tiny_model_dir):
+    cfg = _train("--train.loss_per_example=true")
+    labels = [IGNORE_INDEX] * 2 + [5, 6, 7, 8]
+    assert example_weights(labels, "self", cfg.train) == [0, 0, 0.25, 0.25, 0.25, 0.25]
+    step = _step(tiny_model_dir, cfg, "torch", packing=True)
+    model, enc = step[3], step[4]
+    means = []
+    with torch.no_grad():
+        for e in enc:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].double()
+            means.append(float(F.cross_entropy(logits, torch.tensor(e.labels[1:]),
+                                               ignore_index=IGNORE_INDEX)))  # fmt: skip
+    assert step[1] == pytest.approx(sum(means) / len(means), rel=1e-5)
