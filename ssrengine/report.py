@@ -430,12 +430,24 @@ def markdown_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_paired_gaps(checks: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
+    """The paired 95% interval of each claim's in-domain score gap, where both runs have
+    per-question details: ``in_domain_gap_ci`` = [lo, hi]."""
+    for c in checks:
+        for comp in comparisons:
+            d = comp["splits"].get("in_domain", {}).get("score")
+            if comp["reference"] == c["sft"] and comp["run"] == c["ssr"] and d:
+                c["in_domain_gap_ci"] = [d["lo"], d["hi"]]
+
+
 def claim_lines(checks: list[dict[str, Any]]) -> list[str]:
     out = []
     for c in checks:
+        ci = c.get("in_domain_gap_ci")
+        ci_text = f" [paired 95% CI {ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
         out.append(
             f"- **{c['ssr']} vs {c['sft']}: the claim {'holds' if c['holds'] else 'does not hold'}.** "
-            f"In-domain score {c['in_domain_gap_points']:+.1f} points vs SFT "
+            f"In-domain score {c['in_domain_gap_points']:+.1f} points vs SFT{ci_text} "
             f"(target ≥ {-CLAIM_POINTS:.0f}: {'yes' if c['in_domain_ok'] else 'no'}); "
             f"average retention drop {c['ssr_avg_drop']:.1f}% vs SFT's {c['sft_avg_drop']:.1f}% "
             f"(target ≤ a third of SFT's: {'yes' if c['retention_ok'] else 'no'})."
@@ -651,6 +663,7 @@ def write_report(
     intervals = interval_tables(runs, table["splits"])
     comparisons = [paired_comparison(a, b, table["splits"]) for a, b in comparison_pairs(runs)]
     comparisons = [c for c in comparisons if c["splits"] or c["retention"]]
+    add_paired_gaps(checks, comparisons)
     plots = {
         "rg_share.png": (
             "R/G share of the rehearsal set",

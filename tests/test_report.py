@@ -224,3 +224,7 @@ def test_paired_comparison_flags_significant_differences(three_runs, tmp_path):
     assert "Paired differences" in md
     assert "- ssr vs sft: significant: MC acc +50.0." in md
     assert "**+80.0 [" in md
+    # the claim's in-domain gap carries its paired interval
+    gap = summary["paired"][2]["splits"]["in_domain"]["score"]
+    assert summary["claim"][0]["in_domain_gap_ci"] == [gap["lo"], gap["hi"]]
+    assert f"[paired 95% CI {gap['lo']:+.1f}, {gap['hi']:+.1f}]" in md
