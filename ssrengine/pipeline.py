@@ -65,9 +65,7 @@ def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
         if cfg.judge.paraphrase:
             stages.run_paraphrase(cfg, run_dir, rejected)
         if cfg.judge.prefix:
-            from ssrengine.prefix_tier import run_prefix
-
-            run_prefix(cfg, run_dir, rejected)
+            stages.run_prefix(cfg, run_dir, rejected)
         return verdicts
     if stage == "build":
         stats = stages.run_build(cfg, run_dir)

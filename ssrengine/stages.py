@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from ssrengine import prefix_tier
 from ssrengine.config import Config
 from ssrengine.data import Example, load_examples, prompt_messages
 from ssrengine.datasets import resolve_data_file
@@ -29,6 +30,7 @@ from ssrengine.generation import (
     generation_config,
     make_generator,
 )
+from ssrengine.generation.base import model_name
 from ssrengine.io import RowWriter, atomic_write_jsonl
 from ssrengine.judge import Judge, LLMJudge, RuleJudge, Verdict
 from ssrengine.rundir import (
@@ -311,6 +313,30 @@ def run_paraphrase(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[
     )
 
 
+def run_prefix(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[str, Verdict]:
+    """Gold decision, own words (`ssrengine.prefix_tier`): the base model continues the forced
+    gold decision for every rejected example; the candidates are judged."""
+    from ssrengine.models import load_tokenizer  # torch: only where the tier is on
+
+    rd = RunDir(run_dir)
+    tok = load_tokenizer(
+        model_name(cfg.model, cfg.generation), trust_remote_code=cfg.model.trust_remote_code
+    )
+    with open_generator(cfg) as gen:
+        rows = generate_rows(
+            cfg,
+            run_dir,
+            rejected,
+            gen,
+            path=rd.prefixes,
+            ids_fn=lambda e: prefix_tier.prompt_ids(tok, cfg, e),
+        )
+    cands = {e.id: prefix_tier.candidate(e, rows[e.id].response) for e in rejected}
+    return _judge_with(
+        cfg, lambda j: judge_rows(cfg, run_dir, rejected, cands, j, path=rd.prefix_verdicts)
+    )
+
+
 def _stage_rows(path: Path, cls: type[K], stage: str) -> dict[str, K]:
     """Latest row per id of a finished stage file (later rows win: they match the newest key)."""
     if not path.exists():
@@ -352,11 +378,16 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
                 if _accepted(e, para.get(e.id), pverd.get(e.id)):
                     targets[e.id] = (para[e.id].response, "paraphrase")
         if cfg.judge.prefix:
-            from ssrengine.prefix_tier import accepted_prefix_targets  # it imports this module
-
-            still = [e for e in examples if targets[e.id][1] == "gold"]
-            for i, text in accepted_prefix_targets(rd, still).items():
-                targets[i] = (text, "prefix")
+            conts = _stage_rows(rd.prefixes, GenerationRow, "judge (prefix tier)")
+            cverd = _stage_rows(rd.prefix_verdicts, VerdictRow, "judge (prefix tier)")
+            for e in examples:
+                row, v = conts.get(e.id), cverd.get(e.id)
+                if targets[e.id][1] != "gold" or row is None or not row.response.strip():
+                    continue
+                # the verdict counts only for the candidate rebuilt from this continuation
+                text = prefix_tier.candidate(e, row.response)
+                if v is not None and v.accept and v.input_hash == verdict_input_hash(e, text):
+                    targets[e.id] = (text, "prefix")
         if cfg.judge.gold_answerable_share:
             by_id = {e.id: e for e in examples}
             sources = {i: src for i, (_, src) in targets.items()}

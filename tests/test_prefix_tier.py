@@ -5,9 +5,9 @@ from ssrengine.data import encode_prompt, load_examples, parse_record, prompt_me
 from ssrengine.io import read_rows
 from ssrengine.judge import RuleJudge
 from ssrengine.models import load_model, load_tokenizer
-from ssrengine.prefix_tier import candidate, decision_prefix, first_sentence, prompt_ids, run_prefix
+from ssrengine.prefix_tier import candidate, decision_prefix, first_sentence, prompt_ids
 from ssrengine.rundir import GENERATIONS, GenerationRow, RunDir
-from ssrengine.stages import judge_rows, run_build
+from ssrengine.stages import judge_rows, run_build, run_prefix
 from tests.tiny import records, write_jsonl
 
 
