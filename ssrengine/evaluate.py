@@ -243,7 +243,8 @@ def _evaluate_splits(t: Target, opts: EvalOptions, m: Loaded) -> dict[str, Split
         examples = split_examples(spec, t.cfg, opts)
         rows = _generate(t.cfg, t.out, examples, m.gen, t.eval_dir.split(name), chat=True)
         refusal = refusal_scores(t.cfg, m, examples, opts.refusal)
-        metrics, details = task_metrics(examples, {i: r.response for i, r in rows.items()}, refusal)
+        answers = {i: r.response for i, r in rows.items()}
+        metrics, details = task_metrics(examples, answers, refusal, seed=opts.seed)
         atomic_write_jsonl(t.eval_dir.split_details(name), [d.to_json() for d in details])
         out[name] = replace(metrics, data=spec)
         p = metrics.paper or {}

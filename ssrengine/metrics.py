@@ -69,6 +69,8 @@ def task_metrics(
     examples: Sequence[Example],
     responses: dict[str, str],
     refusal_logprob: dict[str, float] | None = None,
+    *,
+    seed: int = stats.SEED,
 ) -> tuple[SplitMetrics, list[EvalDetail]]:
     """All task metrics of one split, and per-example details (eval/<split>_details.jsonl).
     ``refusal_logprob`` (by id): the decision probe's scores, giving ``paper["decision_auc"]``."""
@@ -87,7 +89,7 @@ def task_metrics(
         answer_recall=recall,
         answer_f1=_mean([d.f1 or 0.0 for d in answerable]),
         score=100 * (prf.f1 + recall) / 2,
-        paper=paper_metrics(details),
+        paper=paper_metrics(details, seed),
     )
     return metrics, details
 
