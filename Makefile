@@ -26,7 +26,7 @@ demo: $(STAMP)
 # The paper's experiment in miniature (README, "The experiment"): base vs SFT vs SSR on
 # SmolLM2-135M with the embedded data, on the CPU, then one report. EVAL_ARGS sizes the eval:
 # 200 questions per split (class-balanced; all of builtin:test and builtin:ood), the whole
-# probe (200 prompts) and MC set (300 items); fewer cannot separate the runs (README).
+# probe (200 prompts) and MC set (260 items); fewer cannot separate the runs (README).
 EXP ?= runs/experiment
 EVAL_ARGS ?= --limit 200 --probe-limit 0 --mc-limit 0
 experiment: $(STAMP)
