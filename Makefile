@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.toml
 
-.PHONY: setup demo test lint format bench experiment experiment-ablations gpu-check clean
+.PHONY: setup demo test lint format bench experiment experiment-ablations experiment-options gpu-check clean
 
 setup: $(STAMP)
 
@@ -24,9 +24,11 @@ demo: $(STAMP)
 	$(PY) -m ssrengine.train --config $(CONFIG)
 
 # The paper's experiment in miniature (README, "The experiment"): base vs SFT vs SSR on
-# SmolLM2-135M with the embedded data, on the CPU, then one report. EVAL_ARGS sizes the eval.
+# SmolLM2-135M with the embedded data, on the CPU, then one report. EVAL_ARGS sizes the eval:
+# 200 questions per split (class-balanced; all of builtin:test and builtin:ood), the whole
+# probe (200 prompts) and MC set (260 items); fewer cannot separate the runs (README).
 EXP ?= runs/experiment
-EVAL_ARGS ?= --limit 60
+EVAL_ARGS ?= --limit 200 --probe-limit 0 --mc-limit 0
 experiment: $(STAMP)
 	$(PY) -m ssrengine.models fetch smollm2-135m
 	$(PY) -m ssrengine eval smollm2-135m --config configs/experiment_sft.toml --out $(EXP)/base $(EVAL_ARGS)
@@ -53,6 +55,27 @@ experiment-ablations: $(STAMP)
 	done
 	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr $(addprefix $(EXP)/,$(ABLATIONS)) \
 	  --out $(EXP)/report-ablations
+
+# Options against the rehearsal set's weak spots (README, "Options ..."), after `make
+# experiment`, reusing the SSR run's generations: ssr-prefix (gold decision in the model's own
+# words), ssr-balanced (a third of G answerable hard negatives), ssr-decision (the first 8
+# target tokens weigh 3x), ssr-options (all three). Each trains and evals once.
+OPTIONS ?= ssr-prefix ssr-balanced ssr-decision ssr-options
+OPT_prefix = --judge.prefix=true
+OPT_balanced = --judge.gold_answerable_share=0.33
+OPT_decision = --train.decision_tokens=8 --train.decision_weight=3
+experiment-options: $(STAMP)
+	for a in $(OPTIONS); do \
+	  case $$a in ssr-prefix) o="$(OPT_prefix)";; ssr-balanced) o="$(OPT_balanced)";; \
+	              ssr-decision) o="$(OPT_decision)";; \
+	              ssr-options) o="$(OPT_prefix) $(OPT_balanced) $(OPT_decision)";; \
+	              *) echo "unknown option run $$a"; exit 1;; esac; \
+	  mkdir -p $(EXP)/$$a && cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$$a/ 2>/dev/null; \
+	  $(PY) -m ssrengine.train --config configs/experiment_ssr.toml --run.dir=$(EXP)/$$a $$o && \
+	  $(PY) -m ssrengine eval $(EXP)/$$a --base-eval $(EXP)/base $(EVAL_ARGS) || exit 1; \
+	done
+	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr $(addprefix $(EXP)/,$(OPTIONS)) \
+	  --out $(EXP)/report-options
 
 # On a CUDA GPU node (under 8 minutes): pytest -m gpu, the bf16 cross-entropy benchmark and a
 # short bf16 SSR run with FlashAttention-2 + Triton loss + packing; one JSON + PNG in

@@ -20,6 +20,7 @@ from ssrengine import IGNORE_INDEX
 from ssrengine.config import DataConfig, TrainConfig
 from ssrengine.data import encode, prompt_messages
 from ssrengine.errors import InputError
+from ssrengine.loss_weights import example_weights, shift_weights, weighted
 from ssrengine.packing import PackedBatch, model_inputs, pack, shift_labels
 from ssrengine.rundir import REHEARSAL, RehearsalRow
 
@@ -42,6 +43,14 @@ class MicroBatch:
     supervised_tokens: int  # known on the host from the data: no device sync to normalize
     real_tokens: int
     ids: list[str]
+    # (B, T) per-token loss weights aligned with labels (`ssrengine.loss_weights`); None = all 1
+    token_weights: torch.Tensor | None = None
+    supervised_weight: float | None = None  # their sum, on the host; None = supervised_tokens
+
+    @property
+    def normalizer(self) -> float:
+        """This micro-batch's share of the step's loss normalizer: the supervised weight."""
+        return self.supervised_tokens if self.supervised_weight is None else self.supervised_weight
 
 
 def encode_rows(
@@ -88,7 +97,25 @@ def encode_rows(
     return out
 
 
-def padded_batch(items: list[Encoded], pad_id: int) -> MicroBatch:
+def _weights(items: Sequence[Encoded], train: TrainConfig | None) -> list[list[float]] | None:
+    """Shifted per-token weights of each item, or None when the config weighs every token 1."""
+    if train is None or not weighted(train):
+        return None
+    return [shift_weights(example_weights(e.labels, e.source, train)) for e in items]
+
+
+def _with_weights(mb: MicroBatch, rows: list[list[float]] | None) -> MicroBatch:
+    if rows is None:
+        return mb
+    w = torch.zeros(mb.labels.shape, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        w[i, : len(r)] = torch.tensor(r)
+    mb.token_weights = w
+    mb.supervised_weight = float(sum(map(sum, rows)))
+    return mb
+
+
+def padded_batch(items: list[Encoded], pad_id: int, train: TrainConfig | None = None) -> MicroBatch:
     width = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
@@ -98,7 +125,7 @@ def padded_batch(items: list[Encoded], pad_id: int) -> MicroBatch:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(shift_labels(e.labels))
         mask[i, :n] = 1
-    return MicroBatch(
+    mb = MicroBatch(
         input_ids=ids,
         labels=labels,
         model_kwargs={"attention_mask": mask},
@@ -106,12 +133,16 @@ def padded_batch(items: list[Encoded], pad_id: int) -> MicroBatch:
         real_tokens=int(mask.sum()),
         ids=[e.id for e in items],
     )
+    return _with_weights(mb, _weights(items, train))
 
 
-def packed_micro_batch(batch: PackedBatch) -> MicroBatch:
-    """One packed row (1, T): position_ids + varlen boundaries, right for any attention impl."""
+def packed_micro_batch(
+    batch: PackedBatch, weights: dict[str, list[float]] | None = None
+) -> MicroBatch:
+    """One packed row (1, T): position_ids + varlen boundaries, right for any attention impl.
+    ``weights``: shifted token weights by example id, concatenated in packed order."""
     kwargs = model_inputs(batch, None)
-    return MicroBatch(
+    mb = MicroBatch(
         input_ids=kwargs.pop("input_ids"),
         labels=batch.labels[None],  # shifted within each example by pack()
         model_kwargs=kwargs,
@@ -119,6 +150,9 @@ def packed_micro_batch(batch: PackedBatch) -> MicroBatch:
         real_tokens=batch.num_tokens,
         ids=batch.ids,
     )
+    if weights is None:
+        return mb
+    return _with_weights(mb, [[w for i in batch.ids for w in weights[i]]])
 
 
 def micro_batches(
@@ -137,6 +171,8 @@ def micro_batches(
             [(e.input_ids, e.labels) for e in items], train.max_tokens, ids=[e.id for e in items]
         )
         rng.shuffle(bins)
-        return [packed_micro_batch(b) for b in bins]
+        w = _weights(items, train)
+        by_id = None if w is None else {e.id: x for e, x in zip(items, w)}
+        return [packed_micro_batch(b, by_id) for b in bins]
     bs = train.micro_batch_size
-    return [padded_batch(items[i : i + bs], pad_id) for i in range(0, len(items), bs)]
+    return [padded_batch(items[i : i + bs], pad_id, train) for i in range(0, len(items), bs)]

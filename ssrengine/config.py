@@ -201,6 +201,16 @@ class JudgeConfig:
         False,
         "S3FT tier: for rejected answers, the base model paraphrases the gold answer; an accepted paraphrase becomes the target.",
     )
+    prefix: bool = _f(
+        False,
+        "Gold decision, own words: for rejected answers, the base model continues the gold answer's first sentence (forced as the start of its answer) up to its first sentence end; an accepted completion becomes the target (source `prefix`).",
+    )
+    gold_answerable_share: float = _f(
+        0.0,
+        "Class-aware selection: keep accepted answerable examples as gold (hard negatives: same documents as an unanswerable gold example first, then the least sure verdicts) until answerable examples are at least this share of G (0 = off).",
+        ge=0,
+        lt=1,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,6 +263,25 @@ class TrainConfig:
     loss_impl: Literal["auto", "triton", "torch", "naive"] = _f(
         "auto",
         "Cross-entropy: fused (triton on CUDA, chunked torch on CPU), or naive full logits.",
+    )
+    loss_weight_self: float = _f(
+        1.0, "Loss weight of every target token from the model's own accepted answers (R).", ge=0
+    )
+    loss_weight_paraphrase: float = _f(1.0, "Loss weight of paraphrase targets' tokens.", ge=0)
+    loss_weight_prefix: float = _f(
+        1.0, "Loss weight of gold-decision-prefix targets' tokens (the `prefix` tier).", ge=0
+    )
+    loss_weight_gold: float = _f(1.0, "Loss weight of gold targets' tokens (G).", ge=0)
+    decision_tokens: int = _f(
+        0,
+        "The first N target tokens of every example (the answer-or-decline decision) get "
+        "train.decision_weight on top of their source weight (0 = off).",
+        ge=0,
+    )
+    decision_weight: float = _f(1.0, "Loss weight multiplier of the train.decision_tokens.", ge=0)
+    loss_per_example: bool = _f(
+        False,
+        "Divide each example's token weights by its number of target tokens, so every example weighs its source weight in total however long its target (the step loss becomes the weighted mean over examples of their mean token loss).",
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)

@@ -22,16 +22,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ssrengine import stats
 from ssrengine.checkpoint import latest_checkpoint
 from ssrengine.config import Config, build_config, load_config, parse_overrides
 from ssrengine.data import Example, load_examples, prompt_messages
 from ssrengine.datasets import resolve_data_file
+from ssrengine.datasets.builtin import GOLD_REFUSAL
 from ssrengine.errors import InputError
 from ssrengine.generation import Generator
 from ssrengine.generation.hf import HFGenerator
 from ssrengine.io import atomic_write_jsonl, atomic_write_text, read_json
 from ssrengine.judge import gold_declines
-from ssrengine.metrics import retention_metrics, task_metrics
+from ssrengine.metrics import DECISION_AUC, retention_metrics, task_metrics
 from ssrengine.models import EMBEDDED, load_model, load_tokenizer, pick_device, resolve_model_path
 from ssrengine.retention import (
     MC_FILE,
@@ -53,6 +57,7 @@ from ssrengine.rundir import (
     EvalDir,
     EvalResult,
     GenerationRow,
+    MCDetail,
     ProbeDetail,
     RunDir,
     SelfVsGold,
@@ -73,18 +78,27 @@ DEFAULT_SPLITS = (("in_domain", "builtin:test"), ("out_of_domain", "builtin:ood"
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions:
     splits: tuple[tuple[str, str], ...] = DEFAULT_SPLITS  # (name, data spec)
-    limit: int = 100  # examples per split (0 = all)
+    # Questions per split (0 = all): half answerable, half unanswerable, drawn with ``seed``.
+    limit: int = 100
+    seed: int = 0  # the subsets drawn under every limit, and the bootstrap resamples
+    # The other parts of eval; None = bounded by ``limit`` too, so a small eval is fast.
     probe_file: str = ""  # empty = the shipped probe
-    probe_limit: int = 0
+    probe_limit: int | None = None
     mc_file: str = ""  # empty = the shipped multiple-choice set
-    mc_limit: int = 0
-    self_vs_gold_limit: int = 128  # training examples scored for the paper's Figure 1
+    mc_limit: int | None = None
+    self_vs_gold_limit: int | None = None  # training examples scored for the paper's Figure 1
     lm_eval: str = "auto"  # auto: run where lm-eval is installed; on; off
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_local: tuple[str, ...] = ()  # empty = the shipped multiple-choice set
-    lm_eval_limit: int = 0
+    lm_eval_limit: int | None = None
+    # The decision probe: log p(refusal | prompt) per question, ranked between the classes.
+    refusal: str = GOLD_REFUSAL
     lm_eval_batch_size: int = 8
     base_eval: str = ""  # an earlier eval of the base: reuse its probe answers
+
+    def bound(self, part: int | None) -> int:
+        """A part's own limit, or the split limit where it has none (0 = all)."""
+        return self.limit if part is None else part
 
 
 @dataclass(frozen=True)
@@ -205,27 +219,51 @@ def _generate(
 
 
 # ------------------------------------------------------------------------------ eval run
-def _evaluate_splits(t: Target, opts: EvalOptions, gen: Generator) -> dict[str, SplitMetrics]:
+def split_examples(spec: str, cfg: Config, opts: EvalOptions) -> list[Example]:
+    """A split's questions under ``opts.limit``: class-balanced and seeded, in file order."""
+    path = resolve_data_file(spec, cfg.data.seed)
+    examples = load_examples(path, on_invalid=cfg.data.on_invalid)
+    return stats.balanced_subset(
+        examples, [gold_declines(e) for e in examples], opts.limit, opts.seed
+    )
+
+
+def refusal_scores(
+    cfg: Config, m: Loaded, examples: list[Example], refusal: str
+) -> dict[str, float]:
+    """The decision probe: log p(refusal | prompt) per question under the model, one packed
+    forward per question and no generation. The prompt is the one the answers were generated
+    from; the refusal is the same text for every question, so sums compare directly."""
+    prompts = [prompt_messages(e.messages, e.documents, cfg.data.system_prompt) for e in examples]
+    scores = score_sequences(m.lm, chat_sequences(m.tok, prompts, [refusal] * len(examples)))
+    return {e.id: lp for e, (lp, _) in zip(examples, scores)}
+
+
+def _evaluate_splits(t: Target, opts: EvalOptions, m: Loaded) -> dict[str, SplitMetrics]:
     out = {}
     for name, spec in opts.splits:
-        path = resolve_data_file(spec, t.cfg.data.seed)
-        examples = load_examples(path, on_invalid=t.cfg.data.on_invalid, max_examples=opts.limit)
-        rows = _generate(t.cfg, t.out, examples, gen, t.eval_dir.split(name), chat=True)
-        metrics, details = task_metrics(examples, {i: r.response for i, r in rows.items()})
+        examples = split_examples(spec, t.cfg, opts)
+        rows = _generate(t.cfg, t.out, examples, m.gen, t.eval_dir.split(name), chat=True)
+        refusal = refusal_scores(t.cfg, m, examples, opts.refusal)
+        answers = {i: r.response for i, r in rows.items()}
+        metrics, details = task_metrics(examples, answers, refusal, seed=opts.seed)
         atomic_write_jsonl(t.eval_dir.split_details(name), [d.to_json() for d in details])
         out[name] = replace(metrics, data=spec)
+        p = metrics.paper or {}
         log.info(
-            "%s: score %.1f  unanswerable F1 %.3f  answer recall %.3f  (n=%d)",
+            "%s: answerable acc %.3f  unanswerable acc %.3f  answer recall %.3f  "
+            "decision AUC %.3f  (n=%d)",
             name,
-            metrics.score,
-            metrics.unanswerable.f1,
-            metrics.answer_recall,
+            p["answerable_acc"]["value"],
+            p["unanswerable_acc"]["value"],
+            p["answer_recall"]["value"],
+            p.get(DECISION_AUC, {}).get("value", float("nan")),
             metrics.n,
         )
     return out
 
 
-def self_vs_gold(t: Target, model: Any, tok: Any, limit: int) -> SelfVsGold | None:
+def self_vs_gold(t: Target, model: Any, tok: Any, limit: int, seed: int = 0) -> SelfVsGold | None:
     """Paper Figure 1: per-token log-probability of gold vs the model's own training answers
     under the base model, for an SSR run that has generations.jsonl."""
     if t.run_dir is None or not RunDir(t.run_dir).generations.exists():
@@ -236,7 +274,7 @@ def self_vs_gold(t: Target, model: Any, tok: Any, limit: int) -> SelfVsGold | No
         {r.id: r for r in read_typed(rd.verdicts, VerdictRow)} if rd.verdicts.exists() else {}
     )
     examples = [e for e in prepare(t.cfg) if e.id in gens and gens[e.id].response.strip()]
-    examples = examples[:limit] if limit else examples
+    examples = stats.balanced_subset(examples, [gold_declines(e) for e in examples], limit, seed)
     if not examples:
         return None
     prompts = [prompt_messages(e.messages, e.documents, t.cfg.data.system_prompt) for e in examples]
@@ -275,7 +313,7 @@ def _lm_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
         str(resolve_model_path(t.model)),
         tasks=opts.lm_eval_tasks,
         local_files=local,
-        limit=opts.lm_eval_limit,
+        limit=opts.bound(opts.lm_eval_limit),
         batch_size=opts.lm_eval_batch_size,
         device=str(pick_device(t.cfg.model.device)),
         dtype=t.cfg.model.dtype,
@@ -312,7 +350,7 @@ def _own_answer_scores(
 
 
 def _retention(
-    t: Target, m: Loaded, probe: _Probe, mc: list[MCItem], *, is_base: bool
+    t: Target, m: Loaded, probe: _Probe, mc: list[MCItem], *, is_base: bool, seed: int
 ) -> dict[str, Any]:
     """Probe accuracy, multiple-choice accuracy and own-answer likelihood of the model ``m``."""
     rows = (
@@ -325,7 +363,13 @@ def _retention(
     own, ref = own_answer_stats(lp), own_answer_stats(probe.base_scores)
     own["drift_per_token"] = own["logprob_per_token"] - ref["logprob_per_token"]
     own["base_logprob_per_token"] = ref["logprob_per_token"]
+    n = len(probe.items)
+    per_token = stats.ratio_stat([s for s, _ in lp], [k for _, k in lp])
+    own["ci"] = stats.estimate(lambda idx: np.exp(per_token(idx)), n, seed=seed)
     pm = probe_metrics(probe.items, answers)
+    pm["ci"] = stats.estimate(
+        stats.mean_stat([pm["correct"][p.id] for p in probe.items]), n, seed=seed
+    )
     details = [
         ProbeDetail(
             id=p.id,
@@ -339,29 +383,37 @@ def _retention(
     ]
     atomic_write_jsonl(t.eval_dir.probe_details, [d.to_json() for d in details])
     pm.pop("correct")
-    return {"probe": pm, "mc": mc_accuracy(m.lm, m.tok, mc), "own_answers": own}
+    mcm = mc_accuracy(m.lm, m.tok, mc)
+    correct = mcm.pop("correct")
+    mcm["ci"] = stats.estimate(stats.mean_stat(correct), len(mc), seed=seed)
+    atomic_write_jsonl(
+        t.eval_dir.mc_details, [MCDetail(it.id, c).to_json() for it, c in zip(mc, correct)]
+    )
+    return {"probe": pm, "mc": mcm, "own_answers": own}
 
 
 def run_eval(t: Target, opts: EvalOptions) -> EvalResult:
     """Evaluate ``t``; write and return OUT/eval/eval.json."""
     t0 = time.perf_counter()
     t.eval_dir.root.mkdir(parents=True, exist_ok=True)
-    items = load_probe(opts.probe_file or None, opts.probe_limit)
+    items = stats.seeded_subset(
+        load_probe(opts.probe_file or None), opts.bound(opts.probe_limit), opts.seed
+    )
     probe_ex = [p.example() for p in items]
-    mc = load_mc(opts.mc_file or None, opts.mc_limit)
+    mc = stats.seeded_subset(load_mc(opts.mc_file or None), opts.bound(opts.mc_limit), opts.seed)
     same = t.model == t.base
     with _loaded(t.cfg, t.base) as base:
         _seed_base_answers(t.eval_dir, opts.base_eval)
         base_rows = _generate(t.cfg, t.out, probe_ex, base.gen, t.eval_dir.probe_base, chat=False)
         probe = _Probe(items, probe_ex, base_rows, _own_answer_scores(base, probe_ex, base_rows))
-        fig1 = self_vs_gold(t, base.lm, base.tok, opts.self_vs_gold_limit)
+        fig1 = self_vs_gold(t, base.lm, base.tok, opts.bound(opts.self_vs_gold_limit), opts.seed)
         if same:
-            splits = _evaluate_splits(t, opts, base.gen)
-            retention = _retention(t, base, probe, mc, is_base=True)
+            splits = _evaluate_splits(t, opts, base)
+            retention = _retention(t, base, probe, mc, is_base=True, seed=opts.seed)
     if not same:
         with _loaded(t.cfg, t.model) as m:
-            splits = _evaluate_splits(t, opts, m.gen)
-            retention = _retention(t, m, probe, mc, is_base=False)
+            splits = _evaluate_splits(t, opts, m)
+            retention = _retention(t, m, probe, mc, is_base=False, seed=opts.seed)
     retention["lm_eval"] = _lm_eval(t, opts)
     result = EvalResult(
         name=t.name,
@@ -392,7 +444,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--base", help="base model for the drift reference (default: the run's model.path)"
     )
     p.add_argument(
-        "--limit", type=int, default=100, help="examples per split, 0 = all (default 100)"
+        "--limit",
+        type=int,
+        default=100,
+        help="questions per split, half answerable and half unanswerable, drawn with --seed; "
+        "also bounds the probe, MC set, Figure 1 and lm-eval unless their own limit is given; "
+        "0 = all (default 100)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the limited subsets and the bootstrap"
+    )
+    p.add_argument(
+        "--refusal",
+        default=GOLD_REFUSAL,
+        help=f"refusal text of the decision probe (default {GOLD_REFUSAL!r})",
     )
     p.add_argument(
         "--split",
@@ -402,11 +467,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "in_domain=builtin:test and out_of_domain=builtin:ood)",
     )
     p.add_argument("--probe-file", default="", help="retention probe JSONL (default: shipped)")
-    p.add_argument("--probe-limit", type=int, default=0, help="probe prompts, 0 = all")
+    p.add_argument("--probe-limit", type=int, help="probe prompts, 0 = all (default: as --limit)")
     p.add_argument("--mc-file", default="", help="multiple-choice JSONL (default: shipped)")
-    p.add_argument("--mc-limit", type=int, default=0, help="multiple-choice items, 0 = all")
     p.add_argument(
-        "--self-vs-gold-limit", type=int, default=128, help="training examples for Figure 1"
+        "--mc-limit", type=int, help="multiple-choice items, 0 = all (default: as --limit)"
+    )
+    p.add_argument(
+        "--self-vs-gold-limit",
+        type=int,
+        help="training examples for Figure 1, 0 = all (default: as --limit)",
     )
     p.add_argument(
         "--lm-eval",
@@ -426,7 +495,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="local multiple-choice JSONL as an lm-eval task (repeatable; default: the shipped set)",
     )
     p.add_argument(
-        "--lm-eval-limit", type=int, default=0, help="examples per lm-eval task, 0 = all"
+        "--lm-eval-limit",
+        type=int,
+        help="examples per lm-eval task, 0 = all (default: as --limit)",
     )
     p.add_argument("--lm-eval-batch-size", type=int, default=8)
     p.add_argument(
@@ -449,6 +520,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     return EvalOptions(
         splits=splits,
         limit=args.limit,
+        seed=args.seed,
+        refusal=args.refusal,
         probe_file=args.probe_file,
         probe_limit=args.probe_limit,
         mc_file=args.mc_file,
@@ -476,6 +549,13 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def summary_line(res: EvalResult) -> str:
     parts = [f"{res.name} ({res.mode})"]
-    parts += [f"{name} {m.score:.1f}" for name, m in res.splits.items()]
+    for name, m in res.splits.items():
+        p = m.paper or {}
+        parts += [
+            f"{name}: ans.acc {p['answerable_acc']['value']:.3f} "
+            f"unans.acc {p['unanswerable_acc']['value']:.3f} "
+            f"recall {p['answer_recall']['value']:.3f} "
+            f"AUC {p.get(DECISION_AUC, {}).get('value', float('nan')):.3f}"
+        ]
     parts += [f"{k} {v:.3f}" for k, v in res.retention_metrics.items()]
     return "  ".join(parts)

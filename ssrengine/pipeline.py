@@ -143,9 +143,11 @@ def run_stage(
     if stage == "judge":
         gens = stages.current_generations(cfg, run_dir, examples)
         verdicts = stages.run_judge(cfg, run_dir, examples)
+        rejected = [e for e in examples if not verdicts[e.id].accept]
         if cfg.judge.paraphrase:
-            rejected = [e for e in examples if not verdicts[e.id].accept]
             stages.run_paraphrase(cfg, run_dir, rejected)
+        if cfg.judge.prefix:
+            stages.run_prefix(cfg, run_dir, rejected)
         output = content_hash([[i, v.accept, v.score] for i, v in sorted(verdicts.items())])
         _record(cfg, rd, stage, rows_hash(gens.values()), output)
         return verdicts

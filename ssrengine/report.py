@@ -5,6 +5,13 @@ build_stats.json are used where present. The base is the run evaluated as a mode
 "base") or --base. Per retention metric the relative drop vs base is 100 * (base - run) / base;
 "avg drop" is its mean over the metrics every compared run has: the paper's headline number.
 
+Task metrics are the paper's, separately (answerable/unanswerable accuracy and F1, token recall
+on answerable questions, decline rates, the decision probe's AUC), each with its 95% bootstrap
+interval from eval.json; the composite score is a secondary column. Runs are compared with
+*paired* bootstrap intervals on the questions (probe prompts, MC items) both runs answered, read
+from the per-item files of eval/: every run against the base, and every other run against the
+first SFT run; a difference whose interval excludes 0 is marked significant.
+
 Outputs in --out: report.md (PNG links), report.html (self-contained, images inlined),
 summary.json, and the plots: rg_share.png, loss_curves.png, logprob_hist.png (paper Figure 1),
 confusion.png (Figure 3), retention.png.
@@ -23,14 +30,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ssrengine import stats
 from ssrengine.errors import InputError
 from ssrengine.io import atomic_write_text, read_json
-from ssrengine.metrics import retention_metrics
+from ssrengine.metrics import DECISION_AUC, PAPER_METRICS, retention_metrics, split_stats
 from ssrengine.rundir import (
     SOURCES,
     BuildStats,
+    EvalDetail,
     EvalResult,
+    MCDetail,
     MetricRow,
+    ProbeDetail,
     RunDir,
     SelfVsGold,
     read_typed,
@@ -58,6 +69,9 @@ class RunData:
     metrics: list[MetricRow] = field(default_factory=list)
     build: BuildStats | None = None
     fig1: SelfVsGold | None = None
+    details: dict[str, list[EvalDetail]] = field(default_factory=dict)  # by split
+    probe_correct: dict[str, bool] = field(default_factory=dict)  # by probe id
+    mc_correct: dict[str, bool] = field(default_factory=dict)  # by MC item id
 
     @property
     def mode(self) -> str:
@@ -78,7 +92,24 @@ def load_run(path: str | Path) -> RunData:
     fig1 = (
         SelfVsGold.from_json(read_json(fig1_path), str(fig1_path)) if fig1_path.is_file() else None
     )
-    return RunData(data.name or rd.root.name, rd.root, data, metrics, build, fig1)
+    details = {
+        s: list(read_typed(rd.eval.split_details(s), EvalDetail))
+        for s in data.splits
+        if rd.eval.split_details(s).is_file()
+    }
+    probe = (
+        {d.id: d.correct for d in read_typed(rd.eval.probe_details, ProbeDetail)}
+        if rd.eval.probe_details.is_file()
+        else {}
+    )
+    mc = (
+        {d.id: d.correct for d in read_typed(rd.eval.mc_details, MCDetail)}
+        if rd.eval.mc_details.is_file()
+        else {}
+    )
+    return RunData(
+        data.name or rd.root.name, rd.root, data, metrics, build, fig1, details, probe, mc
+    )
 
 
 def relative_drops(
@@ -106,9 +137,15 @@ def build_table(runs: list[RunData], base: RunData | None) -> dict[str, Any]:
         row["R_share"] = r.build.overall.r_share if r.build else None
         for s in splits:
             m = r.eval.splits[s]
-            row[f"{s}/score"] = m.score
-            row[f"{s}/unans_f1"] = 100 * m.unanswerable.f1
+            c = m.confusion.matrix
+            # from the confusion matrix, so evals made before `paper` existed still show them
+            row[f"{s}/answerable_acc"] = 100 * c[0][0] / max(sum(c[0]), 1)
+            row[f"{s}/unanswerable_acc"] = 100 * c[1][1] / max(sum(c[1]), 1)
             row[f"{s}/answer_recall"] = 100 * m.answer_recall
+            row[f"{s}/unans_f1"] = 100 * m.unanswerable.f1
+            auc = (m.paper or {}).get(DECISION_AUC)
+            row[f"{s}/{DECISION_AUC}"] = auc["value"] if auc else None
+            row[f"{s}/score"] = m.score
         rm = r.eval.retention_metrics
         for k in keys:
             row[k] = rm[k]
@@ -154,6 +191,212 @@ def claim_check(table: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# -------------------------------------------------------------------- intervals, paired tests
+METRIC_LABELS = {
+    "answerable_acc": "ans. acc",
+    "unanswerable_acc": "unans. acc",
+    "accuracy": "acc",
+    "answerable_f1": "ans. F1",
+    "unanswerable_f1": "unans. F1",
+    "answer_recall": "ans. recall",
+    "decline_answerable": "declines ans.",
+    "decline_unanswerable": "declines unans.",
+    "score": "score (composite)",
+    DECISION_AUC: "decision AUC",
+    "probe_acc": "probe acc",
+    "mc_acc": "MC acc",
+    "own_answer_prob": "own-answer p/token",
+}
+# metrics in [0, 1] are shown in points; the composite already is; AUC stays a probability
+_SCALE = {"score": 1.0, DECISION_AUC: 1.0}
+# what the paired comparison tests, per split
+COMPARED = (
+    "answerable_acc",
+    "unanswerable_acc",
+    "answerable_f1",
+    "unanswerable_f1",
+    "answer_recall",
+    DECISION_AUC,
+    "score",
+)
+
+
+def _scaled(metric: str, v: dict[str, Any]) -> dict[str, Any]:
+    k = _SCALE.get(metric, 100.0)
+    return {**v, **{x: v[x] * k for x in ("value", "lo", "hi") if x in v}}
+
+
+def interval_tables(runs: list[RunData], splits: list[str]) -> dict[str, Any]:
+    """Per split: every run's paper metrics with 95% intervals (points; AUC as a probability);
+    and every run's retention metrics with theirs. Evals without intervals are left out."""
+    task: dict[str, list[dict[str, Any]]] = {}
+    for s in splits:
+        rows = []
+        for r in runs:
+            paper = r.eval.splits[s].paper
+            if paper:
+                rows.append({"run": r.name, **{k: _scaled(k, v) for k, v in paper.items()}})
+        task[s] = rows
+    retention = []
+    for r in runs:
+        ret = r.eval.retention
+        got = {
+            "probe_acc": ret.get("probe", {}).get("ci"),
+            "mc_acc": ret.get("mc", {}).get("ci"),
+            "own_answer_prob": ret.get("own_answers", {}).get("ci"),
+        }
+        if any(got.values()):
+            retention.append(
+                {"run": r.name, **{k: _scaled(k, v) for k, v in got.items() if v is not None}}
+            )
+    return {"task": task, "retention": retention}
+
+
+def comparison_pairs(runs: list[RunData]) -> list[tuple[RunData, RunData]]:
+    """(reference, run): every run against the base, every other run against the first SFT."""
+    base = next((r for r in runs if r.mode == "base"), None)
+    sft = next((r for r in runs if r.mode == "sft"), None)
+    pairs = []
+    for r in runs:
+        if base is not None and r is not base:
+            pairs.append((base, r))
+        if sft is not None and r is not sft and r is not base:
+            pairs.append((sft, r))
+    return pairs
+
+
+def _paired_items(
+    a: dict[str, bool], b: dict[str, bool], seed: int
+) -> dict[str, float | bool] | None:
+    ids = [i for i in a if i in b]
+    if not ids:
+        return None
+    d = stats.paired_difference(
+        stats.mean_stat([a[i] for i in ids]),
+        stats.mean_stat([b[i] for i in ids]),
+        len(ids),
+        seed=seed,
+    )
+    return {**_scaled("", d), "n": len(ids)}
+
+
+def paired_comparison(
+    a: RunData, b: RunData, splits: list[str], seed: int = stats.SEED
+) -> dict[str, Any]:
+    """b − a on the items both answered, with paired 95% bootstrap intervals: per split the
+    `COMPARED` task metrics (questions resampled within each gold class), and probe / MC
+    accuracy. Metrics without per-item files on both sides are left out."""
+    out: dict[str, Any] = {"reference": a.name, "run": b.name, "splits": {}, "retention": {}}
+    for s in splits:
+        da = {d.id: d for d in a.details.get(s, [])}
+        db = {d.id: d for d in b.details.get(s, [])}
+        ids = [i for i in da if i in db and da[i].unanswerable == db[i].unanswerable]
+        if not ids:
+            continue
+        sa, sb = split_stats([da[i] for i in ids]), split_stats([db[i] for i in ids])
+        strata = [int(da[i].unanswerable) for i in ids]
+        diffs: dict[str, Any] = {"n": len(ids)}
+        for k in COMPARED:
+            if k in sa and k in sb:
+                d = stats.paired_difference(sa[k], sb[k], len(ids), strata=strata, seed=seed)
+                diffs[k] = _scaled(k, d)
+        out["splits"][s] = diffs
+    for key, att in (("probe_acc", "probe_correct"), ("mc_acc", "mc_correct")):
+        d = _paired_items(getattr(a, att), getattr(b, att), seed)
+        if d is not None:
+            out["retention"][key] = d
+    return out
+
+
+def _ci(v: dict[str, Any] | None, digits: int, *, sign: bool = False) -> str:
+    if not v:
+        return "–"
+    if any(isinstance(v[k], float) and math.isnan(v[k]) for k in ("value", "lo", "hi")):
+        return "–"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    text = f"{f.format(v['value'])} [{v['lo']:.{digits}f}, {v['hi']:.{digits}f}]"
+    return f"**{text}**" if v.get("significant") else text
+
+
+def _digits(metric: str) -> int:
+    return 3 if metric == DECISION_AUC else 1
+
+
+def interval_markdown(tables: dict[str, Any]) -> list[str]:
+    out = []
+    for s, rows in tables["task"].items():
+        if not rows:
+            continue
+        keys = [k for k in (*PAPER_METRICS, DECISION_AUC) if all(k in r for r in rows)]
+        out += [f"### {SPLIT_LABELS.get(s, s)}: task metrics with 95% bootstrap intervals", ""]
+        out.append("| run | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |")
+        out.append("|" + "---|" * (len(keys) + 1))
+        for r in rows:
+            out.append(f"| {r['run']} | " + " | ".join(_ci(r[k], _digits(k)) for k in keys) + " |")
+        out.append("")
+    rows = tables["retention"]
+    if rows:
+        keys = [k for k in ("probe_acc", "mc_acc", "own_answer_prob") if all(k in r for r in rows)]
+        out += ["### Retention with 95% bootstrap intervals (points)", ""]
+        out.append("| run | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |")
+        out.append("|" + "---|" * (len(keys) + 1))
+        for r in rows:
+            out.append(f"| {r['run']} | " + " | ".join(_ci(r[k], 1) for k in keys) + " |")
+        out.append("")
+    return out
+
+
+def paired_markdown(comparisons: list[dict[str, Any]]) -> list[str]:
+    """One row per (pair, split): each difference with its paired interval; significant ones
+    (interval excludes 0) in bold."""
+    if not comparisons:
+        return []
+    out = [
+        "### Paired differences (run − reference, same questions; **bold** = significant)",
+        "",
+        "| run − reference | split | n | "
+        + " | ".join(METRIC_LABELS[k] for k in COMPARED)
+        + " | probe acc | MC acc |",
+        "|" + "---|" * (len(COMPARED) + 5),
+    ]
+    for c in comparisons:
+        ret = c["retention"]
+        for j, (s, d) in enumerate(c["splits"].items()):
+            cells = [_ci(d.get(k), _digits(k), sign=True) for k in COMPARED]
+            extra = [
+                _ci(ret.get(k), 1, sign=True) if j == 0 else "" for k in ("probe_acc", "mc_acc")
+            ]
+            out.append(
+                f"| {c['run']} − {c['reference']} | {SPLIT_LABELS.get(s, s)} | {d['n']} | "
+                + " | ".join(cells + extra)
+                + " |"
+            )
+    out.append("")
+    return out
+
+
+def significant_lines(comparisons: list[dict[str, Any]]) -> list[str]:
+    """A sentence per pair naming its significant differences (or saying there are none)."""
+    out = []
+    for c in comparisons:
+        sig = [
+            f"{METRIC_LABELS[k]} ({SPLIT_LABELS.get(s, s)}) {d[k]['value']:+.{_digits(k)}f}"
+            for s, d in c["splits"].items()
+            for k in COMPARED
+            if k in d and d[k]["significant"]
+        ]
+        sig += [
+            f"{METRIC_LABELS[k]} {d['value']:+.1f}"
+            for k, d in c["retention"].items()
+            if d["significant"]
+        ]
+        head = f"- {c['run']} vs {c['reference']}: "
+        out.append(
+            head + ("significant: " + "; ".join(sig) + "." if sig else "no significant difference.")
+        )
+    return out
+
+
 # ------------------------------------------------------------------------------ formatting
 def _fmt(v: Any, digits: int = 1) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -169,9 +412,12 @@ def table_columns(table: dict[str, Any]) -> list[tuple[str, str, int]]:
     for s in table["splits"]:
         lab = SPLIT_LABELS.get(s, s)
         cols += [
-            (f"{lab} score", f"{s}/score", 1),
-            (f"{lab} unans. F1", f"{s}/unans_f1", 1),
+            (f"{lab} ans. acc", f"{s}/answerable_acc", 1),
+            (f"{lab} unans. acc", f"{s}/unanswerable_acc", 1),
             (f"{lab} ans. recall", f"{s}/answer_recall", 1),
+            (f"{lab} unans. F1", f"{s}/unans_f1", 1),
+            (f"{lab} decision AUC", f"{s}/{DECISION_AUC}", 3),
+            (f"{lab} score (composite)", f"{s}/score", 1),
         ]
     for k in table["retention_keys"]:
         cols.append((RETENTION_LABELS.get(k, k.removeprefix("lm_eval:")), k, 3))
@@ -188,12 +434,24 @@ def markdown_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_paired_gaps(checks: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
+    """The paired 95% interval of each claim's in-domain score gap, where both runs have
+    per-question details: ``in_domain_gap_ci`` = [lo, hi]."""
+    for c in checks:
+        for comp in comparisons:
+            d = comp["splits"].get("in_domain", {}).get("score")
+            if comp["reference"] == c["sft"] and comp["run"] == c["ssr"] and d:
+                c["in_domain_gap_ci"] = [d["lo"], d["hi"]]
+
+
 def claim_lines(checks: list[dict[str, Any]]) -> list[str]:
     out = []
     for c in checks:
+        ci = c.get("in_domain_gap_ci")
+        ci_text = f" [paired 95% CI {ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
         out.append(
             f"- **{c['ssr']} vs {c['sft']}: the claim {'holds' if c['holds'] else 'does not hold'}.** "
-            f"In-domain score {c['in_domain_gap_points']:+.1f} points vs SFT "
+            f"In-domain score {c['in_domain_gap_points']:+.1f} points vs SFT{ci_text} "
             f"(target ≥ {-CLAIM_POINTS:.0f}: {'yes' if c['in_domain_ok'] else 'no'}); "
             f"average retention drop {c['ssr_avg_drop']:.1f}% vs SFT's {c['sft_avg_drop']:.1f}% "
             f"(target ≤ a third of SFT's: {'yes' if c['retention_ok'] else 'no'})."
@@ -236,8 +494,18 @@ def plot_rg_share(runs: list[RunData], path: Path) -> bool:
                 parts[k].append(s.share(k))
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 4))
     bottom = [0.0] * len(labels)
-    colors = {"self": "tab:green", "paraphrase": "tab:olive", "gold": "tab:gray"}
-    names = {"self": "R (own answer)", "paraphrase": "paraphrase", "gold": "G (gold)"}
+    colors = {
+        "self": "tab:green",
+        "paraphrase": "tab:olive",
+        "prefix": "tab:cyan",
+        "gold": "tab:gray",
+    }
+    names = {
+        "self": "R (own answer)",
+        "paraphrase": "paraphrase",
+        "prefix": "gold decision, own words",
+        "gold": "G (gold)",
+    }
     for k, vals in parts.items():
         ax.bar(labels, vals, bottom=bottom, label=names[k], color=colors[k])
         bottom = [b + v for b, v in zip(bottom, vals)]
@@ -395,9 +663,14 @@ def plot_retention(table: dict[str, Any], path: Path) -> bool:
 # ---------------------------------------------------------------------------------- report
 NOTES = """\
 **Metrics.** Task (per split): an answer *declines* when it says the documents do not contain
-the answer (`judge.is_refusal`). *unans. F1*: F1 of detecting unanswerable questions by
-declining. *ans. recall*: token recall of the answers to answerable questions (a declined one
-scores 0). *score*: mean of the two, in points. Retention (higher is better): *probe acc*,
+the answer (`judge.is_refusal`). *ans. acc* / *unans. acc*: share of answerable questions
+answered / unanswerable questions declined. *ans. F1* / *unans. F1*: F1 of each class, predicted
+by answering / declining. *ans. recall*: token recall of the answers to answerable questions (a
+declined one scores 0). *decision AUC*: how well log p(refusal | prompt) ranks unanswerable above
+answerable questions (0.5 = no signal; no generation involved). *score (composite)*: mean of
+unans. F1 and ans. recall, in points; secondary. Intervals: 95% seeded bootstrap over questions
+(within each gold class) or probe/MC items; paired intervals resample the same items for both
+runs. Retention (higher is better): *probe acc*,
 greedy answers to general prompts outside the task judged against reference aliases;
 *MC acc*, log-likelihood multiple choice on general questions (lm-eval's `acc`);
 *own-answer p/token*, exp(mean log-probability per token) of the base model's own answers to
@@ -513,6 +786,10 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     table = build_table(runs, base)
     checks = claim_check(table)
+    intervals = interval_tables(runs, table["splits"])
+    comparisons = [paired_comparison(a, b, table["splits"]) for a, b in comparison_pairs(runs)]
+    comparisons = [c for c in comparisons if c["splits"] or c["retention"]]
+    add_paired_gaps(checks, comparisons)
     plots = {
         "rg_share.png": (
             "R/G share of the rehearsal set",
@@ -539,15 +816,21 @@ def write_report(
     about = runs_section(runs) + drop_warnings(runs, base)
     md = [f"# {title}", "", base_line, "", markdown_table(table), ""]
     md += claim_lines(checks) + ([""] if checks else [])
+    stat_md = interval_markdown(intervals) + paired_markdown(comparisons)
+    stat_md += significant_lines(comparisons) + ([""] if comparisons else [])
+    md += stat_md
     md += about
     md += [NOTES, ""]
     for f, cap in made:
         md += [f"## {cap}", "", f"![{cap}]({f})", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_text(out / "report.html", _html(title, base_line, table, checks, made, out, about))
+    page = _html(title, base_line, table, checks, made, out, stat_md + about)
+    atomic_write_text(out / "report.html", page)
     summary = {
         "base": base.name if base else None,
         "table": table,
+        "intervals": intervals,
+        "paired": comparisons,
         "claim": checks,
         "plots": [f for f, _ in made],
     }
@@ -562,7 +845,7 @@ def _html(
     checks: list[dict[str, Any]],
     plots: list[tuple[str, str]],
     out: Path,
-    about: list[str],
+    extra_md: list[str],
 ) -> str:
     cols = table_columns(table)
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in cols)
@@ -583,7 +866,7 @@ def _html(
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
         "img{max-width:100%}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{md_inline(base_line)}</p>"
-        f"<table><tr>{head}</tr>{body}</table><ul>{claims}</ul>{md_blocks(about)}{notes}{imgs}"
+        f"<table><tr>{head}</tr>{body}</table><ul>{claims}</ul>{md_blocks(extra_md)}{notes}{imgs}"
         "</body></html>\n"
     )
 

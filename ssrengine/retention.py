@@ -151,7 +151,7 @@ def mc_sequences(tokenizer: Any, item: MCItem) -> list[tuple[list[int], list[int
 
 def mc_accuracy(model: Any, tokenizer: Any, items: Sequence[MCItem]) -> dict[str, Any]:
     """lm-eval's ``acc`` (argmax log-likelihood) and ``acc_norm`` (divided by choice length in
-    characters) on ``items``."""
+    characters) on ``items``; ``correct``: per item, whether its argmax is the answer."""
     seqs, owner = [], []
     for k, it in enumerate(items):
         for s in mc_sequences(tokenizer, it):
@@ -167,7 +167,7 @@ def mc_accuracy(model: Any, tokenizer: Any, items: Sequence[MCItem]) -> dict[str
         for it, v in zip(items, ll)
     ]
     n = max(len(items), 1)
-    return {"acc": sum(acc) / n, "acc_norm": sum(norm) / n, "n": len(items)}
+    return {"acc": sum(acc) / n, "acc_norm": sum(norm) / n, "n": len(items), "correct": acc}
 
 
 # ----------------------------------------------------------------------------- scoring

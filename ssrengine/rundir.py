@@ -40,6 +40,8 @@ GENERATIONS = "generations.jsonl"
 VERDICTS = "verdicts.jsonl"
 PARAPHRASES = "paraphrases.jsonl"
 PARAPHRASE_VERDICTS = "paraphrase_verdicts.jsonl"
+PREFIXES = "prefixes.jsonl"
+PREFIX_VERDICTS = "prefix_verdicts.jsonl"
 REHEARSAL = "rehearsal.jsonl"
 BUILD_STATS = "build_stats.json"
 PROVENANCE = "provenance.json"
@@ -76,6 +78,11 @@ class EvalDir:
     def probe_details(self) -> Path:
         return self.root / "probe_details.jsonl"
 
+    @property
+    def mc_details(self) -> Path:
+        """Per-item multiple-choice results (MCDetail): the report pairs runs on them."""
+        return self.root / "mc_details.jsonl"
+
     def split(self, name: str) -> Path:
         """A split's generations (GenerationRow)."""
         return self.root / f"{name}.jsonl"
@@ -108,6 +115,15 @@ class RunDir:
     @property
     def paraphrase_verdicts(self) -> Path:
         return self.root / PARAPHRASE_VERDICTS
+
+    @property
+    def prefixes(self) -> Path:
+        """Gold-decision-prefix tier: the base model's continuations (GenerationRow)."""
+        return self.root / PREFIXES
+
+    @property
+    def prefix_verdicts(self) -> Path:
+        return self.root / PREFIX_VERDICTS
 
     @property
     def rehearsal(self) -> Path:
@@ -320,13 +336,14 @@ class VerdictRow(Row):
         return verdict_key(self.id, self.judge, self.input_hash)
 
 
-SOURCES = ("self", "paraphrase", "gold")
+SOURCES = ("self", "paraphrase", "prefix", "gold")
 
 
 @dataclass(frozen=True)
 class RehearsalRow(Row):
     """A training example: the prompt and the target the model is fine-tuned on.
-    ``source`` is one of SOURCES (R = the model's own accepted answer, paraphrase, G = gold)."""
+    ``source`` is one of SOURCES (R = the model's own accepted answer, paraphrase, the base
+    model's completion of the gold decision, G = gold)."""
 
     id: str
     messages: list[dict[str, str]]
@@ -356,6 +373,7 @@ class SourceCounts:
     own: int  # "self" in JSON
     paraphrase: int
     gold: int
+    prefix: int = 0
 
     @property
     def r_share(self) -> float:
@@ -364,29 +382,38 @@ class SourceCounts:
     @classmethod
     def of(cls, rows: list[RehearsalRow]) -> SourceCounts:
         count = {s: sum(r.source == s for r in rows) for s in SOURCES}
-        return cls(len(rows), count["self"], count["paraphrase"], count["gold"])
+        return cls(len(rows), count["self"], count["paraphrase"], count["gold"], count["prefix"])
 
     def count(self, source: str) -> int:
         """Targets from ``source``, one of SOURCES."""
-        return {"self": self.own, "paraphrase": self.paraphrase, "gold": self.gold}[source]
+        return {
+            "self": self.own,
+            "paraphrase": self.paraphrase,
+            "prefix": self.prefix,
+            "gold": self.gold,
+        }[source]
 
     def share(self, source: str) -> float:
         return self.count(source) / max(self.n, 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, **{s: self.count(s) for s in SOURCES}, "R_share": self.r_share}
+        # "prefix" only where that tier ran: build stats of other runs keep their keys
+        counts = {s: self.count(s) for s in SOURCES if s != "prefix" or self.prefix}
+        return {"n": self.n, **counts, "R_share": self.r_share}
 
     @classmethod
     def from_json(cls, obj: Any, file: str, field: str) -> SourceCounts:
         if not isinstance(obj, dict):
             raise InputError("expected an object", file=file, field=field)
-        got = {}
+        got = {"prefix": 0}  # absent in build stats written before the prefix tier
         for k in ("n", *SOURCES):
+            if k == "prefix" and k not in obj:
+                continue
             v = obj.get(k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InputError(f"expected a count, got {v!r}", file=file, field=f"{field}.{k}")
             got[k] = v
-        return cls(got["n"], got["self"], got["paraphrase"], got["gold"])
+        return cls(got["n"], got["self"], got["paraphrase"], got["gold"], got["prefix"])
 
 
 BUILD_SUBSETS = ("overall", "answerable", "unanswerable")
@@ -477,8 +504,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "judge.model",
         "judge.backend",
         "judge.paraphrase",
+        "judge.prefix",
     ),
-    "build": ("run.mode",),
+    "build": ("run.mode", "judge.gold_answerable_share"),
     "train": ("train",),
 }
 _OPERATIONAL = (
@@ -560,15 +588,17 @@ def write_provenance(rd: RunDir, record: Provenance) -> None:
 @dataclass(frozen=True)
 class EvalDetail(Row):
     """One example of an eval split: gold class, whether the answer declined, and for
-    answerable questions the answer's token recall/F1 (0 when it declined)."""
+    answerable questions the answer's token recall/F1 (0 when it declined).
+    ``refusal_logprob``: log p(the refusal | prompt) under the model (the decision probe)."""
 
-    _OMIT_NONE = ("recall", "f1")
+    _OMIT_NONE = ("recall", "f1", "refusal_logprob")
 
     id: str
     unanswerable: bool
     declined: bool
     recall: float | None = None
     f1: float | None = None
+    refusal_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -582,6 +612,14 @@ class ProbeDetail(Row):
     base_answer: str
     correct: bool
     logprob_base_answer: float
+
+
+@dataclass(frozen=True)
+class MCDetail(Row):
+    """One multiple-choice item: whether the model's argmax choice is the answer."""
+
+    id: str
+    correct: bool
 
 
 @dataclass(frozen=True)
@@ -630,7 +668,11 @@ class UnanswerablePRF(Row):
 @dataclass(frozen=True)
 class SplitMetrics(Row):
     """Task metrics of one eval split; ``score`` = mean of unanswerable F1 and answer recall, in
-    points. ``data`` is the split's data spec (empty until the split is named in eval.json)."""
+    points. ``data`` is the split's data spec (empty until the split is named in eval.json).
+    ``paper``: the paper's metrics, each ``{value, lo, hi}`` with its 95% bootstrap interval
+    (`ssrengine.metrics.paper_metrics`); absent in evals made before it existed."""
+
+    _OMIT_NONE = ("paper",)
 
     n: int
     n_answerable: int
@@ -640,6 +682,7 @@ class SplitMetrics(Row):
     answer_f1: float
     score: float
     data: str = ""
+    paper: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()

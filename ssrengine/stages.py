@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from ssrengine import IGNORE_INDEX
+from ssrengine import IGNORE_INDEX, prefix_tier
 from ssrengine.config import Config
 from ssrengine.data import Example, encode, load_examples, prompt_messages
 from ssrengine.datasets import resolve_data_file
@@ -33,6 +33,7 @@ from ssrengine.generation import (
     generation_config,
     make_generator,
 )
+from ssrengine.generation.base import model_name
 from ssrengine.io import RowWriter, atomic_write_jsonl
 from ssrengine.judge import Judge, Verdict, make_judge
 from ssrengine.rundir import (
@@ -46,6 +47,7 @@ from ssrengine.rundir import (
     read_typed,
     verdict_key,
 )
+from ssrengine.selection import answerable_gold
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,7 @@ def _sampling(cfg: Config) -> SamplingParams:
 
 
 MessagesFn = Callable[[Example], list[dict[str, str]]]
+IdsFn = Callable[[Example], list[int]]
 
 
 def generation_keys(
@@ -231,19 +234,22 @@ def generation_keys(
     examples: list[Example],
     generator: Generator,
     messages_fn: MessagesFn | None = None,
+    ids_fn: IdsFn | None = None,
 ) -> dict[str, str]:
     """The resume key of each example's generation under ``cfg``, by id. Reads only the
-    generator's names: a lazy generator (`open_generator`) loads no model for it."""
+    generator's names: a lazy generator (`open_generator`) loads no model for it. ``ids_fn``:
+    prompts given as token ids (they replace the messages in the key)."""
     messages_fn = messages_fn or (
         lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
     )
+    prompt = ids_fn or messages_fn
     sampling = asdict(_sampling(cfg))
     # Everything the answer depends on besides the model: its key changes when any of it does.
     return {
         e.id: generation_key(
             e.id,
             generator.model,
-            content_hash([messages_fn(e), sampling, generator.backend, cfg.model.dtype]),
+            content_hash([prompt(e), sampling, generator.backend, cfg.model.dtype]),
         )
         for e in examples
     }
@@ -257,9 +263,11 @@ def generate_rows(
     *,
     path: Path | None = None,
     messages_fn: MessagesFn | None = None,
+    ids_fn: IdsFn | None = None,
 ) -> dict[str, GenerationRow]:
     """Generate an answer per example into ``path`` (default: the run's generations.jsonl);
-    returns the rows of the current key by id."""
+    returns the rows of the current key by id. ``ids_fn``: prompts as token ids instead of
+    chat messages (e.g. a prompt with the start of the answer forced)."""
     path = path or RunDir(run_dir).generations
     g = cfg.generation
     sampling = _sampling(cfg)
@@ -267,10 +275,14 @@ def generate_rows(
         lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
     )
     prompts = {e.id: messages_fn(e) for e in examples}
-    keys = generation_keys(cfg, examples, generator, messages_fn)
+    ids = {e.id: ids_fn(e) for e in examples} if ids_fn else None
+    keys = generation_keys(cfg, examples, generator, messages_fn, ids_fn)
+
+    def request(i: str) -> Request:
+        return Request(input_ids=ids[i]) if ids else Request(messages=prompts[i])
 
     def work(part: Sequence[Example]) -> list[GenerationRow]:
-        outs = generator.generate([Request(messages=prompts[e.id]) for e in part], sampling)
+        outs = generator.generate([request(e.id) for e in part], sampling)
         return [
             GenerationRow(
                 id=e.id,
@@ -441,8 +453,40 @@ def current_verdicts(
     return _current(path, VerdictRow, keys, "judge")
 
 
+def run_prefix(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[str, Verdict]:
+    """Gold decision, own words (`ssrengine.prefix_tier`): the base model continues the forced
+    gold decision for every rejected example; the candidates are judged."""
+    from ssrengine.models import load_tokenizer  # torch: only where the tier is on
+
+    rd = RunDir(run_dir)
+    tok = load_tokenizer(
+        model_name(cfg.model, cfg.generation), trust_remote_code=cfg.model.trust_remote_code
+    )
+    with open_generator(cfg) as gen:
+        rows = generate_rows(
+            cfg,
+            run_dir,
+            rejected,
+            gen,
+            path=rd.prefixes,
+            ids_fn=lambda e: prefix_tier.prompt_ids(tok, cfg, e),
+        )
+    cands = {e.id: prefix_tier.candidate(e, rows[e.id].response) for e in rejected}
+    return _judge_with(
+        cfg, lambda j: judge_rows(cfg, run_dir, rejected, cands, j, path=rd.prefix_verdicts)
+    )
+
+
+def _stage_rows(path: Path, cls: type[K], stage: str) -> dict[str, K]:
+    """Latest row per id of a finished stage file (later rows win: they match the newest key)."""
+    if not path.exists():
+        raise InputError(f"missing; run the {stage} stage first", file=str(path))
+    return {r.id: r for r in read_typed(path, cls)}
+
+
 def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None) -> BuildStats:
-    """R (accepted own answers) + paraphrases + G (gold) → rehearsal.jsonl and build_stats.json.
+    """R (accepted own answers) + paraphrases + gold-decision prefixes + G (gold) →
+    rehearsal.jsonl and build_stats.json.
 
     Reads only rows made under ``cfg``: the generation of each example's current prompt and
     sampling, and the configured judge's verdict on exactly that example and answer."""
@@ -462,6 +506,25 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
             for e in rejected:
                 if pverd[e.id].accept and para[e.id].response.strip():
                     targets[e.id] = (para[e.id].response, "paraphrase")
+        if cfg.judge.prefix:
+            conts = _stage_rows(rd.prefixes, GenerationRow, "judge (prefix tier)")
+            cverd = _stage_rows(rd.prefix_verdicts, VerdictRow, "judge (prefix tier)")
+            for e in examples:
+                row, v = conts.get(e.id), cverd.get(e.id)
+                if targets[e.id][1] != "gold" or row is None or not row.response.strip():
+                    continue
+                # the verdict counts only for the candidate rebuilt from this continuation
+                text = prefix_tier.candidate(e, row.response)
+                if v is not None and v.accept and v.input_hash == verdict_input_hash(e, text):
+                    targets[e.id] = (text, "prefix")
+        if cfg.judge.gold_answerable_share:
+            by_id = {e.id: e for e in examples}
+            sources = {i: src for i, (_, src) in targets.items()}
+            scores = {i: v.score for i, v in verdicts.items()}
+            for i in answerable_gold(
+                examples, sources, scores, cfg.judge.gold_answerable_share, cfg.train.seed
+            ):
+                targets[i] = (by_id[i].response, "gold")
     rows = [
         RehearsalRow(
             id=e.id,
@@ -485,6 +548,7 @@ def format_stats(stats: BuildStats) -> str:
         if s.n:
             lines.append(
                 f"  {k:<13} n={s.n:<5} R (self)={s.own:<5} paraphrase={s.paraphrase:<5} "
-                f"G (gold)={s.gold:<5} R share={s.r_share:.1%}"
+                + (f"prefix={s.prefix:<5} " if s.prefix else "")
+                + f"G (gold)={s.gold:<5} R share={s.r_share:.1%}"
             )
     return "\n".join(lines)

@@ -55,23 +55,28 @@ log = logging.getLogger(__name__)
 
 
 def loss_sum(model: Any, mb: MicroBatch, impl: str = "auto") -> torch.Tensor:
-    """Summed cross-entropy over the supervised tokens of one micro-batch.
+    """Summed cross-entropy over the supervised tokens of one micro-batch, each token times its
+    `MicroBatch.token_weights` where the batch has them (`ssrengine.loss_weights`).
 
     The one place the loss is computed: ``impl`` selects the fused kernel (never builds the
     [tokens, vocab] logits) or ``naive`` (full logits + F.cross_entropy, the reference)."""
     hidden, weight = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     labels = mb.labels.reshape(-1)  # (N,)
+    tw = None if mb.token_weights is None else mb.token_weights.reshape(-1)
     if impl == "naive":
         logits = (hidden @ weight.T).float()  # (N, V)
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        if tw is None:
+            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return (ce * tw).sum()
     from ssrengine.kernels import fused_linear_cross_entropy
 
     # Labels come from our own tokenization; the range check costs a host sync, so it runs
     # only where syncs are free (CPU).
     return fused_linear_cross_entropy(
-        hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum", impl=impl,
-        validate=hidden.device.type == "cpu",
+        hidden, weight, labels, token_weights=tw, ignore_index=IGNORE_INDEX, reduction="sum",
+        impl=impl, validate=hidden.device.type == "cpu",
     )  # fmt: skip
 
 
@@ -101,15 +106,17 @@ def accumulate(
     """Backward over this rank's micro-batches of one optimizer step.
 
     ``model``: a transformers model, or a `CausalLMLoss` (wrapped by FSDP2/DDP or not). Returns
-    (summed loss, supervised tokens) of the whole step over all ranks, as 0-d tensors. FSDP2
-    and DDP average gradients over ranks, hence the factor ``world_size`` in the normalizer."""
+    (summed loss, normalizer) of the whole step over all ranks, as 0-d tensors: the normalizer is
+    the supervised-token count, or with loss weights their sum. FSDP2 and DDP average gradients
+    over ranks, hence the factor ``world_size`` in the normalizer."""
     if not isinstance(distributed.unwrap(model), CausalLMLoss):
         model = CausalLMLoss(model, impl)
     device = next(model.parameters()).device
     n_sup = distributed.all_sum(
-        torch.tensor(sum(mb.supervised_tokens for mb in mbs), device=device)
+        torch.tensor(float(sum(mb.normalizer for mb in mbs)), device=device)
     )
-    norm = n_sup.clamp(min=1).float() / world_size
+    # weights may sum below 1; an empty step has a zero loss whatever the divisor
+    norm = n_sup.float().clamp(min=1e-12) / world_size
     total = torch.zeros((), device=device)
     ddp = isinstance(model, DistributedDataParallel)
     for i, mb in enumerate(mbs):
@@ -150,8 +157,13 @@ def rank_micro_batches(
 
 def _to(mb: MicroBatch, device: torch.device) -> MicroBatch:
     kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.model_kwargs.items()}
+    tw = None if mb.token_weights is None else mb.token_weights.to(device)
     return dataclasses.replace(
-        mb, input_ids=mb.input_ids.to(device), labels=mb.labels.to(device), model_kwargs=kw
+        mb,
+        input_ids=mb.input_ids.to(device),
+        labels=mb.labels.to(device),
+        model_kwargs=kw,
+        token_weights=tw,
     )
 
 
@@ -337,16 +349,17 @@ def train_step(tr: Trainer) -> StepStats:
     tr.optimizer.zero_grad(set_to_none=True)
     tr.step += 1
     tr.consumed += t.grad_accum * world.size
-    real = distributed.all_sum(
-        torch.tensor(float(sum(mb.real_tokens for mb in mbs)), device=world.device)
+    real, n_tok = (
+        distributed.all_sum(torch.tensor(float(sum(x)), device=world.device))
+        for x in ([mb.real_tokens for mb in mbs], [mb.supervised_tokens for mb in mbs])
     )
-    # One host sync per step, for logging.
-    stats = torch.stack([total, n_sup.float(), real, distributed.full_value(grad_norm).float()])
-    loss_sum_v, n_sup_v, real_v, grad_norm_v = stats.tolist()
+    # One host sync per step, for logging. The loss is per unit of weight: per token unweighted.
+    stats = torch.stack([total, n_sup, real, distributed.full_value(grad_norm).float(), n_tok])
+    loss_sum_v, n_sup_v, real_v, grad_norm_v, n_tok_v = stats.tolist()
     return StepStats(
-        loss=loss_sum_v / max(n_sup_v, 1),
+        loss=loss_sum_v / max(n_sup_v, 1e-12),
         lr=lr,
-        supervised_tokens=int(n_sup_v),
+        supervised_tokens=int(n_tok_v),
         tokens=int(real_v),
         grad_norm=grad_norm_v,
     )
@@ -381,7 +394,7 @@ def validation_loss(tr: Trainer) -> float | None:
     if not tr.eval_batches:
         return None
     device = tr.world.device
-    total, n = torch.zeros((), device=device), 0
+    total, n = torch.zeros((), device=device), 0.0
     tr.net.eval()
     try:
         with torch.no_grad():
@@ -389,10 +402,10 @@ def validation_loss(tr: Trainer) -> float | None:
                 ctx = torch.autocast(device.type, dtype=tr.autocast) if tr.autocast else None
                 with ctx or nullcontext():
                     total += tr.net(_to(mb, device)).float()
-                n += mb.supervised_tokens
+                n += mb.normalizer  # per supervised token, or per unit of loss weight
     finally:
         tr.net.train()
-    return total.item() / max(n, 1)
+    return total.item() / n if n > 0 else 0.0
 
 
 def _validate(tr: Trainer) -> float | None:

@@ -218,13 +218,23 @@ def test_eval_base_model_writes_json_and_resumes(tiny_model_dir, tmp_path):
     assert res["mode"] == "base" and res["kind"] == "model"
     split = res["splits"]["in_domain"]
     assert split["n"] == 6 and sum(map(sum, split["confusion"]["matrix"])) == 6
+    # --limit is class-balanced: records(9) has 3 unanswerable and 6 answerable
+    assert split["n_answerable"] == 3
+    paper = split["paper"]
+    assert {"answerable_acc", "unanswerable_acc", "answer_recall", "decision_auc"} <= set(paper)
+    assert all(v["lo"] <= v["value"] <= v["hi"] for v in paper.values())
+    assert res["retention"]["probe"]["ci"]["lo"] <= res["retention"]["probe"]["accuracy"]
+    assert res["retention"]["mc"]["n"] == 3 and "ci" in res["retention"]["mc"]
+    assert len(read_rows(out / EVAL_DIR / "mc_details.jsonl")) == 3
     # the base scored against its own answers: no drift
     own = res["retention"]["own_answers"]
     assert own["drift_per_token"] == 0.0
     assert set(res["retention_metrics"]) == {"probe_acc", "mc_acc", "own_answer_prob"}
     assert len(read_rows(out / EVAL_DIR / "in_domain.jsonl")) == 6
     details = read_rows(out / EVAL_DIR / "in_domain_details.jsonl")
-    assert [d["id"] for d in details] == [e.id for e in load_examples(data, max_examples=6)]
+    ids = [d["id"] for d in details]
+    assert ids == sorted(ids) and len(set(ids)) == 6  # file order, no repeats
+    assert all(d["refusal_logprob"] < 0 for d in details)
     # a rerun generates nothing new (rows keyed by id + model + prompt)
     assert cli_main(argv + EVAL_ARGS + FAST) == 0
     assert len(read_rows(out / EVAL_DIR / "in_domain.jsonl")) == 6
@@ -346,3 +356,40 @@ def test_task_metrics_and_judge_share_the_gold_class():
     metrics, (d,) = task_metrics([hedged], {"e0": "The deadline is 5 May."})
     assert d.unanswerable is gold_declines(hedged) is False
     assert metrics.n_answerable == 1 and d.recall > 0
+
+
+def test_limit_bounds_every_part_of_eval(tiny_model_dir, tmp_path):
+    """--limit alone bounds the splits (balanced, seeded), the probe, the MC set and Figure 1."""
+    train = write_jsonl(tmp_path / "train.jsonl", records(12))
+    test = write_jsonl(tmp_path / "test.jsonl", records(12))
+    run = tmp_path / "run"
+    _fake_run(run, tiny_model_dir, train, perturb=False)
+    argv = ["eval", str(run), "--split", f"in_domain={test}", "--limit", "4", "--lm-eval", "off"]
+    assert cli_main(argv + FAST) == 0
+    res = json.loads((run / EVAL_DIR / "eval.json").read_text())
+    assert res["splits"]["in_domain"]["n"] == 4
+    assert res["splits"]["in_domain"]["n_answerable"] == 2
+    assert res["retention"]["probe"]["n"] == 4 and res["retention"]["mc"]["n"] == 4
+    fig1 = json.loads((run / EVAL_DIR / "self_vs_gold.json").read_text())
+    assert len(fig1["rows"]) == 4 and sum(r["unanswerable"] for r in fig1["rows"]) == 2
+    first = [d["id"] for d in read_rows(run / EVAL_DIR / "in_domain_details.jsonl")]
+    # the same seed draws the same questions; another seed draws others
+    assert cli_main(argv + FAST) == 0
+    assert [d["id"] for d in read_rows(run / EVAL_DIR / "in_domain_details.jsonl")] == first
+    assert cli_main(argv + FAST + ["--seed", "1"]) == 0
+    assert [d["id"] for d in read_rows(run / EVAL_DIR / "in_domain_details.jsonl")] != first
+
+
+def test_decision_probe_scores_the_refusal_after_the_eval_prompt(tiny, tmp_path):
+    from ssrengine.config import load_config
+    from ssrengine.data import prompt_messages
+    from ssrengine.evaluate import Loaded, refusal_scores
+
+    model, tok = tiny
+    cfg = load_config(None, [])
+    exs = load_examples(write_jsonl(tmp_path / "t.jsonl", records(3)))
+    got = refusal_scores(cfg, Loaded(None, model, tok), exs, REFUSAL)
+    for e in exs:
+        msgs = prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
+        ids, labels = encode(tok, msgs, REFUSAL)
+        assert got[e.id] == pytest.approx(_plain_logprobs(model, ids, labels)[0], abs=1e-3)

@@ -145,8 +145,9 @@ def test_report_writes_markdown_html_and_plots(three_runs, tmp_path):
     ):
         assert (out / f).read_bytes()[:8] == PNG, f
     md = (out / "report.md").read_text()
-    assert "| run | mode | R share | in-domain score" in md
-    assert "| ssr | ssr | 0.40 | 74.5 |" in md
+    assert "| run | mode | R share | in-domain ans. acc | in-domain unans. acc" in md
+    # answerable acc 60/70, unanswerable acc 25/30 from the confusion matrix; no AUC recorded
+    assert "| ssr | ssr | 0.40 | 85.7 | 83.3 | 71.0 | 78.0 | – | 74.5 |" in md
     assert "the claim holds" in md
     assert "![" in md and "(logprob_hist.png)" in md
     page = (out / "report.html").read_text()
@@ -168,3 +169,62 @@ def test_report_errors(tmp_path, capsys):
     assert "run `python -m ssrengine eval" in capsys.readouterr().err
     a = _write_run(tmp_path, "a", "ssr", f1=0.5, recall=0.5, probe=0.5, mc=0.5, own=0.5)
     assert cli_main(["report", str(a), "--base", "zzz", "--out", str(tmp_path / "o")]) == 2
+
+
+def _details(run_dir, split, declined_answerable, declined_unanswerable, n=100, start=0):
+    """Per-question details: n answerable then n unanswerable questions, ``declined_*`` of each
+    class declined from index ``start`` on; answered answerable ones recall 1."""
+    from ssrengine.rundir import EvalDetail
+
+    rows = [
+        EvalDetail(f"q{i}", False, d, 0.0 if d else 1.0)
+        for i in range(n)
+        for d in [start <= i < start + declined_answerable]
+    ] + [EvalDetail(f"u{i}", True, start <= i < start + declined_unanswerable) for i in range(n)]
+    path = run_dir / "eval" / f"{split}_details.jsonl"
+    path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in rows))
+
+
+def test_paired_comparison_flags_significant_differences(three_runs, tmp_path):
+    from ssrengine.report import comparison_pairs, paired_comparison
+
+    base, sft, ssr = three_runs
+    _details(base, "in_domain", 0, 0)
+    _details(sft, "in_domain", 20, 80)  # declines when it should, mostly
+    _details(ssr, "in_domain", 22, 78, start=5)  # as SFT: a few better, a few worse
+    for d, correct in (
+        (base, [1, 1, 0, 1] * 25),
+        (sft, [1, 0, 0, 0] * 25),
+        (ssr, [1, 1, 0, 1] * 25),
+    ):
+        rows = [{"id": f"m{i}", "correct": bool(c)} for i, c in enumerate(correct)]
+        (d / "eval" / "mc_details.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = [load_run(p) for p in three_runs]
+    pairs = [(a.name, b.name) for a, b in comparison_pairs(runs)]
+    assert pairs == [("base", "sft"), ("base", "ssr"), ("sft", "ssr")]
+    c = paired_comparison(runs[0], runs[1], ["in_domain"])
+    d = c["splits"]["in_domain"]
+    assert d["n"] == 200
+    assert (
+        d["unanswerable_acc"]["value"] == pytest.approx(80.0)
+        and d["unanswerable_acc"]["significant"]
+    )
+    assert (
+        d["answerable_acc"]["value"] == pytest.approx(-20.0) and d["answerable_acc"]["significant"]
+    )
+    assert c["retention"]["mc_acc"]["value"] == pytest.approx(-50.0)
+    assert c["retention"]["mc_acc"]["significant"]
+    close = paired_comparison(runs[1], runs[2], ["in_domain"])["splits"]["in_domain"]
+    assert close["answerable_acc"]["value"] == pytest.approx(-2.0)
+    assert not close["answerable_acc"]["significant"] and not close["score"]["significant"]
+    out = tmp_path / "report"
+    summary = write_report(runs, runs[0], out)
+    assert len(summary["paired"]) == 3
+    md = (out / "report.md").read_text()
+    assert "Paired differences" in md
+    assert "- ssr vs sft: significant: MC acc +50.0." in md
+    assert "**+80.0 [" in md
+    # the claim's in-domain gap carries its paired interval
+    gap = summary["paired"][2]["splits"]["in_domain"]["score"]
+    assert summary["claim"][0]["in_domain_gap_ci"] == [gap["lo"], gap["hi"]]
+    assert f"[paired 95% CI {gap['lo']:+.1f}, {gap['hi']:+.1f}]" in md

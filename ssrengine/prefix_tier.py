@@ -1,0 +1,47 @@
+"""Gold decision, own words: the ``prefix`` tier between the model's own answers and gold.
+
+For an example whose own answer the judge rejected, the gold answer's first sentence, without
+its final punctuation, is forced as the start of the base model's answer ("The documents do
+not say" for an unanswerable question, "Ravi Zainte" for an answerable one) and the model
+continues it in its own words ("... where Vebraton Labs is headquartered."). The candidate is
+the prefix plus the continuation up to its first sentence end; it is judged like any other
+candidate, and an accepted one becomes the target with ``source = "prefix"``. The decision is
+the gold one, the wording mostly the model's: far likelier under the base model than the terse
+gold text, which is what rehearsal is for.
+
+The stage is `stages.run_prefix` (files `RunDir.prefixes`, continuations, resumable, and
+`RunDir.prefix_verdicts`); `stages.run_build` takes the accepted candidates.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ssrengine.config import Config
+from ssrengine.data import Example, encode_prompt, prompt_messages
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")  # "3.5" and "e.g.x" do not end a sentence
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to and including its first sentence end (all of it when there is none)."""
+    m = _SENTENCE_END.search(text)
+    return text[: m.end()] if m else text
+
+
+def decision_prefix(e: Example) -> str:
+    """The gold answer's first sentence without its closing punctuation."""
+    return first_sentence(e.response.strip()).rstrip(".!? ")
+
+
+def candidate(e: Example, continuation: str) -> str:
+    """The prefix and the continuation up to its first sentence end, as one answer."""
+    return (decision_prefix(e) + first_sentence(continuation)).strip()
+
+
+def prompt_ids(tokenizer: Any, cfg: Config, e: Example) -> list[int]:
+    """The chat prompt as the model answers it, then the forced prefix's tokens."""
+    msgs = prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
+    forced = tokenizer(decision_prefix(e), add_special_tokens=False)["input_ids"]
+    return encode_prompt(tokenizer, msgs) + forced
