@@ -231,6 +231,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: l
             return 0
         from ssrengine.pipeline import run_all, run_stage
 
+        if args.command in ("run", "train"):
+            from ssrengine.reporting import check
+
+            check(cfg.train.report_to)  # a missing tracker stops before any stage, not after
         run_dir = cfg.run.dir
         with lock_run_dir(run_dir):
             if args.command == "run":

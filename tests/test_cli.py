@@ -68,3 +68,12 @@ def test_datasets_and_models_are_subcommands(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["models", "fetch", "--help"])
     assert e.value.code == 0 and "smollm2-135m" in capsys.readouterr().out
+
+
+def test_missing_tracker_stops_run_before_any_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # find_spec: None, as when not installed
+    argv = ["run", f"--run.dir={tmp_path / 'r'}", "--train.report_to=trackio"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.report_to" in err and "needs the trackio package" in err
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()
