@@ -253,3 +253,17 @@ def test_missing_tracker_is_one_line_before_training(tiny_model_dir, tmp_path, m
     with pytest.raises(InputError, match=r"train.report_to.*needs the wandb package"):
         train(cfg, tmp_path, rows=rehearsal())
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_checkpoint_save_shows_no_transformers_bar(capfd, caplog, tiny_model_dir, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "plain")
+    assert "Writing model shards" in capfd.readouterr().err  # the bar we keep out
+    cfg = _cfg(tiny_model_dir, tmp_path, "--train.max_steps=1", "--train.loss_impl=naive")
+    with caplog.at_level("INFO", logger="ssrengine.trainer"):
+        train(cfg, tmp_path / "run", rows=rehearsal())
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert "saving checkpoint step-1 ..." in caplog.text
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is back
