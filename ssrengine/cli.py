@@ -110,15 +110,13 @@ def _add_arguments(s: argparse.ArgumentParser, name: str, command: str | None) -
         )
 
 
-def _command_parser(name: str, **kwargs: typing.Any) -> dict[str, typing.Any]:
-    configured = name in CONFIGURED
+def _parser_kwargs(name: str) -> dict[str, typing.Any]:
+    """Description and epilog of command ``name``: the overrides wherever a config is read."""
     return {
-        "help": COMMANDS[name],
         "description": COMMANDS[name],
-        "epilog": OVERRIDES_HELP if configured else None,
+        "epilog": OVERRIDES_HELP if name in CONFIGURED else None,
         "formatter_class": argparse.RawDescriptionHelpFormatter,
-        "add_help": name not in DELEGATED,
-        **kwargs,
+        "add_help": name not in DELEGATED,  # the delegated module answers --help itself
     }
 
 
@@ -128,17 +126,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        kw = _command_parser(name)
-        s = sub.add_parser(name, **{k: v for k, v in kw.items() if k != "help"}, help=kw["help"])
+        s = sub.add_parser(name, help=COMMANDS[name], **_parser_kwargs(name))
         _add_arguments(s, name, command)
     return p
 
 
 def command_parser(name: str, prog: str) -> argparse.ArgumentParser:
     """A parser for command ``name`` alone under its own ``prog`` (``python -m ssrengine.train``)."""
-    kw = _command_parser(name)
-    kw.pop("help")
-    p = _Parser(prog=prog, **kw)
+    p = _Parser(prog=prog, **_parser_kwargs(name))
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _add_arguments(p, name, name)
     return p
