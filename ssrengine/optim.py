@@ -8,12 +8,18 @@ the last step, or constant (`lr_factor`).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ssrengine.config import TrainConfig
+from ssrengine.config import Config, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def total_steps(t: TrainConfig, micro_batches_per_epoch: int, world_size: int) -> int:
@@ -24,6 +30,29 @@ def total_steps(t: TrainConfig, micro_batches_per_epoch: int, world_size: int) -
         return t.max_steps
     per_step = t.grad_accum * world_size
     return max(1, math.ceil(t.epochs * micro_batches_per_epoch / per_step - 1e-9))
+
+
+def resolve_steps(cfg: Config, micro_batches_per_epoch: int, world_size: int) -> Config:
+    """``cfg`` with train.max_steps resolved (`total_steps`)."""
+    steps = total_steps(cfg.train, micro_batches_per_epoch, world_size)
+    if steps != cfg.train.max_steps:
+        log.info(
+            "train.epochs=%g: %d optimizer steps (%d micro-batches per epoch, %d per step)",
+            cfg.train.epochs,
+            steps,
+            micro_batches_per_epoch,
+            cfg.train.grad_accum * world_size,
+        )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
+
+
+def planned_steps(cfg: Config, ckpt: Path) -> int:
+    """The run's length before the data is read: train.max_steps, or the one a checkpoint of
+    the same run resolved from train.epochs (its run_config.json holds the resolved config)."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    saved = json.loads((ckpt / "run_config.json").read_text())
+    return int(saved["train"]["max_steps"])
 
 
 def lr_factor(t: TrainConfig, steps: int, step: int) -> float:

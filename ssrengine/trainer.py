@@ -19,9 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,7 +45,7 @@ from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.io import atomic_write_jsonl
 from ssrengine.models import hidden_and_head, load_model, load_tokenizer
-from ssrengine.optim import build_optimizer, total_steps
+from ssrengine.optim import build_optimizer, planned_steps, resolve_steps
 from ssrengine.rundir import MetricRow, RehearsalRow, RunDir, read_typed
 
 log = logging.getLogger(__name__)
@@ -308,7 +305,7 @@ def setup(
     model, peft_model, net = build_model(cfg, world)
     encoded = encode_rows(rows, tokenizer, cfg.data, file=str(rd.rehearsal))
     stream = MicroBatchStream(encoded, cfg, tokenizer.pad_token_id)
-    cfg = _with_steps(cfg, stream, world)
+    cfg = resolve_steps(cfg, stream.per_epoch, world.size)
     opt, sched = build_optimizer(cfg.train, net, world.device, cfg.train.max_steps)
     tr = Trainer(
         cfg=cfg,
@@ -322,7 +319,9 @@ def setup(
         scheduler=sched,
         stream=stream,
         autocast=_bf16(cfg, world)[1],
-        eval_batches=validation.batches(cfg, eval_rows, tokenizer),
+        eval_batches=[
+            _to(mb, world.device) for mb in validation.batches(cfg, eval_rows, tokenizer)
+        ],
     )
     if resume is not None:
         state = load_trainer_state(resume, model=net, optimizer=opt, scheduler=sched)
@@ -363,84 +362,6 @@ def train_step(tr: Trainer) -> StepStats:
         tokens=int(real_v),
         grad_norm=grad_norm_v,
     )
-
-
-def _with_steps(cfg: Config, stream: MicroBatchStream, world: distributed.World) -> Config:
-    """``cfg`` with train.max_steps resolved (0: from train.epochs and the data)."""
-    steps = total_steps(cfg.train, stream.per_epoch, world.size)
-    if steps != cfg.train.max_steps:
-        log.info(
-            "train.epochs=%g: %d optimizer steps (%d micro-batches per epoch, %d per step)",
-            cfg.train.epochs,
-            steps,
-            stream.per_epoch,
-            cfg.train.grad_accum * world.size,
-        )
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
-
-
-def _planned_steps(cfg: Config, ckpt: Path) -> int:
-    """The run's length without building it: train.max_steps, or the one a checkpoint of the
-    same run resolved from train.epochs (its run_config.json)."""
-    if cfg.train.max_steps > 0:
-        return cfg.train.max_steps
-    saved = json.loads((ckpt / "run_config.json").read_text())
-    return int(saved["train"]["max_steps"])
-
-
-def validation_loss(tr: Trainer) -> float | None:
-    """Mean loss per supervised token over the validation batches (every rank evaluates all
-    of them: the same forward passes on every rank, as FSDP2's collectives need), or None."""
-    if not tr.eval_batches:
-        return None
-    device = tr.world.device
-    total, n = torch.zeros((), device=device), 0.0
-    tr.net.eval()
-    try:
-        with torch.no_grad():
-            for mb in tr.eval_batches:
-                ctx = torch.autocast(device.type, dtype=tr.autocast) if tr.autocast else None
-                with ctx or nullcontext():
-                    total += tr.net(_to(mb, device)).float()
-                n += mb.normalizer  # per supervised token, or per unit of loss weight
-    finally:
-        tr.net.train()
-    return total.item() / n if n > 0 else 0.0
-
-
-def _validate(tr: Trainer) -> float | None:
-    """The validation loss at the steps train.eval_every names (and the last), else None."""
-    t = tr.cfg.train
-    due = tr.step == t.max_steps or (t.eval_every and tr.step % t.eval_every == 0)
-    loss = validation_loss(tr) if due else None
-    if loss is not None:
-        log.info("step %d: validation loss %.4f", tr.step, loss)
-    return loss
-
-
-def _keep_best(tr: Trainer, eval_loss: float | None, saved: Path | None) -> None:
-    """train.keep_best: a new lowest validation loss makes this step checkpoints/best (saved
-    now unless ``saved`` is this step's checkpoint). Hard links: pruning step-N keeps it."""
-    if not tr.cfg.train.keep_best or eval_loss is None:
-        return
-    best = tr.ckpt_root / "best"
-    state = best / "trainer_state.json"
-    if state.is_file() and json.loads(state.read_text()).get("eval_loss", math.inf) <= eval_loss:
-        return
-    if saved is None or saved.name != f"step-{tr.step}":
-        saved = tr.save(eval_loss=eval_loss)
-    if tr.world.is_main:
-        tmp = tr.ckpt_root / ".best.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(saved, tmp, copy_function=os.link)
-        state = json.loads((tmp / "trainer_state.json").read_text())
-        (tmp / "trainer_state.json").unlink()  # a link: step-N's own file stays as it is
-        state["eval_loss"] = eval_loss
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        shutil.rmtree(best, ignore_errors=True)
-        tmp.rename(best)
-        log.info("new best validation loss %.4f: %s -> %s", eval_loss, saved.name, best)
-    distributed.barrier()
 
 
 def _metrics_row(tr: Trainer, s: StepStats, dt: float, eval_loss: float | None) -> MetricRow:
@@ -496,7 +417,7 @@ def _train(
         raise InputError(
             "--resume given but there is no checkpoint to resume from", file=str(ckpt_root)
         )
-    if latest is not None and read_trainer_state(latest)["step"] >= _planned_steps(cfg, latest):
+    if latest is not None and read_trainer_state(latest)["step"] >= planned_steps(cfg, latest):
         log.info("training already finished: %s", latest)
         return latest
     tr = setup(cfg, run_dir, rows=rows, resume=latest)
@@ -521,7 +442,7 @@ def _train(
                 t0 = time.perf_counter()
                 s = train_step(tr)
                 dt = time.perf_counter() - t0
-                eval_loss = _validate(tr)
+                eval_loss = validation.at_step(tr)
                 if main:
                     row = _metrics_row(tr, s, dt, eval_loss)
                     mf.write(json.dumps(row.to_json()) + "\n")
@@ -531,7 +452,7 @@ def _train(
                 bar.set_postfix(loss=f"{s.loss:.4f}", tok_s=f"{s.tokens / dt:.0f}")
                 if tr.step == t.max_steps or (t.save_every and tr.step % t.save_every == 0):
                     final = tr.save(final_loss=s.loss)
-                _keep_best(tr, eval_loss, final)
+                validation.keep_best(tr, eval_loss, final)
         except KeyboardInterrupt:
             # Ranks are interrupted at different points; a collective save could hang.
             if tr.step > start and tr.world.size == 1:

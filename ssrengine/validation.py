@@ -9,12 +9,28 @@ same rows are held out on every run and resume, whatever the row order.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import json
+import logging
+import math
+import os
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
+
+from ssrengine import distributed
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.rundir import RehearsalRow
+
+if TYPE_CHECKING:
+    from ssrengine.trainer import Trainer
+
+log = logging.getLogger(__name__)
+BEST = "best"  # checkpoints/best: train.keep_best
 
 
 def held_out(row_id: str, fraction: float) -> bool:
@@ -69,3 +85,61 @@ def batches(cfg: Config, rows: list[RehearsalRow], tokenizer: Any) -> list[Micro
     if not encoded:
         raise InputError("no validation example fits data.max_seq_len", file=where)
     return micro_batches(encoded, cfg.train, epoch=0, pad_id=tokenizer.pad_token_id)
+
+
+def loss(tr: Trainer) -> float | None:
+    """The training loss (the same fused cross-entropy, per supervised token or unit of loss
+    weight) over the validation batches, without gradients; None without validation data.
+    Every rank evaluates all batches: the same forward passes on every rank, as FSDP2's
+    collectives need, and the same result."""
+    if not tr.eval_batches:
+        return None
+    device = tr.world.device
+    total, n = torch.zeros((), device=device), 0.0
+    tr.net.eval()
+    try:
+        with torch.no_grad():
+            for mb in tr.eval_batches:
+                ctx = torch.autocast(device.type, dtype=tr.autocast) if tr.autocast else None
+                with ctx or nullcontext():
+                    total += tr.net(mb).float()
+                n += mb.normalizer
+    finally:
+        tr.net.train()
+    return total.item() / n if n > 0 else 0.0
+
+
+def at_step(tr: Trainer) -> float | None:
+    """The validation loss at the steps train.eval_every names and the last, else None."""
+    t = tr.cfg.train
+    due = tr.step == t.max_steps or (t.eval_every and tr.step % t.eval_every == 0)
+    value = loss(tr) if due else None
+    if value is not None:
+        log.info("step %d: validation loss %.4f", tr.step, value)
+    return value
+
+
+def keep_best(tr: Trainer, eval_loss: float | None, saved: Path | None) -> None:
+    """train.keep_best: a new lowest validation loss makes this step checkpoints/best (saved
+    now unless ``saved`` is this step's checkpoint). Collective. Hard links: pruning step-N
+    leaves checkpoints/best whole."""
+    if not tr.cfg.train.keep_best or eval_loss is None:
+        return
+    best = tr.ckpt_root / BEST
+    state = best / "trainer_state.json"
+    if state.is_file() and json.loads(state.read_text()).get("eval_loss", math.inf) <= eval_loss:
+        return
+    if saved is None or saved.name != f"step-{tr.step}":
+        saved = tr.save(eval_loss=eval_loss)
+    if tr.world.is_main:
+        tmp = tr.ckpt_root / f".{BEST}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(saved, tmp, copy_function=os.link)
+        meta = json.loads((tmp / "trainer_state.json").read_text())
+        (tmp / "trainer_state.json").unlink()  # a link: step-N's own file stays as it is
+        meta["eval_loss"] = eval_loss
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.rename(best)
+        log.info("new best validation loss %.4f: %s -> %s", eval_loss, saved.name, best)
+    distributed.barrier()
