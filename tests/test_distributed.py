@@ -39,6 +39,8 @@ def _args(tiny: Path, data: Path, run_dir: Path, accum: int, *extra: str) -> lis
         "--train.save_every=5",
         "--train.micro_batch_size=2",
         f"--train.grad_accum={accum}",
+        f"--data.eval_file={data}",  # validation loss: the same forward passes on every rank
+        "--train.eval_every=5",
         *extra,
     ]
 
@@ -129,6 +131,9 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs, variant):
     ref = read_rows(one / "metrics.jsonl")
     assert [r["supervised_tokens"] for r in rows] == [r["supervised_tokens"] for r in ref]
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    evals = [{r["step"]: r["eval_loss"] for r in x if "eval_loss" in r} for x in (rows, ref)]
+    assert evals[0].keys() == evals[1].keys() == {5, 10}
+    assert list(evals[0].values()) == pytest.approx(list(evals[1].values()), abs=1e-5)
     _assert_same_weights(_weights(two), _weights(one))
     # Data stages ran once (rank 0): no duplicated rehearsal rows.
     assert len(read_rows(two / "rehearsal.jsonl")) == 16
