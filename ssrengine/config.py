@@ -151,6 +151,11 @@ class TrainConfig:
         ("auto", "triton", "torch", "naive"),
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    skip_nonfinite_steps: int = _f(
+        0,
+        "Optimizer steps with a non-finite loss or gradient norm to skip (weights and optimizer "
+        "state untouched) before training stops naming the step; >= 0 (0 = stop at the first).",
+    )
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(
         2, "Keep the newest N step checkpoints (the final one is always kept)."
