@@ -522,7 +522,8 @@ def train(
                     tr.step == t.max_steps or (t.save_every and tr.step % t.save_every == 0)
                 ):
                     final, saved = tr.save(final_loss=s.loss), tr.step
-                if s.stop:
+                # One process needs no agreement: a signal during this step stops after it.
+                if s.stop or (tr.stop_signal and tr.world.size == 1):
                     if tr.step > saved:
                         log.warning("interrupted: saving step %d so a rerun resumes here", tr.step)
                         tr.save(interrupted=True)
