@@ -13,8 +13,10 @@ import sys
 
 from ssrengine import rundir
 from ssrengine.config import load_config, markdown_table
+from ssrengine.diskfull import disk_full_error
 from ssrengine.errors import InputError
 from ssrengine.generation import BackendError
+from ssrengine.runlock import lock_run_dir
 
 COMMANDS = {
     "run": "all stages in order into run.dir (same as python -m ssrengine.train)",
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = _parser(argv[0] if argv else None).parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_dir = "."
     try:
         if args.command == "config" and args.markdown:
             print(markdown_table())
@@ -87,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from ssrengine.pipeline import run_all, run_stage
 
-        if args.command == "run":
-            run_all(cfg, resume=args.resume)
-        else:
-            run_stage(cfg, args.command, resume=getattr(args, "resume", False))
+        run_dir = cfg.run.dir
+        with lock_run_dir(run_dir):
+            if args.command == "run":
+                run_all(cfg, resume=args.resume)
+            else:
+                run_stage(cfg, args.command, resume=getattr(args, "resume", False))
         return 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -101,3 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        full = disk_full_error(e, run_dir)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2

@@ -1,7 +1,9 @@
 """Typed run configuration: one frozen dataclass per section, filled from TOML + overrides.
 
-Every field carries its documentation in ``metadata["doc"]``; the README's key table is
-generated from it (``python -m ssrengine config --markdown``), so code and docs cannot drift.
+Every field carries its documentation in ``metadata["doc"]`` and its allowed values (a
+``Literal`` type, a numeric range, non-empty, a pattern); the README's key table is generated
+from both (``python -m ssrengine config --markdown``), so code and docs cannot drift. `validate`
+is the one place values are judged, at load: later code may rely on every stated range.
 """
 
 from __future__ import annotations
@@ -9,19 +11,38 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import operator
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 
 from ssrengine.errors import InputError
+from ssrengine.io import read_json, read_text
 
 
-def _f(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "choices": choices})
+def _f(
+    default: Any,
+    doc: str,
+    choices: tuple[str, ...] | None = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    nonempty: bool = False,
+    pattern: str | None = None,
+) -> Any:
+    """A documented field. Choices come from a ``Literal`` annotation (or ``choices``); the
+    bounds, ``nonempty`` and ``pattern`` are checked by `validate` and printed in the docs."""
+    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
+    meta = {"doc": doc, "choices": choices, "nonempty": nonempty, "pattern": pattern}
+    return field(default=default, metadata={**meta, **bounds})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,22 +50,25 @@ class ModelConfig:
     path: str = _f(
         "smollm2-135m",
         "Embedded model name (`smollm2-135m`, fetched on first use) or a local Hugging Face model directory.",
+        nonempty=True,
     )
-    dtype: str = _f(
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32",
         "Parameter dtype when loading. Train in float32 on CPU (bf16 is slow without AMX).",
-        ("float32", "bfloat16", "float16"),
     )
-    attn_implementation: str = _f(
+    attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = _f(
         "auto",
         "`auto`: flash_attention_2 on CUDA when flash-attn is installed, else sdpa_varlen "
         "(packed rows as one SDPA call per example; plain sdpa for padded batches).",
-        ("auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"),
     )
     trust_remote_code: bool = _f(
         False, "Allow custom modeling code shipped with the model directory."
     )
-    device: str = _f("auto", "`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`...")
+    device: str = _f(
+        "auto",
+        "`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`...",
+        pattern=r"auto|cpu|mps|(cuda|xpu)(:\d+)?",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,34 +76,35 @@ class DataConfig:
     train_file: str = _f(
         "builtin:train",
         "Training JSONL (the README's record format) or `builtin:SPLIT` for the embedded generator (train, validation, test, ood).",
+        nonempty=True,
     )
-    max_examples: int = _f(0, "Use only the first N training examples (0 = all).")
-    max_seq_len: int = _f(1024, "Longest prompt + target in tokens.")
-    on_invalid: str = _f(
+    max_examples: int = _f(0, "Use only the first N training examples (0 = all).", ge=0)
+    max_seq_len: int = _f(1024, "Longest prompt + target in tokens.", ge=1)
+    on_invalid: Literal["error", "skip"] = _f(
         "error",
         "A malformed record: stop with an error naming file, line and field, or skip it and count.",
-        ("error", "skip"),
     )
-    on_overlong: str = _f(
+    on_overlong: Literal["error", "trim_documents", "skip"] = _f(
         "error",
         "An example longer than data.max_seq_len: error, drop documents from the end until it fits, or skip and count. A target is never cut.",
-        ("error", "trim_documents", "skip"),
     )
     system_prompt: str = _f(
         "Answer the question using only the documents. If the documents do not contain the answer, say so.",
         "Instruction placed before the documents in the system message.",
     )
-    seed: int = _f(0, "Seed of the embedded dataset generator.")
+    seed: int = _f(0, "Seed of the embedded dataset generator.", ge=0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
-    backend: str = _f("hf", "Generation backend.", ("hf", "sglang", "sglang-http", "openai"))
+    backend: Literal["hf", "sglang", "sglang-http", "openai"] = _f("hf", "Generation backend.")
     model: str = _f("", "Model for generation; empty = model.path.")
-    max_new_tokens: int = _f(96, "Longest generated answer.")
-    temperature: float = _f(0.0, "0 = greedy (the paper's setting).")
-    top_p: float = _f(1.0, "Nucleus sampling mass (temperature > 0 only).")
-    batch_size: int = _f(16, "Prompts per backend call (hf: per forward batch, length-sorted).")
+    max_new_tokens: int = _f(96, "Longest generated answer.", ge=1)
+    temperature: float = _f(0.0, "0 = greedy (the paper's setting).", ge=0)
+    top_p: float = _f(1.0, "Nucleus sampling mass (temperature > 0 only).", gt=0, le=1)
+    batch_size: int = _f(
+        16, "Prompts per backend call (hf: per forward batch, length-sorted).", ge=1
+    )
     url: str = _f(
         "", "Server base URL(s) for sglang-http / openai, comma-separated for round-robin."
     )
@@ -87,35 +112,38 @@ class GenerationConfig:
         False,
         "sglang-http: start `python -m sglang.launch_server` for generation.model and stop it at exit.",
     )
-    tp_size: int = _f(1, "SGLang tensor-parallel size.")
-    dp_size: int = _f(1, "SGLang data-parallel size.")
-    mem_fraction: float = _f(0.85, "SGLang static memory fraction.")
-    concurrency: int = _f(4, "HTTP backends: batches in flight at once.")
-    timeout_s: float = _f(120.0, "HTTP backends: per-request timeout.")
-    max_retries: int = _f(5, "HTTP backends: retries with exponential backoff before giving up.")
+    tp_size: int = _f(1, "SGLang tensor-parallel size.", ge=1)
+    dp_size: int = _f(1, "SGLang data-parallel size.", ge=1)
+    mem_fraction: float = _f(0.85, "SGLang static memory fraction.", gt=0, le=1)
+    concurrency: int = _f(4, "HTTP backends: batches in flight at once.", ge=1)
+    timeout_s: float = _f(120.0, "HTTP backends: per-request timeout.", gt=0)
+    max_retries: int = _f(
+        5, "HTTP backends: retries with exponential backoff before giving up.", ge=0
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class JudgeConfig:
-    kind: str = _f(
+    kind: Literal["rule", "llm"] = _f(
         "rule",
         "`rule`: refusal agreement + answer token-F1; `llm`: P(Yes) from one step of next-token logprobs.",
-        ("rule", "llm"),
     )
-    threshold: float = _f(0.5, "LLM judge: accept when P(Yes)/(P(Yes)+P(No)) >= threshold.")
+    threshold: float = _f(
+        0.5, "LLM judge: accept when P(Yes)/(P(Yes)+P(No)) >= threshold.", ge=0, le=1
+    )
     min_f1: float = _f(
         0.3,
         "Rule judge: accept an answer when its token F1 against the gold answer is >= min_f1 "
         "and it contains every number of the gold answer.",
+        ge=0,
+        le=1,
     )
     model: str = _f("", "LLM judge model; empty = model.path.")
-    backend: str = _f(
-        "",
-        "LLM judge backend; empty = generation.backend.",
-        ("", "hf", "sglang", "sglang-http", "openai"),
+    backend: Literal["", "hf", "sglang", "sglang-http", "openai"] = _f(
+        "", "LLM judge backend; empty = generation.backend."
     )
     url: str = _f("", "LLM judge server URL(s); empty = generation.url.")
-    batch_size: int = _f(16, "Examples per judge call.")
+    batch_size: int = _f(16, "Examples per judge call.", ge=1)
     paraphrase: bool = _f(
         False,
         "S3FT tier: for rejected answers, the base model paraphrases the gold answer; an accepted paraphrase becomes the target.",
@@ -124,67 +152,66 @@ class JudgeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    max_steps: int = _f(20, "Optimizer steps.")
-    seed: int = _f(0, "Seed for data order and initialization of any new parameters.")
-    lr: float = _f(2e-5, "Peak learning rate (AdamW).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.95, "AdamW beta2.")
-    adam_eps: float = _f(1e-8, "AdamW epsilon.")
-    warmup_steps: int = _f(2, "Linear warmup steps, then cosine decay.")
-    min_lr_ratio: float = _f(0.1, "Cosine floor as a fraction of train.lr.")
-    micro_batch_size: int = _f(4, "Sequences per micro-batch when train.packing = false.")
-    max_tokens: int = _f(2048, "Tokens per packed micro-batch when train.packing = true.")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping (0 = off).")
-    dtype: str = _f(
-        "float32", "Compute dtype: float32, or bf16 autocast (GPU).", ("float32", "bfloat16")
+    max_steps: int = _f(20, "Optimizer steps.", ge=1)
+    seed: int = _f(0, "Seed for data order and initialization of any new parameters.", ge=0)
+    lr: float = _f(2e-5, "Peak learning rate (AdamW).", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.95, "AdamW beta2.", ge=0, lt=1)
+    adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    warmup_steps: int = _f(2, "Linear warmup steps, then cosine decay.", ge=0)
+    min_lr_ratio: float = _f(0.1, "Cosine floor as a fraction of train.lr.", ge=0, le=1)
+    micro_batch_size: int = _f(4, "Sequences per micro-batch when train.packing = false.", ge=1)
+    max_tokens: int = _f(2048, "Tokens per packed micro-batch when train.packing = true.", ge=1)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0 = off).", ge=0)
+    dtype: Literal["float32", "bfloat16"] = _f(
+        "float32", "Compute dtype: float32, or bf16 autocast (GPU)."
     )
     packing: bool = _f(
         True,
         "Padding-free packing of examples into train.max_tokens bins (false: padded batches of "
         "train.micro_batch_size).",
     )
-    loss_impl: str = _f(
+    loss_impl: Literal["auto", "triton", "torch", "naive"] = _f(
         "auto",
         "Cross-entropy: fused (triton on CUDA, chunked torch on CPU), or naive full logits.",
-        ("auto", "triton", "torch", "naive"),
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     skip_nonfinite_steps: int = _f(
         0,
         "Optimizer steps with a non-finite loss or gradient norm to skip (weights and optimizer "
-        "state untouched) before training stops naming the step; >= 0 (0 = stop at the first).",
+        "state untouched) before training stops naming the step (0 = stop at the first).",
+        ge=0,
     )
-    save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
+    save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     keep_checkpoints: int = _f(
-        2, "Keep the newest N step checkpoints (the final one is always kept)."
+        2, "Keep the newest N step checkpoints (0 = all; the final one is always kept).", ge=0
     )
-    parallel: str = _f(
+    parallel: Literal["fsdp", "ddp"] = _f(
         "fsdp",
         "Under `torchrun --nproc-per-node N` (N > 1): FSDP2 `fully_shard` (parameters, gradients and optimizer state sharded per rank) or DDP (replicated). A single process ignores it.",
-        ("fsdp", "ddp"),
     )
     lora: bool = _f(
         False,
         "Train LoRA adapters (peft) instead of all weights; checkpoints hold the adapter (`adapter/`) and a merged HF export.",
     )
-    lora_r: int = _f(8, "LoRA rank (S3FT used r = 8).")
-    lora_alpha: int = _f(16, "LoRA scaling numerator: the update is scaled by alpha / r.")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input path.")
+    lora_r: int = _f(8, "LoRA rank (S3FT used r = 8).", ge=1)
+    lora_alpha: int = _f(16, "LoRA scaling numerator: the update is scaled by alpha / r.", gt=0)
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input path.", ge=0, lt=1)
     lora_target_modules: str = _f(
         "all-linear",
         "Comma-separated module names to adapt (e.g. `q_proj,v_proj`), or `all-linear` (every linear layer but the lm_head).",
+        nonempty=True,
     )
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    dir: str = _f("runs/demo", "Run directory: every artifact of the run goes here.")
-    mode: str = _f(
+    dir: str = _f("runs/demo", "Run directory: every artifact of the run goes here.", nonempty=True)
+    mode: Literal["ssr", "sft"] = _f(
         "ssr",
         "`ssr`: the model's accepted answers + gold for the rest; `sft`: gold only (the baseline).",
-        ("ssr", "sft"),
     )
 
 
@@ -216,16 +243,24 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _field_type(cls: type, name: str) -> type:
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _field_type(cls: type, name: str) -> tuple[type, tuple[Any, ...] | None]:
+    """The field's value type and its allowed values (a ``Literal`` annotation or ``choices``)."""
     hint = typing.get_type_hints(cls)[name]
     if isinstance(hint, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices
+    return hint, _field(cls, name).metadata["choices"]
 
 
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
-    """Check/convert one value to the field's type; strings from the command line are parsed."""
-    want = _field_type(cls, name)
+    """Parse a command-line string into the field's type; `validate` checks the result."""
+    want, _ = _field_type(cls, name)
     if isinstance(value, str) and want is not str:
         text = value.strip()
         try:
@@ -239,14 +274,80 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
             raise InputError(f"expected {want.__name__}, got {value!r}", file=where) from None
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise InputError(f"expected {want.__name__}, got {value!r}", file=where)
-    choices = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"]
-    if choices and value not in choices:
-        raise InputError(
-            f"must be one of {', '.join(map(repr, choices))}, got {value!r}", file=where
-        )
     return value
+
+
+_BOUNDS = {
+    "ge": (">=", operator.ge),
+    "gt": (">", operator.gt),
+    "le": ("<=", operator.le),
+    "lt": ("<", operator.lt),
+}
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """A field's numeric range as the docs and errors state it (``>= 0 and < 1``), or ''."""
+    parts = [f"{_BOUNDS[k][0]} {f.metadata[k]:g}" for k in _BOUNDS if f.metadata.get(k) is not None]
+    return " and ".join(parts)
+
+
+def _problem(cls: type, name: str, value: Any) -> str | None:
+    """What is wrong with one field's value (type, choice, finiteness, range), or None."""
+    f = _field(cls, name)
+    want, choices = _field_type(cls, name)
+    numeric = want in (int, float)
+    if not isinstance(value, want) or (numeric and isinstance(value, bool)):
+        return f"expected {want.__name__}, got {value!r}"
+    if choices and value not in choices:
+        return f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+    if want is float and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    bounds = [
+        (op, f.metadata[k]) for k, (_, op) in _BOUNDS.items() if f.metadata.get(k) is not None
+    ]
+    if numeric and not all(op(value, bound) for op, bound in bounds):
+        return f"must be {range_text(f)}, got {value!r}"
+    if f.metadata.get("nonempty") and not value.strip():
+        return "must not be empty"
+    pattern = f.metadata.get("pattern")
+    if pattern and not re.fullmatch(pattern, value):
+        return f"got {value!r}, expected a value matching {pattern}"
+    return None
+
+
+def validate(
+    cfg: Config, *, source: str = "<config>", origins: dict[str, str] | None = None
+) -> None:
+    """Every field's type, choices and range, then the checks that span fields. ``origins``
+    maps ``section.key`` to where its value came from (the file or the command line)."""
+    origins = origins or {}
+    for sec, cls in SECTIONS.items():
+        section = getattr(cfg, sec)
+        for f in dataclasses.fields(cls):
+            problem = _problem(cls, f.name, getattr(section, f.name))
+            if problem:
+                key = f"{sec}.{f.name}"
+                raise InputError(problem, file=f"{origins.get(key, source)}: {key}")
+    for problem in _cross_field_problems(cfg):
+        raise InputError(problem, file=source)
+
+
+def _cross_field_problems(cfg: Config) -> list[str]:
+    g, j, t = cfg.generation, cfg.judge, cfg.train
+    out = []
+    if t.packing and t.max_tokens < cfg.data.max_seq_len:
+        out.append(
+            f"train.max_tokens={t.max_tokens} is smaller than data.max_seq_len="
+            f"{cfg.data.max_seq_len}: a packed bin must hold the longest example"
+        )
+    http = ("sglang-http", "openai")
+    if g.backend in http and not g.url and not (g.backend == "sglang-http" and g.launch):
+        out.append(f"generation.backend = {g.backend!r} needs generation.url (a server URL)")
+    judge_backend = j.backend or g.backend
+    launched = judge_backend == "sglang-http" and g.launch
+    if j.kind == "llm" and judge_backend in http and not (j.url or g.url) and not launched:
+        out.append(f"the LLM judge's backend {judge_backend!r} needs judge.url or generation.url")
+    return out
 
 
 def _unknown(kind: str, name: str, known: list[str], where: str) -> InputError:
@@ -255,8 +356,14 @@ def _unknown(kind: str, name: str, known: list[str], where: str) -> InputError:
     return InputError(f"unknown {kind} '{name}'{hint}; known: {', '.join(known)}", file=where)
 
 
-def build_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
-    """Build a Config from nested dicts, rejecting unknown sections/keys and bad types."""
+def build_config(
+    raw: dict[str, Any],
+    *,
+    source: str = "<config>",
+    origins: dict[str, str] | None = None,
+    check: bool = True,
+) -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections/keys; ``check``: `validate`."""
     sections: dict[str, Any] = {}
     for sec, values in raw.items():
         if sec not in SECTIONS:
@@ -269,9 +376,13 @@ def build_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
         for key, value in values.items():
             if key not in known:
                 raise _unknown(f"key in [{sec}]", key, known, source)
-            kwargs[key] = _coerce(cls, key, value, f"{source}: {sec}.{key}")
+            where = (origins or {}).get(f"{sec}.{key}", source)
+            kwargs[key] = _coerce(cls, key, value, f"{where}: {sec}.{key}")
         sections[sec] = cls(**kwargs)
-    return Config(**sections)
+    cfg = Config(**sections)
+    if check:
+        validate(cfg, source=source, origins=origins)
+    return cfg
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
@@ -303,17 +414,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise InputError("config file not found", file=source)
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(read_text(p))
         except tomllib.TOMLDecodeError as e:
             raise InputError(f"invalid TOML: {e}", file=source) from None
-    build_config(raw, source=source)  # report file errors against the file itself
-    for sec, values in parse_overrides(overrides or []).items():
+    build_config(raw, source=source, check=False)  # unknown keys and types against the file
+    origins = {f"{sec}.{key}": source for sec, values in raw.items() for key in values}
+    cli = parse_overrides(overrides or [])
+    for sec, values in cli.items():
         raw.setdefault(sec, {}).update(values)
-    return build_config(raw, source=source if not overrides else f"{source} + command line")
+        origins.update({f"{sec}.{key}": "<command line>" for key in values})
+    where = source if not overrides else f"{source} + command line"
+    return build_config(raw, source=where, origins=origins)
 
 
 def config_from_json(path: str | Path) -> Config:
-    return build_config(json.loads(Path(path).read_text()), source=str(path))
+    """A run directory's saved config.json; a damaged one is an InputError naming the file."""
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise InputError("expected a JSON object of config sections", file=str(path))
+    return build_config(raw, source=str(path))
 
 
 def markdown_table() -> str:
@@ -323,7 +442,15 @@ def markdown_table() -> str:
         for f in dataclasses.fields(cls):
             default = json.dumps(f.default)
             doc = f.metadata["doc"]
-            if f.metadata["choices"]:
-                doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"] if c) + "."
+            _, choices = _field_type(cls, f.name)
+            if choices:
+                doc += " One of: " + ", ".join(f"`{c}`" for c in choices if c) + "."
+            if range_text(f):
+                doc += f" Range: {range_text(f)}."
+            if f.metadata.get("nonempty"):
+                doc += " Must not be empty."
+            if f.metadata.get("pattern"):
+                escaped = f.metadata["pattern"].replace("|", "\\|")  # a bare | ends the cell
+                doc += f" Format: `{escaped}`."
             lines.append(f"| `{sec}.{f.name}` | `{default}` | {doc} |")
     return "\n".join(lines)

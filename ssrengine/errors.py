@@ -1,6 +1,11 @@
-"""One error type for bad input: it names where the problem is."""
+"""Error types that end a command with one line: bad input, and a full disk."""
 
 from __future__ import annotations
+
+import errno
+
+# The errnos of a full disk: no space, or the user's quota spent.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class InputError(ValueError):
@@ -23,3 +28,32 @@ class InputError(ValueError):
             where = f"{file}:{line}: " if line is not None else f"{file}: "
         what = f"field '{field}': " if field is not None else ""
         super().__init__(f"{where}{what}{message}")
+
+
+class DiskFullError(InputError):
+    """A write failed for lack of space (ENOSPC/EDQUOT). Reported like bad input, one line and
+    exit 2, because the user must act (free space) and a rerun resumes where the write failed."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        needed: int | None = None,
+        free: int | None = None,
+        at_least: bool = False,
+    ) -> None:
+        more = "more than " if at_least else ""
+        need = f"needs {more}{_size(needed)}, " if needed is not None else ""
+        have = f"{_size(free)} free" if free is not None else "no space left"
+        super().__init__(
+            f"disk full: writing this {need}{have} on its filesystem; "
+            "free space and rerun the same command to resume",
+            file=path,
+        )
+
+
+def _size(n: int) -> str:
+    units, x, i = ("bytes", "KiB", "MiB", "GiB", "TiB"), float(n), 0
+    while x >= 1024 and i < len(units) - 1:
+        x, i = x / 1024, i + 1
+    return f"{n} bytes" if i == 0 else f"{x:.1f} {units[i]}"

@@ -29,7 +29,7 @@ from ssrengine.datasets import resolve_data_file
 from ssrengine.errors import InputError
 from ssrengine.generation import Generator
 from ssrengine.generation.hf import HFGenerator
-from ssrengine.io import atomic_write_jsonl, atomic_write_text
+from ssrengine.io import atomic_write_jsonl, atomic_write_text, read_json
 from ssrengine.judge import gold_declines
 from ssrengine.metrics import retention_metrics, task_metrics
 from ssrengine.models import EMBEDDED, load_model, load_tokenizer, pick_device, resolve_model_path
@@ -59,9 +59,9 @@ from ssrengine.rundir import (
     SelfVsGoldRow,
     SplitMetrics,
     VerdictRow,
-    read_json,
     read_typed,
 )
+from ssrengine.runlock import lock_run_dir
 from ssrengine.stages import generate_rows, open_generator, train_examples
 
 log = logging.getLogger(__name__)
@@ -465,7 +465,8 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
     t = resolve_target(
         args.target, config=args.config, overrides=overrides, out=args.out, base=args.base
     )
-    res = run_eval(t, options_from_args(args))
+    with lock_run_dir(t.out):  # eval writes t.out/eval: one command per directory at a time
+        res = run_eval(t, options_from_args(args))
     print(summary_line(res))
     print(f"written: {t.eval_dir.eval_json}")
     return 0

@@ -24,6 +24,7 @@ import torch
 
 from ssrengine.cache import cache_dir
 from ssrengine.errors import InputError
+from ssrengine.modelfiles import check_model_files, check_tokenizer_files, load_error
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        str(resolve_model_path(path)), trust_remote_code=trust_remote_code
-    )
+    model_dir = resolve_model_path(path)
+    check_tokenizer_files(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise load_error("tokenizer", model_dir, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
@@ -159,6 +165,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
+    check_model_files(resolve_model_path(path))  # name a broken file before transformers reads it
     model = AutoModelForCausalLM.from_pretrained(
         str(resolve_model_path(path)),
         dtype=DTYPES[dtype],

@@ -11,6 +11,7 @@ from ssrengine import stages
 from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.rundir import BuildStats, MetricRow, RunDir, read_typed
+from ssrengine.runlock import check_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...])
 
 def prepare_run_dir(cfg: Config) -> Path:
     """Create run.dir and save config.json; refuse a run dir made with another model/data/mode."""
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_run_dir(cfg.run.dir)  # a file in the way, read-only, damaged config.json
     saved = RunDir(run_dir).config
     if saved.exists():
         diff = config_diff(json.loads(saved.read_text()), cfg.to_dict(), _PINNED)

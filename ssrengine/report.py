@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ssrengine.errors import InputError
-from ssrengine.io import atomic_write_text
+from ssrengine.io import atomic_write_text, read_json
 from ssrengine.metrics import retention_metrics
 from ssrengine.rundir import (
     SOURCES,
@@ -31,7 +31,6 @@ from ssrengine.rundir import (
     MetricRow,
     RunDir,
     SelfVsGold,
-    read_json,
     read_typed,
 )
 

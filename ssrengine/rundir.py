@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ssrengine.errors import InputError
-from ssrengine.io import atomic_write_text, read_rows
+from ssrengine.io import atomic_write_text, read_json, read_rows
 
 CONFIG = "config.json"
 GENERATIONS = "generations.jsonl"
@@ -549,13 +549,3 @@ class EvalResult(Row):
     @classmethod
     def read(cls, path: Path) -> EvalResult:
         return cls.from_json(read_json(path), str(path))
-
-
-def read_json(path: Path) -> Any:
-    """A whole JSON file of the run dir; unreadable or not JSON is an InputError naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("missing", file=str(path)) from None
-    except ValueError as e:
-        raise InputError(f"not valid JSON ({e})", file=str(path)) from None

@@ -313,10 +313,6 @@ class StepStats:
 
 def _check(cfg: Config) -> None:
     t = cfg.train
-    if t.skip_nonfinite_steps < 0:
-        raise InputError(
-            f"must be >= 0, got {t.skip_nonfinite_steps}", field="train.skip_nonfinite_steps"
-        )
     if t.packing and t.max_tokens < cfg.data.max_seq_len:
         raise InputError(
             f"train.max_tokens={t.max_tokens} is smaller than data.max_seq_len={cfg.data.max_seq_len}",

@@ -75,3 +75,92 @@ def test_readme_config_table_is_current():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert markdown_table() in readme, "regenerate it: python -m ssrengine config --markdown"
+
+
+def _bounded_fields():
+    import dataclasses
+
+    from ssrengine.config import SECTIONS, range_text
+
+    for sec, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if range_text(f):
+                yield sec, f
+
+
+@pytest.mark.parametrize(("sec", "f"), list(_bounded_fields()), ids=lambda x: getattr(x, "name", x))
+def test_every_range_is_checked_and_documented(sec, f):
+    """Each bound rejects the value just past it, naming the field; the docs state the range."""
+    from ssrengine.config import range_text
+
+    key = f"{sec}.{f.name}"
+    assert f"| `{key}` |" in markdown_table()
+    assert f"Range: {range_text(f)}." in markdown_table().split(f"| `{key}` |")[1].split("\n")[0]
+    past = {"ge": -1, "gt": 0, "le": 1, "lt": 0}  # the bound itself is outside for gt / lt
+    for name, step in past.items():
+        if f.metadata[name] is not None:
+            with pytest.raises(InputError, match=rf"<command line>: {key}: must be "):
+                load_config(None, [f"--{key}={f.metadata[name] + step}"])
+    if f.type == "float":
+        for bad in ("nan", "inf", "-inf"):
+            with pytest.raises(InputError, match=rf"{key}: must be a finite number"):
+                load_config(None, [f"--{key}={bad}"])
+
+
+def test_range_error_names_the_file_or_the_command_line(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nmax_steps = 0\ngrad_accum = 0\n")
+    with pytest.raises(InputError, match=r"c\.toml: train\.max_steps: must be >= 1, got 0"):
+        load_config(p)
+    # the command line fixes one value; the other is still the file's
+    with pytest.raises(InputError, match=r"c\.toml: train\.grad_accum: must be >= 1, got 0"):
+        load_config(p, ["--train.max_steps=3"])
+    with pytest.raises(InputError, match=r"<command line>: train\.lr: must be > 0, got -1\.0"):
+        load_config(p, ["--train.max_steps=3", "--train.grad_accum=1", "--train.lr=-1"])
+
+
+def test_choices_come_from_literal_types():
+    import typing
+
+    from ssrengine.config import TrainConfig
+
+    hint = typing.get_type_hints(TrainConfig)["parallel"]
+    assert typing.get_args(hint) == ("fsdp", "ddp")
+    with pytest.raises(
+        InputError, match=r"train\.parallel: must be one of 'fsdp', 'ddp', got 'tp'"
+    ):
+        load_config(None, ["--train.parallel=tp"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["--data.max_seq_len=4096"], "train.max_tokens=2048 is smaller than data.max_seq_len"),
+        (["--generation.backend=sglang-http"], "needs generation.url"),
+        (["--judge.kind=llm", "--judge.backend=openai"], "needs judge.url or generation.url"),
+    ],
+)
+def test_cross_field_checks(overrides, needle):
+    with pytest.raises(InputError, match=needle):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--data.max_seq_len=4096", "--train.packing=false"],
+        ["--generation.backend=sglang-http", "--generation.launch=true"],
+        ["--judge.kind=llm", "--judge.backend=openai", "--generation.url=http://h:1"],
+    ],
+)
+def test_cross_field_checks_accept_the_valid_combination(overrides):
+    load_config(None, overrides)
+
+
+def test_non_utf8_config_names_line_and_offset(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_bytes(b"[train]\nmax_steps = 3 # caf\xe9\n")
+    with pytest.raises(
+        InputError, match=r"c\.toml:2: not valid UTF-8: byte 0xe9 at byte offset 27"
+    ):
+        load_config(p)

@@ -78,8 +78,16 @@ def ssr_run(tmp_path):
 
 # Stage files with valid JSON of the wrong shape: (file, line 3 replaced by, message fragment)
 WRONG_SHAPE = [
-    ("generations", lambda r: [r], "generations.jsonl:3: expected a JSON object, got list"),
-    ("generations", lambda r: "text", "generations.jsonl:3: expected a JSON object, got str"),
+    (
+        "generations",
+        lambda r: [r],
+        "generations.jsonl:3: corrupt row in a stage output (not a JSON object)",
+    ),
+    (
+        "generations",
+        lambda r: "text",
+        "generations.jsonl:3: corrupt row in a stage output (not a JSON object)",
+    ),
     (
         "generations",
         lambda r: {k: v for k, v in r.items() if k != "model"},
