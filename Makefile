@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.toml
 
-.PHONY: setup demo test lint format bench experiment experiment-ablations clean
+.PHONY: setup demo test lint format bench experiment experiment-ablations gpu-check clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,13 @@ experiment-ablations: $(STAMP)
 	done
 	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr $(addprefix $(EXP)/,$(ABLATIONS)) \
 	  --out $(EXP)/report-ablations
+
+# On a CUDA GPU node (under 8 minutes): pytest -m gpu, the bf16 cross-entropy benchmark and a
+# short bf16 SSR run with FlashAttention-2 + Triton loss + packing; one JSON + PNG in
+# benchmarks/results/, non-zero exit on any failure. Needs the `flash` extra in this env.
+gpu-check: $(STAMP)
+	$(PY) -m ssrengine.models fetch smollm2-135m
+	$(PY) benchmarks/gpu_check.py
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

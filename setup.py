@@ -1,7 +1,7 @@
 """Build configuration.
 
-`kernels/` is installed as `ssrengine.kernels` (a top-level `kernels` module would clash with an
-unrelated PyPI package). The native packer in kernels/csrc is an optional extension,
+`kernels/` is installed as `ssrengine.kernels`; ssrengine/kernels/__init__.py explains how (and
+why kernels/ has no __init__.py). The native packer in kernels/csrc is an optional extension,
 `ssrengine.kernels._packer`, built by the top-level CMakeLists.txt: when cmake, a C++17
 compiler, the Python headers or pybind11 is missing, or the build fails, the install prints a
 warning and still succeeds, and ssrengine.packing uses its pure-Python planner (same bins).
@@ -16,13 +16,22 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
-packages = [p for p in find_packages(include=["ssrengine", "ssrengine.*"])]
-packages += ["ssrengine.kernels"] + [
-    "ssrengine.kernels." + p for p in find_packages(where="kernels")
-]
+packages = sorted(set(find_packages(include=["ssrengine", "ssrengine.*"])) | {"ssrengine.kernels"})
+
+
+class BuildPy(build_py):
+    """package_dir maps ssrengine.kernels to kernels/, which has no __init__.py: the package's
+    __init__ is ssrengine/kernels/__init__.py, added here beside the kernel modules."""
+
+    def run(self) -> None:
+        super().run()
+        init = Path(self.build_lib) / "ssrengine" / "kernels" / "__init__.py"
+        init.parent.mkdir(parents=True, exist_ok=True)
+        self.copy_file(str(ROOT / "ssrengine" / "kernels" / "__init__.py"), str(init))
 
 
 class CMakeExtension(Extension):
@@ -84,5 +93,5 @@ setup(
     package_dir={"ssrengine": "ssrengine", "ssrengine.kernels": "kernels"},
     package_data={"ssrengine": ["assets/*.jsonl"]},
     ext_modules=[CMakeExtension("ssrengine.kernels._packer")],
-    cmdclass={"build_ext": OptionalCMakeBuild},
+    cmdclass={"build_ext": OptionalCMakeBuild, "build_py": BuildPy},
 )

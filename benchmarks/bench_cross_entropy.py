@@ -199,16 +199,19 @@ def main(
         grad_bytes = (n_here + vocab) * hdim * esize
         for impl, fn in fns.items():
             h, w, y = make_inputs(n_here, hdim, vocab, ignored, getattr(torch, dtype), device)
+            extra = {}
             if device == "cuda":
                 timing = time_cuda(fn, h, w, y)
                 peak = memory_cuda(fn, h, w, y) if memory else None
+                extra["loss"] = float(fn(h, w, y).detach())  # same inputs for every impl
             else:
                 timing = time_cpu(fn, h, w, y, repeats, warmup)
                 del h, w, y
                 gc.collect()
                 peak = memory_cpu(impl, n_here, hdim, vocab, ignored, dtype) if memory else None
             row = dict(shape=name, H=hdim, V=vocab, N=n_here, supervised=round(n_here * (1 - ignored)),
-                       impl=impl, **timing, peak_extra_bytes=peak, grad_bytes=grad_bytes)  # fmt: skip
+                       impl=impl, **timing, peak_extra_bytes=peak, grad_bytes=grad_bytes,
+                       **extra)  # fmt: skip
             rows.append(row)
             print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
                               for k, v in row.items()}), flush=True)  # fmt: skip

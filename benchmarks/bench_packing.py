@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ssrengine import IGNORE_INDEX
+from ssrengine import attention as A
 from ssrengine import packing as P
 from ssrengine.batching import Encoded, MicroBatch, micro_batches, padded_batch
 from ssrengine.config import DataConfig, TrainConfig
@@ -52,7 +53,7 @@ from ssrengine.config import DataConfig, TrainConfig
 RESULTS = Path(__file__).parent / "results"
 # batching -> the attention implementation it runs with
 MODES = {
-    "packed": P.SDPA_VARLEN,
+    "packed": A.SDPA_VARLEN,
     "packed-mask": "sdpa",
     "padded-sorted": "sdpa",
     "padded": "sdpa",
@@ -178,7 +179,7 @@ def throughput(model: Any, encoded: list[Encoded], batch: int, max_tokens: int) 
         for m in runs
     }
 
-    P.register_sdpa_varlen()
+    A.register_sdpa_varlen()
 
     def step(mb: MicroBatch, mode: str) -> None:
         if model.config._attn_implementation != MODES[mode]:

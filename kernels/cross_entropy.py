@@ -30,7 +30,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ssrengine import IGNORE_INDEX
+# Label of a token without a target, as torch.nn.functional.cross_entropy's default.
+IGNORE_INDEX = -100
 
 Reduction = Literal["sum", "mean", "none"]
 Impl = Literal["auto", "torch", "triton"]
@@ -42,10 +43,16 @@ CHUNK_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------ checks
-def _bad(name: str, message: str) -> ValueError:
-    from ssrengine.errors import InputError
+class KernelInputError(ValueError):
+    """A bad argument of a kernel entry point; `field` names the argument."""
 
-    return InputError(message, field=name)
+    def __init__(self, message: str, *, field: str) -> None:
+        self.message, self.field = message, field
+        super().__init__(f"field '{field}': {message}")
+
+
+def _bad(name: str, message: str) -> KernelInputError:
+    return KernelInputError(message, field=name)
 
 
 def _check_args(
@@ -327,7 +334,46 @@ def fused_linear_cross_entropy(
     (only those that require grad are computed). `impl`: "triton" (CUDA, or CPU under
     TRITON_INTERPRET=1), "torch" (chunked reference), "auto" = triton on CUDA, torch elsewhere.
     `validate=True` checks label range and weight signs at the cost of a host sync.
+    Under torch.autocast, hidden and weight are cast to the autocast dtype first.
     """
+    hidden, weight = _autocast_inputs(hidden, weight)
+    with torch.autocast(_device_type(hidden), enabled=False):
+        return _fused_linear_cross_entropy(
+            hidden, weight, labels, token_weights, ignore_index, reduction, normalizer, impl,
+            validate,
+        )  # fmt: skip
+
+
+def _device_type(x: object) -> str:
+    return x.device.type if isinstance(x, torch.Tensor) else "cpu"
+
+
+def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor):
+    """Under autocast, hidden and weight in the autocast dtype, as torch.amp.custom_fwd(
+    cast_inputs=...) and an nn.Linear would have them: the lm_head product then runs on tensor
+    cores, and the gradient flows back to fp32 master weights through the cast."""
+    dev = _device_type(hidden)
+    if not torch.is_autocast_enabled(dev):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(dev)
+    cast = [
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES else t
+        for t in (hidden, weight)
+    ]
+    return cast[0], cast[1]
+
+
+def _fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    ignore_index: int,
+    reduction: Reduction,
+    normalizer: torch.Tensor | float | None,
+    impl: Impl,
+    validate: bool,
+) -> torch.Tensor:
     _check_args(hidden, weight, labels, token_weights, reduction, impl, normalizer)
     if validate:
         _validate_values(labels, weight.shape[0], ignore_index, token_weights)
@@ -337,7 +383,7 @@ def fused_linear_cross_entropy(
         token_weights = token_weights.detach()
     per_token = reduction == "none"
     if _resolve_impl(impl, hidden.device) == "triton":
-        from ssrengine.kernels.triton_cross_entropy import triton_linear_cross_entropy as fn
+        from .triton_cross_entropy import triton_linear_cross_entropy as fn
     else:
         fn = torch_linear_cross_entropy
     loss = fn(hidden, weight, labels, token_weights, ignore_index, per_token)

@@ -12,6 +12,9 @@ Design (after Apple's cut-cross-entropy, arXiv 2411.09009, written anew):
   scale * (softmax - onehot) and adds its products with weight and hidden into fp32 grad
   buffers with atomics. No [N, V] buffer exists in either pass.
 - Offsets are int64 (row * stride overflows int32 at N·H or V·H >= 2^31).
+- Tiles: on a GPU each pass picks its tile sizes and pipeline depth from the device's shared
+  memory per block (`pick_config`, `_launch`), since one fixed choice cannot fit A100 (163 KiB),
+  A10/L4 (99 KiB) and H100 (227 KiB) alike; kernels/aot.py compiles the choices for each.
 - bf16/fp16 tiles feed tl.dot natively on GPU (fp32 accumulate); fp32 inputs use IEEE fp32 dot
   unless torch allows TF32 matmuls. Under TRITON_INTERPRET=1 every tile is upcast to fp32
   before arithmetic: the interpreter mishandles raw bf16.
@@ -21,10 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -160,7 +166,7 @@ def _lce_backward_kernel(
 # ------------------------------------------------------------------------------- launchers
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes. GPU values are untuned defaults (this project has no GPU to tune on)."""
+    """Tile sizes and pipeline depth of one kernel launch."""
 
     block_n: int
     block_v: int
@@ -170,20 +176,98 @@ class KernelConfig:
     splits: int | None = None  # vocabulary slices of the forward grid; None = heuristic
 
 
+# Shared memory one block may opt into, by compute capability (CUDA C Programming Guide,
+# "Technical Specifications per Compute Capability"): what the launcher plans for when it
+# cannot ask the device, and what the ahead-of-time compile test checks against.
+SHARED_MEMORY_BY_ARCH = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448}
+
+# Candidate tiles, best first (untuned: this project has no GPU to tune on). The launcher takes
+# the first whose estimated shared memory fits the device; if the compiled kernel still does
+# not fit, the launch falls back to the next one (see `_launch`).
+_TILES_16BIT = (
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
+    KernelConfig(64, 128, 64, num_warps=8, num_stages=2),
+    KernelConfig(64, 64, 64, num_warps=8, num_stages=2),
+    KernelConfig(64, 64, 32, num_warps=4, num_stages=1),
+    KernelConfig(32, 32, 32, num_warps=4, num_stages=1),
+)
+_TILES_FP32 = (
+    KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    KernelConfig(128, 128, 32, num_warps=8, num_stages=2),
+    KernelConfig(128, 64, 32, num_warps=8, num_stages=2),
+    KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+    KernelConfig(64, 64, 16, num_warps=4, num_stages=2),
+    KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
+)
+
+Pass = Literal["forward", "backward"]
+T = TypeVar("T")
+
+
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(x, 1))))
 
 
-def default_config(n: int, vocab: int, dim: int, dtype: torch.dtype) -> KernelConfig:
-    if INTERPRET:
-        # The interpreter's cost grows with programs x ops: few, large tiles.
-        return KernelConfig(_pow2(n, 16, 64), _pow2(vocab, 16, 4096), _pow2(dim, 16, 256))
-    block_d = 32 if dtype == torch.float32 else 64
-    return KernelConfig(128, 128, block_d, num_warps=8, num_stages=3)
+def candidate_configs(dtype: torch.dtype) -> tuple[KernelConfig, ...]:
+    return _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
+
+
+def estimate_shared_memory(cfg: KernelConfig, dtype: torch.dtype, kind: Pass) -> int:
+    """The shared memory Triton allocates for `cfg`, from above, fitted to compiles for
+    sm80-sm90 (tests/test_triton_aot.py checks the real figure of every config the launcher
+    picks; a launch that still does not fit falls back, see `_launch`).
+
+    A pipelined loop holds copies of its two tl.dot operand tiles: num_stages - 1 on sm80-89,
+    num_stages on sm90 (asynchronous wgmma), so the forward counts num_stages. The backward
+    has two such loops plus the (N, V) gradient tile and its transpose; there Triton reuses
+    buffers across the loops, and num_stages - 1 copies per loop bounds every compile seen."""
+    es = torch.finfo(dtype).bits // 8
+    n, v, d = cfg.block_n, cfg.block_v, cfg.block_d
+    if kind == "forward":
+        return max(cfg.num_stages, 1) * (n * d + d * v) * es
+    copies = max(cfg.num_stages - 1, 1)
+    return copies * (n * d + d * v + v * d + n * d) * es + 2 * n * v * es
+
+
+def pick_config(kind: Pass, dtype: torch.dtype, shared_memory: int) -> tuple[int, KernelConfig]:
+    """(index, config): the first candidate whose estimate fits `shared_memory` bytes; the
+    smallest candidate when none does (its launch then reports the real figure)."""
+    tiles = candidate_configs(dtype)
+    for i in range(len(tiles)):
+        if estimate_shared_memory(tiles[i], dtype, kind) <= shared_memory:
+            return i, tiles[i]
+    return len(tiles) - 1, tiles[-1]
+
+
+def interpreter_config(n: int, vocab: int, dim: int) -> KernelConfig:
+    # The interpreter's cost grows with programs x ops: few, large tiles.
+    return KernelConfig(_pow2(n, 16, 64), _pow2(vocab, 16, 4096), _pow2(dim, 16, 256))
+
+
+def device_shared_memory(device: torch.device) -> int:
+    """The opt-in shared memory per block of `device`, as Triton's launcher checks it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        return int(props["max_shared_mem"])
+    except Exception:  # no Triton driver: fall back to the per-arch table
+        major, minor = torch.cuda.get_device_capability(index)
+        return SHARED_MEMORY_BY_ARCH.get(10 * major + minor, min(SHARED_MEMORY_BY_ARCH.values()))
+
+
+def default_config(n: int, vocab: int, dim: int, dtype: torch.dtype) -> KernelConfig | None:
+    """The interpreter's config, or None on a GPU: each launch then picks its own tiles from
+    the device's shared memory (`pick_config`)."""
+    return interpreter_config(n, vocab, dim) if INTERPRET else None
+
+
+def tf32_enabled() -> bool:
+    return torch.backends.cuda.matmul.allow_tf32
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if INTERPRET or dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32:
+    if INTERPRET or dtype != torch.float32 or not tf32_enabled():
         return "ieee"  # ignored for fp16/bf16 tiles
     return "tf32"
 
@@ -192,7 +276,7 @@ def _num_splits(cfg: KernelConfig, n: int, vocab: int, device: torch.device) -> 
     v_blocks = triton.cdiv(vocab, cfg.block_v)
     if cfg.splits is not None:
         return max(1, min(cfg.splits, v_blocks))
-    if device.type != "cuda":
+    if device.type != "cuda" or n == 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     # N is an upper bound on the supervised rows (their count stays on the device).
@@ -205,9 +289,113 @@ def _check_launch(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     assert hidden.dtype == weight.dtype and hidden.device == weight.device
 
 
+# Per (pass, dtype, TF32, shared memory): the candidate index that launched. A compiled kernel
+# that needs more shared memory than the device has raises OutOfResources before it runs, so
+# falling back to the next candidate is always safe.
+_CHOSEN: dict[tuple[str, torch.dtype, bool, int], int] = {}
+
+
+def _launch(
+    kind: Pass,
+    cfg: KernelConfig | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    run: Callable[[KernelConfig], T],
+) -> T:
+    """`run(cfg)`, or, when cfg is None, `run` with the first candidate tile that fits the
+    device, falling back to the next smaller one on OutOfResources (never a crash while a
+    smaller candidate is left)."""
+    if cfg is not None:
+        return run(cfg)
+    smem = device_shared_memory(device)
+    key = (kind, dtype, _precision(dtype) == "tf32", smem)
+    tiles = candidate_configs(dtype)
+    i = _CHOSEN[key] if key in _CHOSEN else pick_config(kind, dtype, smem)[0]
+    while True:
+        try:
+            out = run(tiles[i])
+        except OutOfResources:
+            if i + 1 >= len(tiles):
+                raise
+            i += 1
+            continue
+        _CHOSEN[key] = i
+        return out
+
+
 # The launchers are registered as torch custom ops: torch.compile then keeps them opaque (one
 # node each, shapes from the fake implementations below) instead of tracing into Triton's
-# launcher, which also works when the kernels run in the interpreter.
+# launcher, which also works when the kernels run in the interpreter. A config with
+# block_n == 0 means "pick tiles for the device" (`_launch`).
+def _forward_split(cfg: KernelConfig, n: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(slices, columns per slice) of the forward grid; every slice holds at least one column."""
+    splits = _num_splits(cfg, n, vocab, device)
+    v_per_split = triton.cdiv(triton.cdiv(vocab, cfg.block_v), splits) * cfg.block_v
+    return triton.cdiv(vocab, v_per_split), v_per_split
+
+
+def forward_kernel_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    y: torch.Tensor,
+    count: torch.Tensor,
+    lse: torch.Tensor,
+    tgt: torch.Tensor,
+    v_per_split: int,
+    cfg: KernelConfig,
+) -> tuple[tuple, dict]:
+    """The forward kernel's positional arguments and keyword options, as launched (the
+    ahead-of-time compile test builds its signatures from this very function)."""
+    n, dim = hidden.shape
+    args = (
+        hidden, weight, rows, y, count, lse, tgt,
+        n, weight.shape[0], dim, v_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        UPCAST=INTERPRET, PRECISION=_precision(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return args, kwargs
+
+
+def backward_kernel_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    y: torch.Tensor,
+    count: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    gh: torch.Tensor | None,
+    gw: torch.Tensor | None,
+    cfg: KernelConfig,
+) -> tuple[tuple, dict]:
+    """The backward kernel's arguments; gh / gw None = that gradient is not computed."""
+    dim = hidden.shape[1]
+    args = (
+        hidden, weight, rows, y, count, lse, scale,
+        lse if gh is None else gh, lse if gw is None else gw,  # dummies, never touched
+        weight.shape[0], dim,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        UPCAST=INTERPRET, PRECISION=_precision(hidden.dtype),
+        COMPUTE_DH=gh is not None, COMPUTE_DW=gw is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return args, kwargs
+
+
+def _config_or_none(block_n, block_v, block_d, num_warps, num_stages, splits=0):
+    if block_n == 0:
+        return None
+    return KernelConfig(block_n, block_v, block_d, num_warps, num_stages, splits or None)
+
+
 @torch.library.custom_op("ssrengine::lce_forward", mutates_args=())
 def lce_forward(
     hidden: torch.Tensor,  # (N, H)
@@ -215,7 +403,7 @@ def lce_forward(
     rows: torch.Tensor,  # (N,) int64, supervised rows first
     y: torch.Tensor,  # (N,) labels in `rows` order
     count: torch.Tensor,  # () supervised rows, on the device
-    block_n: int,
+    block_n: int,  # 0: tiles picked for the device
     block_v: int,
     block_d: int,
     num_warps: int,
@@ -225,28 +413,25 @@ def lce_forward(
     """Per compacted row: log-sum-exp of the logits and the target logit, (N,) fp32 each
     (meaningless past `count`)."""
     _check_launch(hidden, weight, rows)
-    n, dim = hidden.shape
-    vocab = weight.shape[0]
-    cfg = KernelConfig(block_n, block_v, block_d, num_warps, num_stages, splits or None)
-    splits = _num_splits(cfg, n, vocab, hidden.device)
-    v_per_split = triton.cdiv(triton.cdiv(vocab, block_v), splits) * block_v
-    splits = triton.cdiv(vocab, v_per_split)  # every slice holds at least one column
-    lse = torch.zeros(splits * n, dtype=torch.float32, device=hidden.device)
-    tgt = torch.zeros(splits * n, dtype=torch.float32, device=hidden.device)
-    if n > 0:
-        grid = (triton.cdiv(n, block_n), splits)
-        with _on(hidden.device):
-            _lce_forward_kernel[grid](
-                hidden, weight, rows, y, count, lse, tgt,
-                n, vocab, dim, v_per_split,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                UPCAST=INTERPRET, PRECISION=_precision(hidden.dtype),
-                num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
-    if splits == 1:
+    n, vocab = hidden.shape[0], weight.shape[0]
+    cfg = _config_or_none(block_n, block_v, block_d, num_warps, num_stages, splits)
+
+    def run(tile: KernelConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+        nsplit, v_per_split = _forward_split(tile, n, vocab, hidden.device)
+        lse = torch.zeros(nsplit * n, dtype=torch.float32, device=hidden.device)
+        tgt = torch.zeros(nsplit * n, dtype=torch.float32, device=hidden.device)
+        if n > 0:
+            args, kwargs = forward_kernel_args(
+                hidden, weight, rows, y, count, lse, tgt, v_per_split, tile
+            )
+            with _on(hidden.device):
+                _lce_forward_kernel[(triton.cdiv(n, tile.block_n), nsplit)](*args, **kwargs)
+        return lse, tgt, nsplit
+
+    lse, tgt, nsplit = _launch("forward", cfg, hidden.dtype, hidden.device, run)
+    if nsplit == 1:
         return lse, tgt
-    return torch.logsumexp(lse.view(splits, n), dim=0), tgt.view(splits, n).sum(dim=0)
+    return torch.logsumexp(lse.view(nsplit, n), dim=0), tgt.view(nsplit, n).sum(dim=0)
 
 
 @lce_forward.register_fake
@@ -266,7 +451,7 @@ def lce_backward(
     scale: torch.Tensor,  # (N,) fp32, compacted order: d loss / d (per-row loss)
     need_h: bool,
     need_w: bool,
-    block_n: int,
+    block_n: int,  # 0: tiles picked for the device
     block_v: int,
     block_d: int,
     num_warps: int,
@@ -278,22 +463,22 @@ def lce_backward(
     assert lse.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    gh = hidden.new_zeros((n, dim) if need_h else (0,), dtype=torch.float32)
-    gw = weight.new_zeros((vocab, dim) if need_w else (0,), dtype=torch.float32)
-    if n > 0 and (need_h or need_w):
-        grid = (triton.cdiv(n, block_n), triton.cdiv(vocab, block_v))
-        with _on(hidden.device):
-            _lce_backward_kernel[grid](
+    cfg = _config_or_none(block_n, block_v, block_d, num_warps, num_stages)
+
+    def run(tile: KernelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        gh = hidden.new_zeros((n, dim) if need_h else (0,), dtype=torch.float32)
+        gw = weight.new_zeros((vocab, dim) if need_w else (0,), dtype=torch.float32)
+        if n > 0 and (need_h or need_w):
+            args, kwargs = backward_kernel_args(
                 hidden, weight, rows, y, count, lse, scale,
-                gh if need_h else lse, gw if need_w else lse,  # dummies, never touched
-                vocab, dim,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                UPCAST=INTERPRET, PRECISION=_precision(hidden.dtype),
-                COMPUTE_DH=need_h, COMPUTE_DW=need_w,
-                num_warps=num_warps, num_stages=num_stages,
+                gh if need_h else None, gw if need_w else None, tile,
             )  # fmt: skip
-    return gh, gw
+            grid = (triton.cdiv(n, tile.block_n), triton.cdiv(vocab, tile.block_v))
+            with _on(hidden.device):
+                _lce_backward_kernel[grid](*args, **kwargs)
+        return gh, gw
+
+    return _launch("backward", cfg, hidden.dtype, hidden.device, run)
 
 
 @lce_backward.register_fake
@@ -304,7 +489,9 @@ def _(hidden, weight, rows, y, count, lse, scale, need_h, need_w, *blocks):
     return gh, gw
 
 
-def _blocks(cfg: KernelConfig) -> tuple[int, int, int, int, int]:
+def _blocks(cfg: KernelConfig | None) -> tuple[int, int, int, int, int]:
+    if cfg is None:
+        return 0, 0, 0, 0, 0
     return cfg.block_n, cfg.block_v, cfg.block_d, cfg.num_warps, cfg.num_stages
 
 
@@ -329,7 +516,8 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         rows = torch.argsort((~valid).to(torch.int8), stable=True)  # supervised rows first
         count = valid.sum()  # stays on the device
         y = labels[rows]
-        lse, tgt = lce_forward(hidden, weight, rows, y, count, *_blocks(cfg), cfg.splits or 0)
+        splits = (cfg.splits or 0) if cfg is not None else 0
+        lse, tgt = lce_forward(hidden, weight, rows, y, count, *_blocks(cfg), splits)
         in_count = torch.arange(n, device=hidden.device) < count
         w = None if token_weights is None else token_weights[rows].float()
         loss = lse - tgt if w is None else (lse - tgt) * w

@@ -1,5 +1,121 @@
-"""ssrengine: Selective Self-Rehearsal fine-tuning."""
+"""ssrengine: Selective Self-Rehearsal fine-tuning.
+
+The Python API mirrors the command line: each function takes a config — a `Config`, a TOML
+file, or a dict of sections — and does what ``python -m ssrengine COMMAND`` does, into
+run.dir, resuming and refusing exactly as the command does::
+
+    import ssrengine
+
+    cfg = ssrengine.load_config("configs/demo.toml", ["--run.dir=runs/mine"])
+    checkpoint = ssrengine.run(cfg)          # generate → judge → build → train
+    ssrengine.export(cfg.run.dir)            # TRL prompt-completion JSONL (+ datasets dir)
+
+Importing the package loads no model library; each function imports what it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ssrengine.config import Config, build_config, load_config
+
+if TYPE_CHECKING:
+    from ssrengine.judge import Verdict
+    from ssrengine.rundir import BuildStats, GenerationRow
 
 __version__ = "0.1.0"
 
 IGNORE_INDEX = -100  # label of every token that is not supervised (prompt, padding)
+
+ConfigLike = Config | str | os.PathLike[str] | Mapping[str, Any]
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Config",
+    "build",
+    "export",
+    "generate",
+    "judge",
+    "load_config",
+    "render",
+    "run",
+    "train",
+]
+
+
+def _config(config: ConfigLike) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return build_config(dict(config), source="<dict>")
+    return load_config(config)
+
+
+def run(config: ConfigLike, *, resume: bool = False) -> Path:
+    """Every stage into run.dir, skipping finished work; returns the final checkpoint."""
+    from ssrengine.pipeline import run_all
+
+    return run_all(_config(config), resume=resume)
+
+
+def generate(config: ConfigLike) -> dict[str, GenerationRow]:
+    """The base model's answer to every training prompt (generations.jsonl), by example id."""
+    from ssrengine.pipeline import run_stage
+
+    return run_stage(_config(config), "generate") or {}
+
+
+def judge(config: ConfigLike) -> dict[str, Verdict]:
+    """The judge's verdict on every generation (verdicts.jsonl), by example id."""
+    from ssrengine.pipeline import run_stage
+
+    return run_stage(_config(config), "judge") or {}
+
+
+def build(config: ConfigLike) -> BuildStats:
+    """rehearsal.jsonl (accepted own answers + gold for the rest) and its source counts."""
+    from ssrengine.pipeline import run_stage
+
+    return run_stage(_config(config), "build")
+
+
+def train(config: ConfigLike, *, resume: bool = False) -> Path:
+    """Fine-tune on rehearsal.jsonl; returns the final checkpoint directory."""
+    from ssrengine.pipeline import run_stage
+
+    return run_stage(_config(config), "train", resume=resume)
+
+
+def export(run_dir: str | os.PathLike[str], fmt: str = "trl", out: str | None = None) -> Path:
+    """A run's rehearsal set for another trainer (see ssrengine.export); returns its directory."""
+    from ssrengine.export import export as export_run
+
+    return export_run(run_dir, fmt, out)
+
+
+def render(config: ConfigLike, n: int = 3, *, tokens: bool = False) -> str:
+    """The first ``n`` training prompts as the model sees them, supervised span marked."""
+    from ssrengine.render import render as render_examples
+
+    return render_examples(_config(config), n, tokens=tokens)
+
+
+class _Package(types.ModuleType):
+    """Keeps the API functions bound on the package: importing a submodule of the same name
+    (ssrengine.judge, ssrengine.train, ssrengine.export, ssrengine.render) would otherwise
+    rebind ``ssrengine.judge`` to that module. The modules stay importable by their full
+    names (``from ssrengine.judge import RuleJudge``, ``python -m ssrengine.train``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_API = frozenset({"run", "generate", "judge", "build", "train", "export", "render"})
+sys.modules[__name__].__class__ = _Package

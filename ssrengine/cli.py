@@ -1,6 +1,7 @@
-"""Command line: ``python -m ssrengine {run,generate,judge,build,train,eval,report,config} ...``.
+"""Command line: ``python -m ssrengine {run,generate,judge,build,train,eval,report,render,export,config} ...``.
 
-Every command takes ``--config FILE`` and ``--section.field=value`` overrides. Bad input
+Commands that run from a config take ``--config FILE`` and ``--section.field=value`` overrides;
+``export`` and ``report`` read run directories. Bad input
 exits with status 2 and one line naming the file, line and field.
 """
 
@@ -26,6 +27,8 @@ COMMANDS = {
     "train": f"fine-tune on {rundir.REHEARSAL} -> {rundir.CHECKPOINTS}/, {rundir.METRICS}",
     "eval": f"task metrics + retention of a run or a model -> OUT/{rundir.EVAL}/eval.json",
     "report": "one table and plots across evaluated runs -> markdown/HTML report",
+    "render": "print the first --n training prompts as the model sees them, target marked",
+    "export": f"a run's {rundir.REHEARSAL} for another trainer (--format trl) -> RUN/export/",
     "config": "print the resolved config (or --markdown: the key reference)",
 }
 
@@ -45,6 +48,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
                 add_arguments(s)
             continue
+        if name == "export":
+            from ssrengine.export import FORMATS
+
+            s.add_argument("run", help="run directory")
+            s.add_argument("--format", choices=FORMATS, default="trl")
+            s.add_argument("--out", help="output directory (default RUN/export/FORMAT)")
+            continue
         s.add_argument("--config", help="TOML run config (e.g. configs/demo.toml)")
         if name == "eval" and command == "eval":
             from ssrengine.evaluate import add_arguments
@@ -55,6 +65,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
                 "--resume",
                 action="store_true",
                 help="continue from the newest checkpoint (error if none)",
+            )
+        if name == "render":
+            s.add_argument("--n", type=int, default=3, help="how many records (default 3)")
+            s.add_argument(
+                "--tokens", action="store_true", help="one text(label) per token instead of text"
             )
         if name == "config":
             s.add_argument(
@@ -72,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config" and args.markdown:
             print(markdown_table())
             return 0
-        if args.command == "report":
+        if args.command in ("report", "export"):
             if overrides:
                 raise InputError(
                     f"unexpected arguments: {' '.join(overrides)}", file="<command line>"
                 )
+            if args.command == "export":
+                from ssrengine.export import export
+
+                print(export(args.run, args.format, args.out))
+                return 0
             from ssrengine.report import main as report_main
 
             return report_main(args)
@@ -87,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.command == "config":
             print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        if args.command == "render":
+            from ssrengine.render import render
+
+            print(render(cfg, args.n, tokens=args.tokens, color=sys.stdout.isatty()))
             return 0
         from ssrengine.pipeline import run_all, run_stage
 

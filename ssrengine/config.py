@@ -54,12 +54,16 @@ class ModelConfig:
     )
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32",
-        "Parameter dtype when loading. Train in float32 on CPU (bf16 is slow without AMX).",
+        "Parameter dtype when loading (training: the master weights). float32 on CPU and GPU "
+        "alike; on GPU the compute is bf16 through train.dtype. An SGLang server gets bfloat16 "
+        "for float32 (SGLang's `auto` would serve an fp32 checkpoint in fp16).",
     )
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = _f(
         "auto",
-        "`auto`: flash_attention_2 on CUDA when flash-attn is installed, else sdpa_varlen "
-        "(packed rows as one SDPA call per example; plain sdpa for padded batches).",
+        "`auto`: flash_attention_2 on CUDA when flash-attn is installed and the compute is 16-bit "
+        "(model.dtype bf16/fp16, or training under bf16 autocast); else sdpa_varlen (packed rows "
+        "as one SDPA call per example; plain sdpa for padded batches and generation). So on GPU "
+        "training uses FA2 and fp32 generation/scoring uses sdpa_varlen.",
     )
     trust_remote_code: bool = _f(
         False, "Allow custom modeling code shipped with the model directory."
@@ -111,6 +115,12 @@ class GenerationConfig:
     launch: bool = _f(
         False,
         "sglang-http: start `python -m sglang.launch_server` for generation.model and stop it at exit.",
+    )
+    launch_python: str = _f(
+        "",
+        "sglang-http with generation.launch: the Python that runs `-m sglang.launch_server`, e.g. "
+        "`/opt/sglang/bin/python` when SGLang lives in its own environment (README, "
+        '"Environments"); empty = this interpreter.',
     )
     tp_size: int = _f(1, "SGLang tensor-parallel size.", ge=1)
     dp_size: int = _f(1, "SGLang data-parallel size.", ge=1)
@@ -165,8 +175,10 @@ class TrainConfig:
     max_tokens: int = _f(2048, "Tokens per packed micro-batch when train.packing = true.", ge=1)
     grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
     max_grad_norm: float = _f(1.0, "Gradient clipping (0 = off).", ge=0)
-    dtype: Literal["float32", "bfloat16"] = _f(
-        "float32", "Compute dtype: float32, or bf16 autocast (GPU)."
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto",
+        "Training compute dtype: `auto` = bf16 autocast over fp32 weights on CUDA, float32 on "
+        "CPU (bf16 matmuls are slow without AMX); or `float32` / `bfloat16` everywhere.",
     )
     packing: bool = _f(
         True,

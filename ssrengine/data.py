@@ -67,6 +67,10 @@ def parse_record(
             )
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             raise bad("missing or empty content", f"messages[{i}].content")
+    for i, m in enumerate(msgs[1:], 1):
+        if m["role"] == "system":
+            # One defined place for the record's own instruction (see prompt_messages).
+            raise bad("a system message may only be the first message", f"messages[{i}].role")
     if msgs[-1]["role"] != "user":
         raise bad(
             "the last message must be the user's turn being answered",
@@ -148,14 +152,19 @@ def render_documents(documents: list[dict[str, str]]) -> str:
 def prompt_messages(
     messages: list[dict[str, str]], documents: list[dict[str, str]], system_prompt: str
 ) -> list[dict[str, str]]:
-    """Chat messages for the model: instruction + documents as the system turn, then the dialog."""
-    system = system_prompt
+    """Chat messages for the model: one system turn, then the dialog.
+
+    The system turn is the record's own system message when it has one (its first message),
+    else ``system_prompt`` (data.system_prompt); the documents are appended to it after a
+    blank line. Nothing of the record is dropped."""
+    own = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    system = system_prompt if own is None else own
     if documents:
         system = (
             f"{system}\n\n{render_documents(documents)}" if system else render_documents(documents)
         )
     head = [{"role": "system", "content": system}] if system else []
-    return head + [m for m in messages if m["role"] != "system"]
+    return head + (messages[1:] if own is not None else messages)
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:

@@ -104,6 +104,19 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def no_buffer_sync_kwargs() -> dict[str, bool]:
+    """DistributedDataParallel's switch for "do not broadcast buffers every forward": the
+    `forward_sync_buffers` of recent torch, or `broadcast_buffers` (deprecated there) on the
+    older torch an SGLang-pinned environment may have."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def wrap(
     module: nn.Module,
     world: World,
@@ -123,7 +136,7 @@ def wrap(
         from torch.nn.parallel import DistributedDataParallel
 
         # Inputs are moved to the device by the trainer; buffers (rotary tables) never change.
-        return DistributedDataParallel(module, device_ids=None, forward_sync_buffers=False)
+        return DistributedDataParallel(module, device_ids=None, **no_buffer_sync_kwargs())
     if parallel != "fsdp":
         raise ValueError(f"unknown train.parallel {parallel!r}")
     from torch.distributed.device_mesh import init_device_mesh

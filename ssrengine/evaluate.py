@@ -62,7 +62,7 @@ from ssrengine.rundir import (
     read_typed,
 )
 from ssrengine.runlock import lock_run_dir
-from ssrengine.stages import generate_rows, open_generator, train_examples
+from ssrengine.stages import generate_rows, open_generator, prepare
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def self_vs_gold(t: Target, model: Any, tok: Any, limit: int) -> SelfVsGold | No
     verdicts = (
         {r.id: r for r in read_typed(rd.verdicts, VerdictRow)} if rd.verdicts.exists() else {}
     )
-    examples = [e for e in train_examples(t.cfg) if e.id in gens and gens[e.id].response.strip()]
+    examples = [e for e in prepare(t.cfg) if e.id in gens and gens[e.id].response.strip()]
     examples = examples[:limit] if limit else examples
     if not examples:
         return None

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ssrengine.attention import pick_attn_implementation
 from ssrengine.cache import cache_dir
 from ssrengine.errors import InputError
 from ssrengine.modelfiles import check_model_files, check_tokenizer_files, load_error
@@ -113,26 +114,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_attn_implementation(requested: str, device: torch.device) -> str:
-    """``auto``: FlashAttention-2 (varlen for packed batches) on CUDA when flash-attn is
-    installed; otherwise ``sdpa_varlen``, which runs packed rows as one SDPA call per example
-    (no T×T mask) and padded batches / generation as plain sdpa."""
-    from ssrengine.packing import register_sdpa_varlen
-
-    if requested == "sdpa_varlen":
-        return register_sdpa_varlen()
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return register_sdpa_varlen()
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -161,26 +142,65 @@ def load_model(
     device: str = "auto",
     attn_implementation: str = "auto",
     trust_remote_code: bool = False,
+    autocast: str = "float32",
 ) -> Any:
+    """A transformers causal LM with `dtype` weights on `device`; `autocast` is the dtype it
+    will run under ("float32": none), which decides whether FlashAttention-2 can be used."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     check_model_files(resolve_model_path(path))  # name a broken file before transformers reads it
+    attn = pick_attn_implementation(attn_implementation, dev, weights=dtype, autocast=autocast)
     model = AutoModelForCausalLM.from_pretrained(
         str(resolve_model_path(path)),
         dtype=DTYPES[dtype],
-        attn_implementation=pick_attn_implementation(attn_implementation, dev),
+        attn_implementation=attn,
         trust_remote_code=trust_remote_code,
     )
     return model.to(dev)
 
 
+# Models whose logits are `lm_head(hidden) * scale` (as their modeling_*.py computes them):
+# model type prefix -> (config attribute, whether the scale multiplies or divides).
+_LOGIT_SCALES = {"cohere": ("logit_scale", False), "granite": ("logits_scaling", True)}
+# Config attributes of logit transforms the fused loss cannot express as hidden @ W.T.
+_UNSUPPORTED = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def logit_multiplier(config: Any) -> float:
+    """The factor s with logits = s * (hidden @ lm_head.T) for this model: folded into the
+    hidden states, so the fused loss (which never builds logits) sees the model's own logits.
+    A transform that is not a scale (Gemma's tanh softcapping) or a scale attribute on a model
+    type whose use of it is not known here is refused, naming the model type."""
+    kind = getattr(config, "model_type", "") or ""
+    scale = 1.0
+    for prefix, (attr, divides) in _LOGIT_SCALES.items():
+        value = getattr(config, attr, None)
+        if kind.startswith(prefix) and value is not None:
+            scale = 1.0 / float(value) if divides else float(value)
+    for attr in _UNSUPPORTED:
+        value = getattr(config, attr, None)
+        known = any(kind.startswith(p) and attr == a for p, (a, _) in _LOGIT_SCALES.items())
+        if value not in (None, 0, 1, 1.0, False) and not known:
+            raise InputError(
+                f"model type {kind!r} transforms its logits ({attr} = {value}), which the fused "
+                "cross-entropy and the scorer, computing hidden @ lm_head.T, do not support",
+                field="model.path",
+            )
+    return scale
+
+
 def hidden_and_head(
     model: Any, input_ids: torch.Tensor, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not."""
+    """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not, with
+    hidden @ weight.T = the model's logits (a logit scale is folded into the hidden states)."""
     out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
-    return out.last_hidden_state, model.get_output_embeddings().weight
+    hidden = out.last_hidden_state
+    scale = logit_multiplier(model.config)
+    if scale != 1.0:
+        hidden = hidden * scale
+    return hidden, model.get_output_embeddings().weight
 
 
 def main(argv: list[str] | None = None) -> int:

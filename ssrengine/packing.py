@@ -8,9 +8,8 @@ each attention implementation:
 
 - ``flash_attention_*`` (CUDA + flash-attn): the precomputed ``cu_seqlens`` go straight to
   flash-attn's varlen kernel (transformers' ``cu_seq_lens_q/k`` + ``max_length_q/k``).
-- ``sdpa_varlen`` (CPU; `register_sdpa_varlen`): the same precomputed ``cu_seqlens``, one SDPA
-  call per example on its own causal block, so no (T, T) mask is built or computed. It finds
-  the boundaries from ``position_ids`` when the kwargs lack them, as transformers' flash path.
+- ``sdpa_varlen`` (`ssrengine.attention`): the same precomputed ``cu_seqlens``, one SDPA call
+  per example on its own causal block, so no (T, T) mask is built or computed.
 - ``sdpa`` / ``eager``: ``position_ids`` restarting at 0 per example, and no attention mask;
   transformers then derives a block-diagonal causal mask from the restarts. It does so only
   when there is no KV cache: `ssrengine.models.hidden_and_head` passes ``use_cache=False``
@@ -43,9 +42,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ssrengine import IGNORE_INDEX
+from ssrengine.attention import SDPA_VARLEN
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +295,7 @@ def step_targets(batches: Sequence[PackedBatch]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention dispatch
+# Attention inputs of a packed batch
 
 
 def block_causal_mask(batch: PackedBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -311,116 +310,6 @@ def block_causal_mask(batch: PackedBatch, dtype: torch.dtype = torch.float32) ->
     mask = torch.zeros(allowed.shape, dtype=dtype, device=cu.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
-
-
-SDPA_VARLEN = "sdpa_varlen"
-
-
-def _restarts(position_ids: torch.Tensor) -> list[int]:
-    """Example boundaries of one packed row from its position_ids, as transformers detects
-    them (a new example wherever the position does not grow by 1): [0, ..., T]."""
-    pos = position_ids.reshape(-1)
-    inner = (torch.nonzero(torch.diff(pos) != 1).flatten() + 1).tolist()
-    return [0, *inner, pos.numel()]
-
-
-def sdpa_varlen_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """A transformers attention function: varlen causal attention through SDPA.
-
-    query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (1, T, Hq, D). Each example attends only
-    within its own (L, L) causal block, one SDPA call per example: the attention work is
-    sum(L^2) instead of the T^2 of a masked SDPA over the whole packed row, and no (T, T) mask
-    is built (on CUDA, flash-attn varlen does the same in one kernel). Boundaries come from
-    ``cu_seq_lens_q`` or, like transformers' flash path, from restarts in ``position_ids``.
-    Anything else (padded batches, a KV cache) is transformers' sdpa, mask included.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    bounds = None
-    if cu_seq_lens_q is not None:
-        bounds = cu_seq_lens_q.tolist()  # n + 1 host ints; a sync on CUDA (use flash-attn there)
-    elif (
-        attention_mask is None  # see _sdpa_varlen_mask: one full, unpadded row
-        and position_ids is not None
-        and query.shape[0] == 1
-        and query.shape[2] == key.shape[2]
-    ):
-        bounds = _restarts(position_ids)
-    if bounds is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    if query.shape[0] != 1:
-        raise ValueError(f"packed rows have batch size 1, got {query.shape[0]}")
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("sdpa_varlen supports neither sliding windows nor softcap")
-    if kwargs.get("is_causal") is False:
-        raise NotImplementedError("sdpa_varlen is causal attention only")
-    gqa = query.shape[1] != key.shape[1]
-    out = [
-        F.scaled_dot_product_attention(
-            query[:, :, a:b],
-            key[:, :, a:b],
-            value[:, :, a:b],
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-        for a, b in itertools.pairwise(bounds)
-    ]
-    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
-
-
-def _sdpa_varlen_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
-    """The mask function of sdpa_varlen: none for one full unpadded row (packed or not; the
-    attention function finds its boundaries), transformers' sdpa mask for everything else."""
-    full_row = batch_size == 1 and q_length == kv_length and not q_offset and not kv_offset
-    if attention_mask is None and full_row:
-        return None
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(
-        batch_size,
-        q_length,
-        kv_length,
-        q_offset,
-        kv_offset,
-        attention_mask=attention_mask,
-        **kwargs,
-    )
-
-
-@functools.cache
-def register_sdpa_varlen() -> str:
-    """Register ``sdpa_varlen`` with transformers' AttentionInterface and AttentionMaskInterface
-    (their documented extension points) and return the name, for
-    ``from_pretrained(..., attn_implementation=...)`` or ``model.set_attn_implementation``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
-    AttentionMaskInterface.register(SDPA_VARLEN, _sdpa_varlen_mask)
-    return SDPA_VARLEN
 
 
 def model_inputs(

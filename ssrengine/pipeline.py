@@ -1,34 +1,51 @@
-"""A run: prepare the run directory, then generate → judge → build → train, skipping done work."""
+"""A run: check the run directory, fit the data once, then generate → judge → build → train.
+
+Each stage records in provenance.json what its output was made from (`rundir.Provenance`:
+the config values it depends on, upstream stages' included, and a hash of its input rows).
+generate, judge and build redo their work when an input changed (their rows are keyed by
+everything they depend on); train cannot redo a checkpoint, so a run dir whose checkpoints
+were trained under other settings or on another rehearsal set is refused before anything is
+written or computed.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ssrengine import stages
 from ssrengine.config import Config
+from ssrengine.data import Example
 from ssrengine.errors import InputError
-from ssrengine.rundir import BuildStats, MetricRow, RunDir, read_typed
+from ssrengine.rundir import (
+    STAGES,
+    BuildStats,
+    MetricRow,
+    Provenance,
+    RehearsalRow,
+    Row,
+    RunDir,
+    config_changes,
+    content_hash,
+    flat_config,
+    read_provenance,
+    read_typed,
+    stage_config,
+    write_provenance,
+)
 from ssrengine.runlock import check_run_dir
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "judge", "build", "train")
 # Changing these under an existing run would silently mix artifacts of two different runs.
 _PINNED = ("model", "data", "run.mode")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def config_diff(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    a, b = _flat(old), _flat(new)
+    a, b = flat_config(old), flat_config(new)
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
@@ -52,30 +69,134 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def run_stage(cfg: Config, stage: str, *, resume: bool = False) -> Any:
-    run_dir = prepare_run_dir(cfg)
+def has_checkpoint(rd: RunDir) -> bool:
+    if not rd.checkpoints.is_dir() or not any(rd.checkpoints.iterdir()):
+        return False  # decided without importing torch
+    from ssrengine.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(rd.checkpoints) is not None
+
+
+def _retrain_hint(rd: RunDir) -> str:
+    return (
+        f"rerunning here would mix two runs: use a new run.dir, or delete {rd.checkpoints} "
+        f"and {rd.metrics} to train again here"
+    )
+
+
+def check_checkpoints_match(cfg: Config, *, resume: bool = False) -> None:
+    """Refuse, before anything is computed or written, what cannot end well: ``--resume``
+    without a checkpoint, or checkpoints trained under settings other than ``cfg``'s."""
+    rd = RunDir(Path(cfg.run.dir))
+    trained = has_checkpoint(rd)
+    if resume and not trained:
+        raise InputError(
+            "--resume given but there is no checkpoint to resume from", file=str(rd.checkpoints)
+        )
+    if not trained:
+        return
+    record = read_provenance(rd).get("train")
+    if record is None:
+        raise InputError(
+            "these checkpoints have no record of what they were trained on (made by an older "
+            f"ssrengine); {_retrain_hint(rd)}",
+            file=str(rd.checkpoints),
+        )
+    changes = config_changes(record.config, stage_config(cfg.to_dict(), "train"))
+    if changes:
+        raise InputError(
+            f"these checkpoints were trained with other settings ({'; '.join(changes)}); "
+            + _retrain_hint(rd),
+            file=str(rd.checkpoints),
+        )
+
+
+def rows_hash(rows: Iterable[Row]) -> str:
+    return content_hash([r.to_json() for r in rows])
+
+
+def _record(cfg: Config, rd: RunDir, stage: str, inputs: str, output: str = "") -> None:
+    config = stage_config(cfg.to_dict(), stage)
+    write_provenance(rd, Provenance(stage, config, inputs, output))
+
+
+def run_stage(
+    cfg: Config, stage: str, *, resume: bool = False, examples: list[Example] | None = None
+) -> Any:
+    """One stage into run.dir. ``examples``: the output of `stages.prepare` (read if omitted)."""
+    if stage not in STAGES:
+        raise InputError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    check_checkpoints_match(cfg, resume=resume)
     if stage in ("generate", "judge") and cfg.run.mode == "sft":
         log.info("%s: skipped (run.mode = sft trains on gold answers only)", stage)
         return None
-    if stage == "generate":
-        return stages.run_generate(cfg, run_dir)
-    if stage == "judge":
-        verdicts = stages.run_judge(cfg, run_dir)
-        if cfg.judge.paraphrase:
-            rejected = [e for e in stages.train_examples(cfg) if not verdicts[e.id].accept]
-            stages.run_paraphrase(cfg, run_dir, rejected)
-        return verdicts
-    if stage == "build":
-        stats = stages.run_build(cfg, run_dir)
-        print(f"rehearsal set ({cfg.run.mode}):\n{stages.format_stats(stats)}")
-        return stats
     if stage == "train":
-        # torch is imported by the train stage only: the data stages on a server backend and
-        # the rule judge run without it.
-        from ssrengine.trainer import train
+        return _train(cfg, prepare_run_dir(cfg), resume)
+    examples = examples if examples is not None else stages.prepare(cfg)
+    run_dir = prepare_run_dir(cfg)
+    rd = RunDir(run_dir)
+    if stage == "generate":
+        gens = stages.run_generate(cfg, run_dir, examples)
+        inputs = content_hash([e.to_record() for e in examples])
+        _record(cfg, rd, stage, inputs, rows_hash(gens.values()))
+        return gens
+    if stage == "judge":
+        gens = stages.current_generations(cfg, run_dir, examples)
+        verdicts = stages.run_judge(cfg, run_dir, examples)
+        if cfg.judge.paraphrase:
+            rejected = [e for e in examples if not verdicts[e.id].accept]
+            stages.run_paraphrase(cfg, run_dir, rejected)
+        output = content_hash([[i, v.accept, v.score] for i, v in sorted(verdicts.items())])
+        _record(cfg, rd, stage, rows_hash(gens.values()), output)
+        return verdicts
+    stats = stages.run_build(cfg, run_dir, examples)
+    upstream = read_provenance(rd).get("judge") if cfg.run.mode == "ssr" else None
+    inputs = content_hash([[e.to_record() for e in examples], upstream and upstream.output])
+    _record(cfg, rd, stage, inputs, rows_hash(read_typed(rd.rehearsal, RehearsalRow)))
+    print(f"rehearsal set ({cfg.run.mode}):\n{stages.format_stats(stats)}")
+    return stats
 
-        return train(cfg, run_dir, require_resume=resume)
-    raise InputError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+def check_rehearsal(cfg: Config, rd: RunDir) -> str:
+    """The hash of rehearsal.jsonl after checking it is what the build stage makes under
+    ``cfg``: built under these settings and not changed since. A rehearsal set the build stage
+    did not write (no build record: the user's own) is taken as given."""
+    if not rd.rehearsal.exists():
+        raise InputError("missing; run the build stage first", file=str(rd.rehearsal))
+    rows = rows_hash(read_typed(rd.rehearsal, RehearsalRow))
+    build = read_provenance(rd).get("build")
+    if build is None:
+        log.info("%s has no build record: using it as given", rd.rehearsal)
+        return rows
+    why = config_changes(build.config, stage_config(cfg.to_dict(), "build"))
+    if build.output != rows:
+        why.append("its rows changed since the build stage wrote them")
+    if why:
+        raise InputError(
+            f"not what the build stage makes under this config ({'; '.join(why)}); "
+            "run the build stage first",
+            file=str(rd.rehearsal),
+        )
+    return rows
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool) -> Path:
+    # The trainer (torch.distributed, the kernels) is imported by the train stage only.
+    from ssrengine import distributed
+    from ssrengine.trainer import train
+
+    rd = RunDir(run_dir)
+    inputs = check_rehearsal(cfg, rd)
+    records = read_provenance(rd)
+    if has_checkpoint(rd):
+        if records["train"].inputs != inputs:  # check_checkpoints_match made sure the record exists
+            raise InputError(
+                "these checkpoints were trained on another rehearsal set; " + _retrain_hint(rd),
+                file=str(rd.checkpoints),
+            )
+    elif distributed.init(cfg.model.device).is_main:
+        _record(cfg, rd, "train", inputs)  # before training: a killed run's checkpoints have it
+    return train(cfg, run_dir, require_resume=resume)
 
 
 def run_all(cfg: Config, *, resume: bool = False) -> Path:
@@ -84,10 +205,14 @@ def run_all(cfg: Config, *, resume: bool = False) -> Path:
     Under torchrun the data stages run on rank 0 while the other ranks wait; all ranks train."""
     from ssrengine import distributed
 
+    check_checkpoints_match(cfg, resume=resume)
     world = distributed.init(cfg.model.device)
     if world.is_main:
+        # Validated and fitted to data.max_seq_len once, before generate: a bad or over-long
+        # record stops the run here, naming its file and line.
+        examples = stages.prepare(cfg)
         for stage in STAGES[:-1]:
-            run_stage(cfg, stage)
+            run_stage(cfg, stage, examples=examples)
     distributed.barrier()
     final = run_stage(cfg, "train", resume=resume)
     if not world.is_main:

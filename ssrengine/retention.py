@@ -215,7 +215,9 @@ def score_sequences(
         kw = model_inputs(b, attn)
         hidden, weight = hidden_and_head(model, kw.pop("input_ids"), **kw)
         hidden = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
-        s = sequence_log_likelihood(hidden.float(), weight.float(), b.labels, b.cu_seqlens)
+        # In the model's dtype (or autocast's): the scorer accumulates in fp32 itself, and an
+        # fp32 copy of a 16-bit lm_head per batch would move its product off tensor cores.
+        s = sequence_log_likelihood(hidden, weight, b.labels, b.cu_seqlens)
         for name, lp, n in zip(batch.ids, s.logprob_sum.tolist(), s.num_tokens.tolist()):
             out[int(name)] = (float(lp), int(n))
     model.train(was_training)

@@ -1,9 +1,12 @@
-"""The data stages of a run: generate → judge → build. Each is resumable.
+"""The data stages of a run: prepare → generate → judge → build. Each is resumable.
 
-generate and judge append rows to JSONL files as batches complete and skip rows already
-present under their resume key (`ssrengine.rundir`: a key covers everything the row depends on),
-so a killed stage resumes with nothing lost or duplicated and an edited input is recomputed.
-build writes rehearsal.jsonl and build_stats.json whole, atomically.
+prepare validates the training records and fits them to data.max_seq_len once; every later
+stage renders the prompt of those fitted examples. generate and judge append rows to JSONL
+files as batches complete and skip rows already present under their resume key
+(`ssrengine.rundir`: a key covers everything the row depends on), so a killed stage resumes
+with nothing lost or duplicated and an edited input is recomputed. judge and build read only
+the rows of the current keys, never a row another setting made. build writes rehearsal.jsonl
+and build_stats.json whole, atomically.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from ssrengine import IGNORE_INDEX
 from ssrengine.config import Config
-from ssrengine.data import Example, load_examples, prompt_messages
+from ssrengine.data import Example, encode, load_examples, prompt_messages
 from ssrengine.datasets import resolve_data_file
 from ssrengine.errors import InputError
 from ssrengine.generation import (
@@ -47,8 +51,75 @@ log = logging.getLogger(__name__)
 
 
 def train_examples(cfg: Config) -> list[Example]:
+    """data.train_file as read and validated, before fitting (see `prepare`)."""
     path = resolve_data_file(cfg.data.train_file, cfg.data.seed)
     return load_examples(path, on_invalid=cfg.data.on_invalid, max_examples=cfg.data.max_examples)
+
+
+def prepare(cfg: Config, examples: list[Example] | None = None) -> list[Example]:
+    """The training examples, validated and fitted to data.max_seq_len once, before generate.
+
+    Every stage renders an example's prompt as ``prompt_messages(e.messages, e.documents,
+    data.system_prompt)`` of these examples, so generate, judge, build, train and render see
+    the same prompt. An example fits when its prompt plus the longer of its gold answer and,
+    in ssr mode, a model answer of generation.max_new_tokens is at most data.max_seq_len.
+    data.on_overlong: ``error`` names the input file and line; ``trim_documents`` drops
+    documents from the end until it fits; ``skip`` leaves the example out of every stage."""
+    from ssrengine.models import load_tokenizer
+
+    examples = examples if examples is not None else train_examples(cfg)
+    tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    d = cfg.data
+    reserve = cfg.generation.max_new_tokens if cfg.run.mode == "ssr" else 0
+    out, trimmed, skipped = [], 0, 0
+    for e in examples:
+        docs = list(e.documents)
+        n = _length(tok, prompt_messages(e.messages, docs, d.system_prompt), e.response, reserve)
+        while n > d.max_seq_len and d.on_overlong == "trim_documents" and docs:
+            docs.pop()  # the last document goes first; the target is never touched
+            msgs = prompt_messages(e.messages, docs, d.system_prompt)
+            n = _length(tok, msgs, e.response, reserve)
+        if n <= d.max_seq_len:
+            trimmed += len(docs) < len(e.documents)
+            out.append(replace(e, documents=docs) if len(docs) < len(e.documents) else e)
+            continue
+        if d.on_overlong == "skip":
+            skipped += 1
+            continue
+        answer = f" (its answer may take generation.max_new_tokens={reserve})" if reserve else ""
+        fix = "skip" if d.on_overlong == "trim_documents" else "trim_documents or skip"
+        raise InputError(
+            f"example {e.id!r} needs {n} tokens{' without documents' if e.documents and not docs else ''}, "
+            f"more than data.max_seq_len={d.max_seq_len}{answer}; set data.on_overlong = {fix} "
+            "or raise data.max_seq_len",
+            file=e.file,
+            line=e.line,
+            field="documents" if docs else "messages",
+        )
+    if trimmed:
+        log.warning(
+            "trimmed documents of %d over-long example(s) to fit data.max_seq_len=%d",
+            trimmed,
+            d.max_seq_len,
+        )
+    if skipped:
+        log.warning(
+            "skipped %d over-long example(s) (data.on_overlong = %s)", skipped, d.on_overlong
+        )
+    if not out:
+        raise InputError("no example fits data.max_seq_len", field="data.train_file")
+    return out
+
+
+def _length(tok: Any, messages: list[dict[str, str]], target: str, reserve: int) -> int:
+    """Tokens of prompt + target (end of turn included), the target at least ``reserve`` long."""
+    ids, labels = encode(tok, messages, target)
+    n_prompt = labels.count(IGNORE_INDEX)
+    n_target = len(ids) - n_prompt
+    if reserve:
+        end_of_turn = len(encode(tok, messages, "")[0]) - n_prompt
+        n_target = max(n_target, reserve + end_of_turn)
+    return n_prompt + n_target
 
 
 class _LazyGenerator(Generator):
@@ -131,6 +202,42 @@ def _run_rows(
     return {e.id: have[want(e)] for e in examples}
 
 
+def _sampling(cfg: Config) -> SamplingParams:
+    g = cfg.generation
+    return SamplingParams(
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        seed=cfg.train.seed,
+    )
+
+
+MessagesFn = Callable[[Example], list[dict[str, str]]]
+
+
+def generation_keys(
+    cfg: Config,
+    examples: list[Example],
+    generator: Generator,
+    messages_fn: MessagesFn | None = None,
+) -> dict[str, str]:
+    """The resume key of each example's generation under ``cfg``, by id. Reads only the
+    generator's names: a lazy generator (`open_generator`) loads no model for it."""
+    messages_fn = messages_fn or (
+        lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
+    )
+    sampling = asdict(_sampling(cfg))
+    # Everything the answer depends on besides the model: its key changes when any of it does.
+    return {
+        e.id: generation_key(
+            e.id,
+            generator.model,
+            content_hash([messages_fn(e), sampling, generator.backend, cfg.model.dtype]),
+        )
+        for e in examples
+    }
+
+
 def generate_rows(
     cfg: Config,
     run_dir: Path,
@@ -138,27 +245,18 @@ def generate_rows(
     generator: Generator,
     *,
     path: Path | None = None,
-    messages_fn: Callable[[Example], list[dict[str, str]]] | None = None,
+    messages_fn: MessagesFn | None = None,
 ) -> dict[str, GenerationRow]:
     """Generate an answer per example into ``path`` (default: the run's generations.jsonl);
     returns the rows of the current key by id."""
     path = path or RunDir(run_dir).generations
     g = cfg.generation
-    sampling = SamplingParams(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        seed=cfg.train.seed,
-    )
+    sampling = _sampling(cfg)
     messages_fn = messages_fn or (
         lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
     )
     prompts = {e.id: messages_fn(e) for e in examples}
-    # Everything the answer depends on besides the model: its key changes when any of it does.
-    hashes = {
-        i: content_hash([m, asdict(sampling), generator.backend, cfg.model.dtype])
-        for i, m in prompts.items()
-    }
+    keys = generation_keys(cfg, examples, generator, messages_fn)
 
     def work(part: Sequence[Example]) -> list[GenerationRow]:
         outs = generator.generate([Request(messages=prompts[e.id]) for e in part], sampling)
@@ -170,7 +268,7 @@ def generate_rows(
                 finish_reason=o.finish_reason,
                 backend=generator.backend,
                 model=generator.model,
-                prompt_hash=hashes[e.id],
+                prompt_hash=keys[e.id].rsplit("|", 1)[1],  # generation_key's last part
             )
             for e, o in zip(part, outs)
         ]
@@ -181,7 +279,7 @@ def generate_rows(
         path,
         GenerationRow,
         examples,
-        lambda e: generation_key(e.id, generator.model, hashes[e.id]),
+        lambda e: keys[e.id],
         work,
         chunk=chunk,
         server=g.url,
@@ -254,7 +352,7 @@ def paraphrase_messages(cfg: Config, e: Example) -> list[dict[str, str]]:
 def run_generate(
     cfg: Config, run_dir: Path, examples: list[Example] | None = None
 ) -> dict[str, GenerationRow]:
-    examples = examples if examples is not None else train_examples(cfg)
+    examples = examples if examples is not None else prepare(cfg)
     with open_generator(cfg) as gen:
         return generate_rows(cfg, run_dir, examples, gen)
 
@@ -269,17 +367,40 @@ def _judge_with(cfg: Config, fn: Callable[[Judge], T]) -> T:
         return fn(make_judge(cfg, gen))
 
 
+def current_generations(
+    cfg: Config,
+    run_dir: Path,
+    examples: list[Example],
+    *,
+    paraphrases: bool = False,
+) -> dict[str, GenerationRow]:
+    """Each example's generation (or S3FT paraphrase) made under ``cfg``, by id. Rows of other
+    settings in the file are never picked: a missing one says to run the stage that makes it."""
+    rd = RunDir(run_dir)
+    path, stage = (rd.paraphrases, "judge") if paraphrases else (rd.generations, "generate")
+    fn = (lambda e: paraphrase_messages(cfg, e)) if paraphrases else None
+    keys = generation_keys(cfg, examples, open_generator(cfg), fn)
+    return _current(path, GenerationRow, keys, stage)
+
+
+def _current(path: Path, cls: type[K], keys: dict[str, str], stage: str) -> dict[str, K]:
+    """The rows of ``keys`` (id -> resume key) from a stage's file, by id."""
+    have = {r.key(): r for r in read_typed(path, cls)} if path.exists() else {}
+    missing = [i for i, k in keys.items() if k not in have]
+    if missing:
+        raise InputError(
+            f"no row under the current settings for {len(missing)} example(s) "
+            f"(first: {missing[0]!r}); run the {stage} stage again",
+            file=str(path),
+        )
+    return {i: have[k] for i, k in keys.items()}
+
+
 def run_judge(
     cfg: Config, run_dir: Path, examples: list[Example] | None = None
 ) -> dict[str, Verdict]:
-    examples = examples if examples is not None else train_examples(cfg)
-    gens = _stage_rows(RunDir(run_dir).generations, GenerationRow, "generate")
-    missing = [e.id for e in examples if e.id not in gens]
-    if missing:
-        raise InputError(
-            f"no generation for {len(missing)} example(s) (first: {missing[0]!r}); run the generate stage first",
-            file=str(RunDir(run_dir).generations),
-        )
+    examples = examples if examples is not None else prepare(cfg)
+    gens = current_generations(cfg, run_dir, examples)
     cands = {e.id: gens[e.id].response for e in examples}
     return _judge_with(cfg, lambda j: judge_rows(cfg, run_dir, examples, cands, j))
 
@@ -302,44 +423,41 @@ def run_paraphrase(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[
     )
 
 
-def _stage_rows(path: Path, cls: type[K], stage: str) -> dict[str, K]:
-    """Latest row per id of a finished stage file (later rows win: they match the newest key)."""
-    if not path.exists():
-        raise InputError(f"missing; run the {stage} stage first", file=str(path))
-    return {r.id: r for r in read_typed(path, cls)}
-
-
-def _accepted(e: Example, gen: GenerationRow | None, verdict: VerdictRow | None) -> bool:
-    """Whether the verdict accepts exactly this generation for exactly this example; a verdict
-    on other inputs (an edited gold answer, a regenerated answer) is stale."""
-    if gen is None or verdict is None or not gen.response.strip():
-        return False
-    return verdict.accept and verdict.input_hash == verdict_input_hash(e, gen.response)
+def current_verdicts(
+    cfg: Config,
+    path: Path,
+    examples: list[Example],
+    gens: dict[str, GenerationRow],
+) -> dict[str, VerdictRow]:
+    """The verdict of the configured judge on exactly each example and its generation."""
+    judge = make_judge(cfg, open_generator(cfg, for_judge=True))  # names only: nothing loads
+    keys = {
+        e.id: verdict_key(e.id, judge.name, verdict_input_hash(e, gens[e.id].response))
+        for e in examples
+    }
+    return _current(path, VerdictRow, keys, "judge")
 
 
 def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None) -> BuildStats:
-    """R (accepted own answers) + paraphrases + G (gold) → rehearsal.jsonl and build_stats.json."""
+    """R (accepted own answers) + paraphrases + G (gold) → rehearsal.jsonl and build_stats.json.
+
+    Reads only rows made under ``cfg``: the generation of each example's current prompt and
+    sampling, and the configured judge's verdict on exactly that example and answer."""
     rd = RunDir(run_dir)
-    examples = examples if examples is not None else train_examples(cfg)
+    examples = examples if examples is not None else prepare(cfg)
     targets: dict[str, tuple[str, str]] = {e.id: (e.response, "gold") for e in examples}
     if cfg.run.mode == "ssr":
-        gens = _stage_rows(rd.generations, GenerationRow, "generate")
-        verdicts = _stage_rows(rd.verdicts, VerdictRow, "judge")
+        gens = current_generations(cfg, run_dir, examples)
+        verdicts = current_verdicts(cfg, rd.verdicts, examples, gens)
         for e in examples:
-            if e.id not in gens or e.id not in verdicts:
-                raise InputError(
-                    f"example {e.id!r} has no generation or verdict; run generate and judge first",
-                    file=str(rd.verdicts),
-                )
-            _check_fresh(e, gens[e.id], verdicts[e.id], rd.verdicts)
-            if _accepted(e, gens[e.id], verdicts[e.id]):
+            if verdicts[e.id].accept and gens[e.id].response.strip():
                 targets[e.id] = (gens[e.id].response, "self")
         rejected = [e for e in examples if targets[e.id][1] == "gold"]
         if cfg.judge.paraphrase and rejected:
-            para = _stage_rows(rd.paraphrases, GenerationRow, "paraphrase")
-            pverd = _stage_rows(rd.paraphrase_verdicts, VerdictRow, "paraphrase judge")
+            para = current_generations(cfg, run_dir, rejected, paraphrases=True)
+            pverd = current_verdicts(cfg, rd.paraphrase_verdicts, rejected, para)
             for e in rejected:
-                if _accepted(e, para.get(e.id), pverd.get(e.id)):
+                if pverd[e.id].accept and para[e.id].response.strip():
                     targets[e.id] = (para[e.id].response, "paraphrase")
     rows = [
         RehearsalRow(
@@ -356,15 +474,6 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
     atomic_write_jsonl(rd.rehearsal, [r.to_json() for r in rows])
     stats.write(rd.build_stats)
     return stats
-
-
-def _check_fresh(e: Example, gen: GenerationRow, verdict: VerdictRow, path: Path) -> None:
-    if verdict.input_hash != verdict_input_hash(e, gen.response):
-        raise InputError(
-            f"the verdict of example {e.id!r} is for other inputs (its gold answer, label or "
-            "generation changed since it was judged); run the judge stage again",
-            file=str(path),
-        )
 
 
 def format_stats(stats: BuildStats) -> str:

@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ssrengine import IGNORE_INDEX, distributed
+from ssrengine.attention import compute_dtype, pick_attn_implementation
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.checkpoint import (
     load_trainer_state,
@@ -56,12 +57,7 @@ from ssrengine.checkpoint import (
 from ssrengine.config import Config
 from ssrengine.errors import InputError
 from ssrengine.io import atomic_write_jsonl
-from ssrengine.models import (
-    hidden_and_head,
-    load_model,
-    load_tokenizer,
-    pick_attn_implementation,
-)
+from ssrengine.models import hidden_and_head, load_model, load_tokenizer
 from ssrengine.rundir import MetricRow, RehearsalRow, RunDir, read_typed
 
 log = logging.getLogger(__name__)
@@ -188,7 +184,7 @@ def _fsdp(cfg: Config, world: distributed.World) -> bool:
 def _bf16(cfg: Config, world: distributed.World) -> tuple[torch.dtype | None, torch.dtype | None]:
     """(FSDP2 param dtype, autocast dtype), decided once: bf16 compute comes from FSDP2's
     mixed-precision policy when sharded, from torch.autocast otherwise, never from both."""
-    if cfg.train.dtype != "bfloat16":
+    if compute_dtype(cfg.train.dtype, world.device) != "bfloat16":
         return None, None
     return (torch.bfloat16, None) if _fsdp(cfg, world) else (None, torch.bfloat16)
 
@@ -197,12 +193,17 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
     """(transformers model, peft model or None, the trainable module: wrapped CausalLMLoss)."""
     t = cfg.train
     fsdp = _fsdp(cfg, world)
+    compute = compute_dtype(t.dtype, world.device)
     model = load_model(
         cfg.model.path,
         dtype=cfg.model.dtype,
         # FSDP2: load on the CPU; fully_shard moves only this rank's shards to the device.
         device="cpu" if fsdp else str(world.device),
-        attn_implementation=pick_attn_implementation(cfg.model.attn_implementation, world.device),
+        # Chosen for the training device (an FSDP2 model is loaded on the CPU first).
+        attn_implementation=pick_attn_implementation(
+            cfg.model.attn_implementation, world.device, weights=cfg.model.dtype, autocast=compute
+        ),
+        autocast=compute,
         trust_remote_code=cfg.model.trust_remote_code,
     )
     peft_model = None

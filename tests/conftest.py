@@ -1,23 +1,36 @@
 import os
-
-# Triton reads this when @triton.jit is applied: set before any kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.tiny import build_tiny
+
+def default_triton_interpret(env: MutableMapping[str, str], cuda: bool) -> None:
+    """Kernels run in Triton's interpreter only where there is no CUDA GPU to compile for;
+    with one, `pytest -m gpu` must test the compiled kernels. An explicit setting wins."""
+    if not cuda:
+        env.setdefault("TRITON_INTERPRET", "1")
+
+
+# Triton reads this when @triton.jit is applied: set before any kernel module is imported.
+default_triton_interpret(os.environ, torch.cuda.is_available())
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.tiny import build_tiny  # noqa: E402  (after TRITON_INTERPRET is decided)
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        marker = "gpu"
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        skip = pytest.mark.skip(reason="Triton interpreter test: set TRITON_INTERPRET=1 to run it")
+        marker = "interpreter"
+    else:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)
 
 

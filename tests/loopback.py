@@ -10,7 +10,9 @@ Shapes followed (SGLang 0.5: io_struct.GenerateReqInput, tokenizer_manager, deto
   "completion_tokens", "cached_tokens", "e2e_latency", "output_token_logprobs"?,
   "output_top_logprobs"?, "output_token_ids_logprobs"?}}`` (a list for a batch). finish_reason is
   ``{"type": "stop", "matched": token id | stop string}`` or ``{"type": "length", "length": n}``;
-  ``output_ids`` keep the matched stop token, ``text`` does not (the detokenizer trims text only).
+  ``output_ids`` keep the matched stop token, ``text`` does not (the detokenizer trims text only),
+  and begin with the last 5 prompt tokens (SGLang's incremental-detokenization context: its
+  generated ids are the last ``completion_tokens`` of them).
   Generation ends at the token that completes a stop string. Logprob entries are
   ``[logprob, token_id, text | null]``, one list per generated position.
 - OpenAI: ``{"model", "prompt": str | [str] | [int] | [[int]], "max_tokens", "temperature",
@@ -54,6 +56,9 @@ import torch
 from ssrengine.config import GenerationConfig, ModelConfig
 from ssrengine.generation.base import Request, SamplingParams
 from ssrengine.generation.hf import HFGenerator
+
+# SGLang's INIT_INCREMENTAL_DETOKENIZATION_OFFSET: prompt tokens its output_ids start with.
+SGLANG_DETOKENIZATION_OFFSET = 5
 
 
 class BadRequest(ValueError):
@@ -355,7 +360,12 @@ class LoopbackServer:
             }
             if want[i] and o.lp is not None:
                 self._sglang_logprobs(meta, o, tops[i], ids_lp[i], with_text)
-            results.append({"text": o.text, "output_ids": o.ids, "meta_info": meta})
+            # SGLang 0.5.x answers output_ids=recv_obj.decode_ids (python/sglang/srt/managers/
+            # detokenizer_manager.py, handle_batch_token_id_out), which begin
+            # INIT_INCREMENTAL_DETOKENIZATION_OFFSET = 5 tokens before the end of the prompt
+            # (schedule_batch.py, Req.init_incremental_detokenize; sgl-project/sglang#17240).
+            surr = o.prompt[max(len(o.prompt) - SGLANG_DETOKENIZATION_OFFSET, 0) :]
+            results.append({"text": o.text, "output_ids": surr + o.ids, "meta_info": meta})
         if fault == "abort":
             results[0]["meta_info"]["finish_reason"] = {
                 "type": "abort",

@@ -412,9 +412,9 @@ def test_sglang_is_optional(chatty_dir):
     except ImportError:
         pass
     model = ModelConfig(path=str(chatty_dir))
-    with pytest.raises(InputError, match=r"ssrengine\[gpu\]"):
+    with pytest.raises(InputError, match=r"ssrengine\[sglang\]"):
         make_generator(model, GenerationConfig(backend="sglang"))
-    with pytest.raises(InputError, match=r"ssrengine\[gpu\]"):
+    with pytest.raises(InputError, match=r"ssrengine\[sglang\]"):
         make_generator(model, GenerationConfig(backend="sglang-http", launch=True))
 
 
@@ -433,12 +433,14 @@ def test_sglang_command_carries_the_config(chatty_dir):
         "--tp-size": "2",
         "--dp-size": "4",
         "--mem-fraction-static": "0.7",
-        "--dtype": "auto",
+        "--dtype": "bfloat16",  # SGLang's "auto" would serve an fp32 checkpoint in fp16
     }
 
 
-def _reply(ids, reason, **meta):
-    return {"text": " hi ", "output_ids": ids, "meta_info": {"finish_reason": reason, **meta}}
+def _reply(ids, reason, prompt_tail=(), **meta):
+    """A /generate result; output_ids start with `prompt_tail` as SGLang's do (see loopback)."""
+    meta = {"finish_reason": reason, "completion_tokens": len(ids), **meta}
+    return {"text": " hi ", "output_ids": [*prompt_tail, *ids], "meta_info": meta}
 
 
 def test_parse_sglang_reply_shapes():
@@ -449,6 +451,9 @@ def test_parse_sglang_reply_shapes():
     assert c.token_ids == [5, 6]
     [c] = parse_sglang_outputs([_reply([5], {"type": "length", "length": 1})], 1, s)
     assert c.finish_reason == "length"
+    tail = [101, 102, 103, 104, 105]  # the last 5 prompt tokens, as SGLang 0.5.x returns them
+    [c] = parse_sglang_outputs([_reply([5, 6, 2], {"type": "stop", "matched": 2}, tail)], 1, s)
+    assert c.token_ids == [5, 6]
     judge = SamplingParams(max_new_tokens=1, logprob_token_ids=(5, 9))
     steps = [[[-0.5, 5, None], [-2.0, 9, None]]]
     [c] = parse_sglang_outputs(
@@ -458,8 +463,26 @@ def test_parse_sglang_reply_shapes():
     bad = [
         [_reply([5], {"type": "abort", "message": "oom"})],
         [_reply([5], {"type": "length"}, output_token_ids_logprobs=[[[-1.0, 5, None]]])],
+        [_reply([5], {"type": "length"}, completion_tokens=3)],  # more than output_ids
         [],
     ]
     for obj in bad:
         with pytest.raises((MalformedReply, KeyError)):
             parse_sglang_outputs(obj, 1, judge)
+
+
+def test_sglang_can_run_from_another_environment(chatty_dir, tmp_path):
+    """generation.launch_python: the server command runs that interpreter (SGLang in its own
+    environment); one that is not executable is refused before anything starts."""
+    from ssrengine.generation.launch import launch_sglang, sglang_command
+
+    cmd = sglang_command(str(chatty_dir), port=31000, python="/opt/sglang/bin/python")
+    assert cmd[:3] == ["/opt/sglang/bin/python", "-m", "sglang.launch_server"]
+    missing = str(tmp_path / "no-such-python")
+    with pytest.raises(InputError, match=r"generation\.launch_python"):
+        launch_sglang(str(chatty_dir), python=missing)
+    with pytest.raises(InputError, match=r"generation\.launch_python"):
+        make_generator(
+            ModelConfig(path=str(chatty_dir)),
+            GenerationConfig(backend="sglang-http", launch=True, launch_python=missing),
+        )

@@ -1,4 +1,4 @@
-"""The real SGLang engine and server on SmolLM2 (GPU + the gpu extra; skipped elsewhere).
+"""The real SGLang engine and server on SmolLM2 (GPU + the sglang extra; skipped elsewhere).
 
 Greedy outputs are compared with the hf backend in the same dtype (bf16) on the same GPU.
 Different attention/GEMM kernels round differently, so a near-tie can flip a token and the

@@ -11,12 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ssrengine.kernels import fused_linear_cross_entropy, sequence_log_likelihood
 from ssrengine.kernels.cross_entropy import torch_linear_cross_entropy
 from ssrengine.kernels.triton_cross_entropy import KernelConfig, triton_linear_cross_entropy
 
+from ssrengine.kernels import fused_linear_cross_entropy, sequence_log_likelihood
+
 IGNORE = -100
-IMPLS = ["torch", "triton"]
+# The Triton path on CPU tensors runs in the interpreter (skipped on a GPU node, see conftest).
+TRITON = pytest.param("triton", marks=pytest.mark.interpreter)
+IMPLS = ["torch", TRITON]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(37, 24, 101), (130, 72, 515)]  # ragged, non-power-of-two (N, H, V)
 IGNORED = [0.0, 0.6, 1.0]
@@ -131,6 +134,7 @@ def test_matches_fp64_larger(impl, dtype, reduction):
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.interpreter
 def test_triton_small_tiles(dtype, reduction):
     """Many vocabulary tiles, 3 vocabulary splits, several row blocks: the online log-sum-exp,
     the split merge and the atomic accumulation across tiles."""
@@ -247,6 +251,7 @@ def test_bad_input_names_the_argument(field, message, override):
 # --------------------------------------------------------------------------- peer, scorer
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.interpreter
 def test_against_liger_kernel(dtype, reduction):
     """Liger-Kernel's fused linear cross-entropy (run in the interpreter) as a peer: our error
     against fp64 is at most about Liger's."""
@@ -288,6 +293,7 @@ def test_sequence_log_likelihood(impl):
         sequence_log_likelihood(hidden, weight, labels, torch.tensor([0, 30]), impl=impl)
 
 
+@pytest.mark.interpreter
 def test_triton_path_under_torch_compile():
     """The Triton path compiles as one graph: its launchers are opaque custom ops, compaction
     and the token count stay on the device (no host sync, hence no graph break)."""
@@ -310,7 +316,7 @@ def test_triton_path_under_torch_compile():
 
 
 # ------------------------------------------------------------------------------ GPU only
-# Run with TRITON_INTERPRET=0 to test the compiled kernels (conftest defaults it to 1).
+# conftest leaves TRITON_INTERPRET unset where CUDA is present: these run compiled kernels.
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

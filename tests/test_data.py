@@ -167,3 +167,26 @@ def test_cli_bad_arguments(tmp_path, args, needle):
         ["run", f"--data.train_file={path}", f"--run.dir={tmp_path / 'run'}", *args], tmp_path
     )
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_record_system_message_is_kept_with_documents_appended():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who?"}]
+    docs = [{"title": "A", "text": "Acme."}]
+    out = prompt_messages(msgs, docs, "Use the documents.")
+    assert out == [
+        {"role": "system", "content": "Be brief.\n\n[Document 1] A\nAcme."},
+        {"role": "user", "content": "Who?"},
+    ]
+    assert prompt_messages(msgs, [], "Use the documents.") == msgs
+
+
+def test_system_message_after_the_first_is_an_error(tmp_path):
+    rec = records(1)[0]
+    rec["messages"] = [
+        *rec["messages"],
+        {"role": "system", "content": "Late."},
+        rec["messages"][-1],
+    ]
+    path = write_jsonl(tmp_path / "train.jsonl", [rec])
+    with pytest.raises(InputError, match=r"train.jsonl:1: field 'messages\[1\].role'"):
+        load_examples(path)

@@ -11,7 +11,7 @@ from ssrengine.trainer import accumulate
 from tests.tiny import records
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_untied_model_dir"])
 def test_fused_loss_matches_plain_cross_entropy(request, fixture, impl):
     model_dir = request.getfixturevalue(fixture)

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssrengine import IGNORE_INDEX
+from ssrengine import attention as A
 from ssrengine import packing as P
 from ssrengine.models import hidden_and_head
 
@@ -244,6 +245,8 @@ def test_install_without_a_compiler_falls_back(tmp_path):
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
         f"sys.path.insert(0, {str(target)!r}); import ssrengine.packing as p; "
         f"assert p.__file__.startswith({str(target)!r}), p.__file__; "
+        "from ssrengine.kernels import cross_entropy as c, fused_linear_cross_entropy; "
+        f"assert c.__file__.startswith({str(target)!r}), c.__file__; "
         "print(p.native_available(), len(p.pack([([1, 2, 3], [1, 2, 3])] * 5, 8)))"
     )
     out = subprocess.run(
@@ -273,8 +276,8 @@ def inputs_for(batch: P.PackedBatch, attn: str, mode: str) -> dict:
 def load(path: Path, attn: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if attn == P.SDPA_VARLEN:
-        P.register_sdpa_varlen()
+    if attn == A.SDPA_VARLEN:
+        A.register_sdpa_varlen()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation=attn
@@ -332,7 +335,7 @@ def test_packed_equals_each_example_alone_smollm2(smollm2_dir):
     model = load(smollm2_dir, "sdpa")
     seqs = make_examples([41, 3, 77, 29], seed=3, vocab=49152)
     reference = [alone(model, s) for s in seqs]
-    for attn in ("sdpa", P.register_sdpa_varlen()):
+    for attn in ("sdpa", A.register_sdpa_varlen()):
         model.set_attn_implementation(attn)
         check_packed_equals_alone(
             model, seqs, 128, attn, "own", atol=2e-4, grad_rtol=1e-3, reference=reference

@@ -18,7 +18,8 @@ from ssrengine.rundir import (
     VerdictRow,
     read_typed,
 )
-from ssrengine.stages import judge_rows, run_build, verdict_input_hash
+from ssrengine.stages import judge_rows, run_build
+from tests import rows as rows_for
 from tests.tiny import records, write_jsonl
 
 REFUSAL = "The documents do not say."
@@ -26,10 +27,6 @@ REFUSAL = "The documents do not say."
 
 def _gen(i, response="Founded in 1987."):
     return GenerationRow(i, response, [1, 2], "stop", "hf", "m", "h")
-
-
-def _verdict(e, candidate, accept=True):
-    return VerdictRow(e.id, accept, 1.0, "ok", "rule", verdict_input_hash(e, candidate))
 
 
 @pytest.mark.parametrize(
@@ -70,9 +67,11 @@ def ssr_run(tmp_path):
     run = tmp_path / "run"
     args = [f"--data.train_file={data}", f"--run.dir={run}", "--run.mode=ssr"]
     examples = load_examples(data)
+    cfg = load_config(None, args)
     run.mkdir()
-    write_jsonl(RunDir(run).generations, [_gen(e.id).to_json() for e in examples])
-    write_jsonl(RunDir(run).verdicts, [_verdict(e, "Founded in 1987.").to_json() for e in examples])
+    answer = {e.id: "Founded in 1987." for e in examples}
+    write_jsonl(RunDir(run).generations, rows_for.generations(cfg, examples, answer))
+    write_jsonl(RunDir(run).verdicts, [rows_for.verdict(cfg, e, answer[e.id]) for e in examples])
     return run, args, examples
 
 
@@ -145,7 +144,7 @@ def test_edited_gold_answer_is_judged_again_and_build_follows(tmp_path):
     examples = load_examples(write_jsonl(tmp_path / "train.jsonl", records(4)))
     answerable = [e for e in examples if e.answerable]
     cands = {e.id: e.response for e in answerable}
-    write_jsonl(RunDir(tmp_path).generations, [_gen(i, c).to_json() for i, c in cands.items()])
+    write_jsonl(RunDir(tmp_path).generations, rows_for.generations(cfg, answerable, cands))
     first = judge_rows(cfg, tmp_path, answerable, cands, RuleJudge())
     assert all(v.accept for v in first.values())
     assert run_build(cfg, tmp_path, answerable).overall.own == len(answerable)

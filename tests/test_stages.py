@@ -9,8 +9,9 @@ from ssrengine.data import load_examples
 from ssrengine.generation.hf import HFGenerator
 from ssrengine.io import read_rows
 from ssrengine.judge import RuleJudge
-from ssrengine.rundir import GENERATIONS, VERDICTS, BuildStats, GenerationRow, RehearsalRow
+from ssrengine.rundir import GENERATIONS, VERDICTS, BuildStats, RehearsalRow
 from ssrengine.stages import generate_rows, judge_rows, run_build
+from tests import rows as rows_for
 from tests.tiny import records, write_jsonl
 
 
@@ -87,7 +88,7 @@ def test_judge_resumes_and_build_counts(setup, tmp_path):
     cands = {
         e.id: (e.response if i % 2 else "Something else entirely.") for i, e in enumerate(examples)
     }
-    judge = RuleJudge(0.5)
+    judge = RuleJudge(cfg.judge.min_f1)  # the configured judge: build reads its verdicts
 
     class Dying(RuleJudge):
         def judge_batch(self, exs, cs):
@@ -95,7 +96,7 @@ def test_judge_resumes_and_build_counts(setup, tmp_path):
                 raise KeyboardInterrupt
             return super().judge_batch(exs, cs)
 
-    dying = Dying(0.5)
+    dying = Dying(cfg.judge.min_f1)
     with pytest.raises(KeyboardInterrupt):
         judge_rows(cfg, tmp_path, examples, cands, dying)
     assert len(read_rows(tmp_path / VERDICTS)) == 8  # two chunks of 4 saved before the kill
@@ -104,7 +105,7 @@ def test_judge_resumes_and_build_counts(setup, tmp_path):
         e.id for e in examples
     )
     assert [verdicts[e.id].accept for e in examples] == [bool(i % 2) for i in range(len(examples))]
-    write_jsonl(tmp_path / GENERATIONS, [_generation(i, c) for i, c in cands.items()])
+    write_jsonl(tmp_path / GENERATIONS, rows_for.generations(cfg, examples, cands))
     stats = run_build(cfg, tmp_path, examples).to_json()
     rows = read_rows(tmp_path / "rehearsal.jsonl")
     assert [r["source"] for r in rows] == [
@@ -113,10 +114,6 @@ def test_judge_resumes_and_build_counts(setup, tmp_path):
     assert all(r["target"] == cands[r["id"]] for r in rows if r["source"] == "self")
     assert stats["overall"] == {"n": 10, "self": 5, "paraphrase": 0, "gold": 5, "R_share": 0.5}
     assert stats == json.loads((tmp_path / "build_stats.json").read_text())
-
-
-def _generation(i, response):
-    return GenerationRow(i, response, [], "stop", "hf", "m", "h").to_json()
 
 
 def _rehearsal(source, answerable):

@@ -44,11 +44,14 @@ def sglang_command(
     tp_size: int = 1,
     dp_size: int = 1,
     mem_fraction: float = 0.85,
-    dtype: str = "auto",
+    dtype: str = "float32",
     trust_remote_code: bool = False,
+    python: str = "",
 ) -> list[str]:
+    """The server command line; `python` (empty: this interpreter) runs SGLang, which may live
+    in another environment, since SGLang releases pin their own torch and transformers."""
     cmd = [
-        sys.executable,
+        python or sys.executable,
         "-m",
         "sglang.launch_server",
         "--model-path",
@@ -72,9 +75,11 @@ def sglang_command(
 
 
 def sglang_dtype(dtype: str) -> str:
-    """model.dtype float32 is the CPU training default; SGLang serves the checkpoint's own
-    16-bit dtype (its attention kernels target 16-bit), unless one is asked for explicitly."""
-    return dtype if dtype in ("bfloat16", "float16") else "auto"
+    """SGLang's --dtype for model.dtype: a 16-bit dtype as asked; bfloat16 for float32 (the
+    master-weight default), never "auto", which SGLang resolves to float16 for an fp32
+    checkpoint (python/sglang/srt/configs/model_config.py, _get_and_verify_dtype), whose
+    range a model trained in bf16 can overflow."""
+    return dtype if dtype in ("bfloat16", "float16") else "bfloat16"
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -181,15 +186,23 @@ def launch_sglang(
     tp_size: int = 1,
     dp_size: int = 1,
     mem_fraction: float = 0.85,
-    dtype: str = "auto",
+    dtype: str = "float32",
     trust_remote_code: bool = False,
     startup_timeout_s: float = 900.0,
+    python: str = "",
 ) -> ServerProcess:
-    """Start an SGLang server for ``model`` on a free local port; returns once it is healthy."""
-    if importlib.util.find_spec("sglang") is None:
+    """Start an SGLang server for ``model`` on a free local port; returns once it is healthy.
+    `python`: the interpreter of the environment SGLang is installed in (empty: this one)."""
+    if python:
+        if not os.access(python, os.X_OK):
+            raise InputError(
+                f"{python!r} is not an executable Python", field="generation.launch_python"
+            )
+    elif importlib.util.find_spec("sglang") is None:
         raise InputError(
             "generation.launch needs SGLang in this environment (GPU only): "
-            "pip install 'ssrengine[gpu]', or start a server yourself and set generation.url",
+            "pip install 'ssrengine[sglang]', set generation.launch_python to the Python of an "
+            "environment that has it, or start a server yourself and set generation.url",
             field="generation.launch",
         )
     port = free_port()
@@ -201,6 +214,7 @@ def launch_sglang(
         mem_fraction=mem_fraction,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        python=python,
     )
     return ServerProcess(
         cmd, f"http://127.0.0.1:{port}", name="sglang", startup_timeout_s=startup_timeout_s

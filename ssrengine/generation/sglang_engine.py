@@ -48,7 +48,8 @@ class SGLangEngineGenerator(Generator):
             import sglang
         except ImportError as e:
             raise InputError(
-                "generation.backend = sglang needs SGLang (GPU only): pip install 'ssrengine[gpu]'"
+                "generation.backend = sglang needs SGLang in this environment (GPU only): pip install "
+                "'ssrengine[sglang]' where its torch/transformers pins agree (README, Environments)"
                 f" ({e})",
                 field="generation.backend",
             ) from None

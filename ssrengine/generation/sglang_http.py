@@ -9,8 +9,11 @@ Reply: a list, one per prompt, of
      "meta_info": {"finish_reason": {"type": "stop"|"length"|"abort", "matched"?: id|str},
                    "prompt_tokens", "completion_tokens",
                    "output_token_ids_logprobs": [[[logprob, token_id, text|null], ...], ...]}}
-``output_ids`` keeps the stop token that ended generation (SGLang trims it from the text
-only); it is dropped here so token ids match the hf backend. The server is one started by the
+``output_ids`` is the detokenizer's ``decode_ids``: it begins up to 5 tokens before the end of
+the prompt (INIT_INCREMENTAL_DETOKENIZATION_OFFSET in python/sglang/srt/managers/
+schedule_batch.py; sgl-project/sglang#17240, closed without a fix), so the generated ids are its
+last ``meta_info["completion_tokens"]``. It also keeps the stop token that ended generation
+(SGLang trims it from the text only); that is dropped here so token ids match the hf backend. The server is one started by the
 user (``python -m sglang.launch_server``) or by us with ``generation.launch = true``.
 """
 
@@ -62,6 +65,10 @@ def _parse_one(o: dict[str, Any], s: SamplingParams) -> Completion:
     text, ids = o["text"], [int(t) for t in o["output_ids"]]
     if not isinstance(text, str):
         raise MalformedReply("'text' is not a string")
+    generated = int(meta["completion_tokens"])
+    if not 0 <= generated <= len(ids):
+        raise MalformedReply(f"completion_tokens {generated} for {len(ids)} output_ids")
+    ids = ids[len(ids) - generated :]  # drop the prompt tail the detokenizer prepends
     matched = reason.get("matched")
     if kind == "stop" and isinstance(matched, int) and ids and ids[-1] == matched:
         ids = ids[:-1]  # the EOS/stop token, as the hf backend leaves it out
@@ -120,6 +127,7 @@ class SGLangHTTPGenerator(Generator):
                 mem_fraction=gen.mem_fraction,
                 dtype=model.dtype,
                 trust_remote_code=trust,
+                python=gen.launch_python,
             )
             url = self.server.url
         if not url:

@@ -1,0 +1,179 @@
+"""Attention implementations of the models: which one a run uses, and ``sdpa_varlen``.
+
+`pick_attn_implementation` resolves ``model.attn_implementation = "auto"``:
+FlashAttention-2 (varlen for packed batches) needs a CUDA device, the flash-attn package and
+16-bit compute — 16-bit weights, or fp32 weights under bf16/fp16 autocast, where transformers
+casts q/k/v to the autocast dtype (integrations/flash_attention.py, get_target_dtype); flash-attn
+itself rejects fp32 ("FlashAttention only support fp16 and bf16 data type"). Everything else
+gets ``sdpa_varlen``: packed rows as one SDPA call per example (no T×T mask), padded batches
+and generation as transformers' plain sdpa.
+
+`compute_dtype` resolves ``train.dtype = "auto"``: bf16 autocast over fp32 master weights on
+CUDA, fp32 on the CPU (bf16 matmuls are slow on CPUs without AMX).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ssrengine.errors import InputError
+
+FLASH = "flash_attention_2"
+SDPA_VARLEN = "sdpa_varlen"
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def compute_dtype(train_dtype: str, device: torch.device) -> str:
+    """``train.dtype`` for `device`: "bfloat16" (autocast) or "float32"."""
+    if train_dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return train_dtype
+
+
+def _flash_attn_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_attn_implementation(
+    requested: str,
+    device: torch.device,
+    *,
+    weights: str = "float32",
+    autocast: str = "float32",
+) -> str:
+    """The attention implementation for a model with `weights` dtype on `device`, run under
+    `autocast` ("bfloat16"/"float16", or "float32" for none). ``auto``: FlashAttention-2 where
+    it can run (see the module doc), else ``sdpa_varlen``. An explicit ``flash_attention_2``
+    with fp32 compute is refused here rather than failing inside flash-attn."""
+    sixteen = weights in SIXTEEN_BIT or autocast in SIXTEEN_BIT
+    if requested == SDPA_VARLEN:
+        return register_sdpa_varlen()
+    if requested == FLASH and not sixteen:
+        raise InputError(
+            "flash_attention_2 runs in bf16/fp16 only, and this model computes in float32 here "
+            "(float32 weights without autocast, as in generation and evaluation): use 'auto' "
+            "(FlashAttention-2 where it can run, sdpa_varlen elsewhere) or model.dtype = "
+            "'bfloat16'",
+            field="model.attn_implementation",
+        )
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and sixteen and _flash_attn_installed():
+        return FLASH
+    return register_sdpa_varlen()
+
+
+def _restarts(position_ids: torch.Tensor) -> list[int]:
+    """Example boundaries of one packed row from its position_ids, as transformers detects
+    them (a new example wherever the position does not grow by 1): [0, ..., T]."""
+    pos = position_ids.reshape(-1)
+    inner = (torch.nonzero(torch.diff(pos) != 1).flatten() + 1).tolist()
+    return [0, *inner, pos.numel()]
+
+
+def sdpa_varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: varlen causal attention through SDPA.
+
+    query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (1, T, Hq, D). Each example attends only
+    within its own (L, L) causal block, one SDPA call per example: the attention work is
+    sum(L^2) instead of the T^2 of a masked SDPA over the whole packed row, and no (T, T) mask
+    is built (on CUDA, flash-attn varlen does the same in one kernel). Boundaries come from
+    ``cu_seq_lens_q`` or, like transformers' flash path, from restarts in ``position_ids``.
+    Anything else (padded batches, a KV cache) is transformers' sdpa, mask included.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = None
+    if cu_seq_lens_q is not None:
+        bounds = cu_seq_lens_q.tolist()  # n + 1 host ints; a sync on CUDA (use flash-attn there)
+    elif (
+        attention_mask is None  # see _sdpa_varlen_mask: one full, unpadded row
+        and position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+    ):
+        bounds = _restarts(position_ids)
+    if bounds is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"packed rows have batch size 1, got {query.shape[0]}")
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("sdpa_varlen supports neither sliding windows nor softcap")
+    if kwargs.get("is_causal") is False:
+        raise NotImplementedError("sdpa_varlen is causal attention only")
+    gqa = query.shape[1] != key.shape[1]
+    out = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _sdpa_varlen_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The mask function of sdpa_varlen: none for one full unpadded row (packed or not; the
+    attention function finds its boundaries), transformers' sdpa mask for everything else."""
+    full_row = batch_size == 1 and q_length == kv_length and not q_offset and not kv_offset
+    if attention_mask is None and full_row:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset,
+        kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+
+
+@functools.cache
+def register_sdpa_varlen() -> str:
+    """Register ``sdpa_varlen`` with transformers' AttentionInterface and AttentionMaskInterface
+    (their documented extension points) and return the name, for
+    ``from_pretrained(..., attn_implementation=...)`` or ``model.set_attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+    AttentionMaskInterface.register(SDPA_VARLEN, _sdpa_varlen_mask)
+    return SDPA_VARLEN

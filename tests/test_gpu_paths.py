@@ -1,0 +1,222 @@
+"""GPU code paths checked on the CPU: attention and dtype dispatch, the fused loss under
+autocast, tile choice from shared memory, the empty batch on CUDA, DDP on older torch, the
+interpreter default. (Compiled kernels: test_triton_aot.py; on a GPU: `pytest -m gpu`.)"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from ssrengine.kernels.triton_cross_entropy import KernelConfig, OutOfResources
+
+from ssrengine import attention, distributed
+from ssrengine.config import Config
+from ssrengine.errors import InputError
+from ssrengine.kernels import fused_linear_cross_entropy
+from ssrengine.kernels import triton_cross_entropy as tce
+from tests.conftest import default_triton_interpret
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------- attention and dtypes
+@pytest.fixture
+def flash_installed(monkeypatch):
+    monkeypatch.setattr(attention, "_flash_attn_installed", lambda: True)
+
+
+@pytest.mark.parametrize(
+    "weights,autocast,want",
+    [
+        ("float32", "float32", "sdpa_varlen"),  # flash-attn rejects fp32
+        ("float32", "bfloat16", "flash_attention_2"),  # transformers casts q/k/v under autocast
+        ("bfloat16", "float32", "flash_attention_2"),
+        ("float16", "float32", "flash_attention_2"),
+    ],
+)
+def test_auto_attention_is_flash_only_for_16bit_compute(flash_installed, weights, autocast, want):
+    pick = attention.pick_attn_implementation
+    assert pick("auto", CUDA, weights=weights, autocast=autocast) == want
+    assert pick("auto", CPU, weights=weights, autocast=autocast) == "sdpa_varlen"
+
+
+def test_explicit_flash_with_fp32_compute_is_refused(flash_installed):
+    with pytest.raises(InputError, match=r"model\.attn_implementation"):
+        attention.pick_attn_implementation("flash_attention_2", CUDA, weights="float32")
+
+
+def test_train_dtype_auto_is_bf16_autocast_on_cuda_only():
+    assert Config().train.dtype == "auto" and Config().model.dtype == "float32"
+    assert attention.compute_dtype("auto", CUDA) == "bfloat16"
+    assert attention.compute_dtype("auto", CPU) == "float32"
+    assert attention.compute_dtype("float32", CUDA) == "float32"
+
+
+# ------------------------------------------------------------------ fused loss and autocast
+def _inputs(n=24, h=32, v=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::3] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_fused_loss_follows_autocast(impl):
+    """Under bf16 autocast, fp32 hidden and weight are multiplied in bf16 (tensor cores on a
+    GPU), exactly as explicit bf16 inputs; the fp32 master weight still gets an fp32 grad."""
+    hidden, weight, labels = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = fused_linear_cross_entropy(hidden, weight, labels, impl=impl)
+    auto.backward()
+    explicit = fused_linear_cross_entropy(
+        hidden.bfloat16(), weight.detach().bfloat16(), labels, impl=impl
+    )
+    fp32 = fused_linear_cross_entropy(hidden, weight.detach(), labels, impl=impl)
+    assert torch.equal(auto, explicit)
+    assert not torch.equal(auto, fp32)
+    assert weight.grad is not None and weight.grad.dtype == torch.float32
+
+
+def test_retention_scores_in_the_model_dtype(tiny_model_dir, monkeypatch):
+    """The scorer gets the model's bf16 hidden states and lm_head, not fp32 copies."""
+    import ssrengine.kernels as K
+    from ssrengine.models import load_model
+    from ssrengine.retention import score_sequences
+
+    seen = []
+    real = K.sequence_log_likelihood
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(K, "sequence_log_likelihood", spy)
+    model = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    scores = score_sequences(model, [([1, 2, 3, 4], [-100, -100, 3, 4])])
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and scores[0][1] == 2
+
+
+# --------------------------------------------------------------- tiles from shared memory
+@pytest.mark.parametrize("arch,limit", sorted(tce.SHARED_MEMORY_BY_ARCH.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_picked_tiles_fit_the_shared_memory(arch, limit, dtype, kind):
+    _, cfg = tce.pick_config(kind, dtype, limit)
+    assert tce.estimate_shared_memory(cfg, dtype, kind) <= limit
+
+
+def test_sm86_backward_gets_smaller_tiles_than_sm90():
+    """The fixed 128x128x64, 3-stage backward needed 128 KiB in bf16 (compiled): over the
+    99 KiB of sm86/sm89. The launcher now steps down there and not on sm90."""
+    small = tce.pick_config("backward", torch.bfloat16, tce.SHARED_MEMORY_BY_ARCH[86])[1]
+    large = tce.pick_config("backward", torch.bfloat16, tce.SHARED_MEMORY_BY_ARCH[90])[1]
+    assert small.block_n * small.block_v * small.num_stages < (
+        large.block_n * large.block_v * large.num_stages
+    )
+
+
+def test_launch_falls_back_on_out_of_resources(monkeypatch):
+    """A compiled kernel over the device's shared memory raises OutOfResources before it runs:
+    the launcher retries with the next smaller candidate and remembers the one that ran."""
+    monkeypatch.setattr(tce, "device_shared_memory", lambda device: 10**9)  # picks the largest
+    monkeypatch.setattr(tce, "_CHOSEN", {})
+    tiles = tce.candidate_configs(torch.bfloat16)
+    tried: list[KernelConfig] = []
+
+    def run(tile: KernelConfig) -> str:
+        tried.append(tile)
+        if tile in tiles[:2]:  # the two largest do not fit this (pretend) device
+            raise OutOfResources(10**6, 10**5, "shared memory")
+        return "ran"
+
+    assert tce._launch("backward", None, torch.bfloat16, CUDA, run) == "ran"
+    assert tried == list(tiles[:3])
+    tried.clear()
+    assert tce._launch("backward", None, torch.bfloat16, CUDA, run) == "ran"
+    assert tried == [tiles[2]]  # remembered: no failing launch again
+
+
+def test_launch_reraises_when_no_smaller_tile_is_left(monkeypatch):
+    monkeypatch.setattr(tce, "device_shared_memory", lambda device: 0)
+    monkeypatch.setattr(tce, "_CHOSEN", {})
+
+    def run(tile: KernelConfig) -> None:
+        raise OutOfResources(1, 0, "shared memory")
+
+    with pytest.raises(OutOfResources):
+        tce._launch("forward", None, torch.float32, CUDA, run)
+
+
+# ------------------------------------------------------------------- empty batch on CUDA
+def test_num_splits_of_an_empty_batch_on_cuda(monkeypatch):
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cfg = KernelConfig(128, 128, 64)
+    assert tce._num_splits(cfg, 0, 49152, CUDA) == 1
+    assert tce._num_splits(cfg, 4096, 49152, CUDA) == 9  # 264 programs over 32 row blocks
+
+
+# --------------------------------------------------------------------- environment layout
+def test_ddp_without_forward_sync_buffers_uses_broadcast_buffers(monkeypatch):
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert distributed.no_buffer_sync_kwargs() == {"forward_sync_buffers": False}
+
+    def old_init(self, module, device_ids=None, broadcast_buffers=True):  # torch <= 2.1x
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(DistributedDataParallel, "__init__", old_init)
+    assert distributed.no_buffer_sync_kwargs() == {"broadcast_buffers": False}
+
+
+def test_triton_interpret_only_without_a_gpu():
+    env: dict[str, str] = {}
+    default_triton_interpret(env, cuda=True)
+    assert "TRITON_INTERPRET" not in env
+    default_triton_interpret(env, cuda=False)
+    assert env["TRITON_INTERPRET"] == "1"
+    env = {"TRITON_INTERPRET": "0"}
+    default_triton_interpret(env, cuda=False)
+    assert env["TRITON_INTERPRET"] == "0"
+
+
+# ----------------------------------------------------------------------------- on a GPU
+def _packed(examples: list[list[int]]):
+    from ssrengine.packing import pack
+
+    seqs = [(ids, [-100] * 2 + ids[2:]) for ids in examples]
+    [batch] = pack(seqs, sum(len(s) for s, _ in seqs))
+    return batch.to("cuda")
+
+
+@pytest.mark.gpu
+def test_fp32_weights_train_under_bf16_autocast_with_flash_attention(tiny_model_dir):
+    """The GPU default (fp32 master weights, train.dtype auto = bf16 autocast) picks FA2 and
+    runs forward and backward through it and the Triton loss; without autocast (generation,
+    scoring) the same weights get sdpa_varlen instead of a flash-attn dtype error."""
+    pytest.importorskip("flash_attn")
+    from ssrengine.models import hidden_and_head, load_model
+    from ssrengine.packing import model_inputs
+
+    auto = attention.compute_dtype("auto", CUDA)
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cuda", autocast=auto)
+    assert model.config._attn_implementation == "flash_attention_2"
+    batch = _packed([list(range(3, 40)), list(range(5, 30))])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden, weight = hidden_and_head(model, **model_inputs(batch, "flash_attention_2"))
+        loss = fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, batch.labels
+        )
+    loss.backward()
+    assert torch.isfinite(loss).item()
+    assert model.get_output_embeddings().weight.grad.dtype == torch.float32
+
+    plain = load_model(str(tiny_model_dir), dtype="float32", device="cuda")
+    assert plain.config._attn_implementation == "sdpa_varlen"
+    with torch.no_grad():
+        hidden, _ = hidden_and_head(plain, **model_inputs(batch, "sdpa_varlen"))
+    assert hidden.dtype == torch.float32 and torch.isfinite(hidden).all()
