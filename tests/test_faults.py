@@ -323,6 +323,10 @@ CASES = [
     Case("ckpt shard missing", T + "--run.mode=sft", "step-1/dcp/shard-00001-model-00001-of-00001.safetensors: missing", trained_checkpoint(lambda c: _dcp_shard(c).unlink()), ("run/checkpoints/step-1/rng.safetensors",)),
     Case("ckpt shard truncated", T + "--run.mode=sft", "(truncated or overwritten)", trained_checkpoint(lambda c: _cut(_dcp_shard(c))), ("run/checkpoints/step-1/trainer_state.json",)),
     Case("ckpt state corrupt", T + "--run.mode=sft", "{run}/checkpoints/step-1/trainer_state.json: unreadable", trained_checkpoint(lambda c: (c / "trainer_state.json").write_text("{")), ("run/checkpoints/step-1/trainer_state.json",)),
+    # changed training settings on a run dir with checkpoints: refused, the changed key named
+    Case("resume lora on", T + "--run.mode=sft --train.lora=true", "train.lora: False -> True", trained_checkpoint(lambda c: None), ("run/checkpoints/step-1/trainer_state.json", "run/metrics.jsonl")),
+    Case("resume seed", T + "--run.mode=sft --train.seed=1", "train.seed: 0 -> 1", trained_checkpoint(lambda c: None), ("run/checkpoints/step-1/trainer_state.json", "run/metrics.jsonl")),
+    Case("resume packing off", T + "--run.mode=sft --train.packing=false", "train.packing: True -> False", trained_checkpoint(lambda c: None), ("run/checkpoints/step-1/trainer_state.json", "run/metrics.jsonl")),
     # a second command on a run directory in use
     Case("locked", G, "run: in use by another run (pid {holder})", run_dir_with_generations(hold_lock), ("run/generations.jsonl",)),
 ]  # fmt: skip
