@@ -25,7 +25,7 @@ from ssrengine.errors import InputError
 from ssrengine.io import read_rows
 from ssrengine.trainer import train
 from tests.test_trainer import rehearsal
-from tests.tiny import write_jsonl
+from tests.tiny import records, write_jsonl
 
 STEPS = 6
 ARGS = [
@@ -39,7 +39,7 @@ ARGS = [
 ]
 
 # argv: WHERE (none | after_step | in_write), AT (the n-th such point, 1-based), TIMES (SIGINTs
-# sent there), then the ssrengine command line.
+# sent there), then the ssrengine command line. Under torchrun only rank $SIGNAL_RANK signals.
 DRIVER = """\
 import os, signal, sys
 
@@ -52,7 +52,8 @@ seen = [0]
 
 def point():
     seen[0] += 1
-    if seen[0] == at:
+    # Under torchrun only rank SIGNAL_RANK is signalled.
+    if seen[0] == at and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
         for _ in range(times):
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -143,6 +144,48 @@ def test_sigint_stops_at_a_consistent_state_and_resumes_exactly(
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(reference, run)
     assert list(ckpts.glob(".*.tmp")) == []
+
+
+def _torchrun(driver: Path, *argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "SIGNAL_RANK": "1"}
+    return subprocess.run(
+        [*cmd, str(driver), *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_sigint_on_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir, tmp_path):
+    """FSDP2 on 2 ranks: rank 1 alone gets SIGINT right after its 3rd optimizer step; the flag
+    travels in step 4's all-reduce, both ranks save step-4 together and stop; the resumed run
+    equals the uninterrupted one."""
+    data, driver = tmp_path / "train.jsonl", tmp_path / "driver.py"
+    write_jsonl(data, records(16))
+    driver.write_text(DRIVER)
+
+    def args(run: Path) -> list[str]:
+        return [
+            "run",
+            f"--model.path={tiny_model_dir}",
+            f"--data.train_file={data}",
+            "--run.mode=sft",
+            f"--run.dir={run}",
+            *ARGS,
+            "--train.save_every=5",
+            "--train.parallel=fsdp",
+        ]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    res = _torchrun(driver, "none", "0", "0", *args(ref))
+    assert res.returncode == 0, res.stderr[-5000:]
+    res = _torchrun(driver, "after_step", "3", "1", *args(run))
+    assert res.returncode != 0, res.stderr[-5000:]
+    assert "interrupted: saving step 4" in res.stderr, res.stderr[-5000:]
+    ckpts = run / "checkpoints"
+    assert [p.name for p in ckpts.glob("step-*")] == ["step-4"]
+    assert checkpoint_damage(ckpts / "step-4") is None
+    res = _torchrun(driver, "none", "0", "0", *args(run), "--resume")
+    assert res.returncode == 0, res.stderr[-5000:]
+    assert_same_run(ref, run)
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
