@@ -49,8 +49,15 @@ def _f(
 class ModelConfig:
     path: str = _f(
         "smollm2-135m",
-        "Embedded model name (`smollm2-135m`, fetched on first use) or a local Hugging Face model directory.",
+        "Embedded model name (`smollm2-135m`, fetched on first use), a local Hugging Face model "
+        "directory, or a Hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`) already in the Hugging "
+        "Face cache (`HF_HUB_CACHE`; nothing is downloaded).",
         nonempty=True,
+    )
+    chat_template: str = _f(
+        "",
+        "Chat template replacing the tokenizer's own, wherever this run loads a tokenizer: a "
+        "Jinja file path or the template text itself; empty = the tokenizer's template.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32",
@@ -79,7 +86,14 @@ class ModelConfig:
 class DataConfig:
     train_file: str = _f(
         "builtin:train",
-        "Training JSONL (the README's record format) or `builtin:SPLIT` for the embedded generator (train, validation, test, ood).",
+        "Training data (the README's record formats): a `.jsonl`/`.jsonl.gz`, `.json`, `.csv`, "
+        "`.parquet` or `.arrow` file, a `save_to_disk` or Hub-style dataset directory, or "
+        "`builtin:SPLIT` for the embedded generator (train, validation, test, ood).",
+        nonempty=True,
+    )
+    split: str = _f(
+        "train",
+        "Split to read from a dataset directory with several; single files ignore it.",
         nonempty=True,
     )
     max_examples: int = _f(0, "Use only the first N training examples (0 = all).", ge=0)
@@ -134,9 +148,12 @@ class GenerationConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class JudgeConfig:
-    kind: Literal["rule", "llm"] = _f(
+    kind: str = _f(
         "rule",
-        "`rule`: refusal agreement + answer token-F1; `llm`: P(Yes) from one step of next-token logprobs.",
+        "`rule`: refusal agreement + answer token-F1; `llm`: P(Yes) from one step of next-token "
+        "logprobs; `python:MODULE:NAME`: your own judge (a function `(example, candidate)` "
+        "returning a Verdict or a bool, or a Judge class), see the README.",
+        pattern=r"rule|llm|python:[\w.]+:[\w.]+",
     )
     threshold: float = _f(
         0.5, "LLM judge: accept when P(Yes)/(P(Yes)+P(No)) >= threshold.", ge=0, le=1
@@ -147,6 +164,16 @@ class JudgeConfig:
         "and it contains every number of the gold answer.",
         ge=0,
         le=1,
+    )
+    rubric: str = _f(
+        "",
+        "LLM judge: a text file with the grading instructions (the system message; it must ask "
+        "for a one-word Yes or No); empty = the built-in rubric.",
+    )
+    refusal_patterns: str = _f(
+        "",
+        "Rule judge: a regular expression (Python `re`, case-insensitive; alternatives in one pattern) "
+        "that also marks an answer as declining, beside the built-in phrases.",
     )
     model: str = _f("", "LLM judge model; empty = model.path.")
     backend: Literal["", "hf", "sglang", "sglang-http", "openai"] = _f(

@@ -174,7 +174,9 @@ class Loaded:
 @contextmanager
 def _loaded(cfg: Config, path: str) -> Iterator[Loaded]:
     """The model at ``path``. The hf backend generates with the scoring model itself."""
-    tok = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        path, trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template
+    )
     lm = load_model(
         path,
         dtype=cfg.model.dtype,

@@ -11,12 +11,16 @@ states and the lm_head weight, so the loss never needs the [tokens, vocab] logit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +95,42 @@ def fetch(name: str) -> Path:
     return out
 
 
+# owner/name as the Hub spells repo ids (huggingface_hub.utils.validate_repo_id).
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    """The cached snapshot of a Hub model, found offline (nothing is downloaded)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    # Read at call time: huggingface_hub reads HF_HUB_CACHE once, when first imported.
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        raise InputError(
+            f"{repo_id!r} is not in the Hugging Face cache ({cache or constants.HF_HUB_CACHE}) "
+            f"and nothing is downloaded here; run `hf download {repo_id}` where the Hub is "
+            "reachable (and point HF_HUB_CACHE at that cache), or give a local directory",
+            field="model.path",
+        ) from None
+
+
 def resolve_model_path(path: str) -> Path:
-    """An embedded model name (fetched on first use) or an existing local HF directory."""
+    """An embedded model name (fetched on first use), an existing local HF directory, or a Hub
+    id (``owner/name``) already in the Hugging Face cache."""
     if path in EMBEDDED:
         return fetch(path)
     p = Path(path).expanduser()
+    if not p.exists() and _HUB_ID.match(path):
+        p = _from_hub_cache(path)
     if not p.is_dir():
         raise InputError(
-            f"model directory not found: {path!r} (expected a local HF directory or one of: {', '.join(EMBEDDED)})",
+            f"model directory not found: {path!r} (expected a local HF directory, a cached Hub "
+            f"id such as HuggingFaceTB/SmolLM2-135M-Instruct, or one of: {', '.join(EMBEDDED)})",
             field="model.path",
         )
     if not (p / "config.json").is_file():
@@ -117,24 +149,61 @@ def pick_device(device: str = "auto") -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights"...) off while we load: they would
+    nest under the stage's bar. Restores the previous setting; usable as a decorator."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def read_chat_template(spec: str) -> str:
+    """model.chat_template: a file holding a Jinja chat template, or the template itself."""
+    p = Path(spec).expanduser()
+    if "{" not in spec and len(spec) < 4096:
+        if not p.is_file():
+            raise InputError(
+                f"{spec!r} is neither a file nor a Jinja template", field="model.chat_template"
+            )
+        spec = p.read_text(encoding="utf-8")
+    if "{%" not in spec and "{{" not in spec:
+        raise InputError("not a Jinja chat template (no {% or {{)", field="model.chat_template")
+    return spec
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: str = "") -> Any:
+    """The tokenizer of a model; ``chat_template`` (model.chat_template) replaces its own."""
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_path(path)
     check_tokenizer_files(model_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except InputError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise load_error("tokenizer", model_dir, e) from None
+    if chat_template:
+        tok.chat_template = read_chat_template(chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        raise InputError(f"tokenizer in {path!r} has no chat template", field="model.path")
+        raise InputError(
+            f"tokenizer in {path!r} has no chat template; give one with model.chat_template",
+            field="model.path",
+        )
     return tok
 
 
+@quiet_transformers()
 def load_model(
     path: str,
     *,

@@ -206,6 +206,8 @@ def run_all(cfg: Config, *, resume: bool = False) -> Path:
     from ssrengine import distributed
 
     check_checkpoints_match(cfg, resume=resume)
+    if cfg.run.mode == "ssr":  # a judge that cannot be built (spec, rubric, pattern) stops first
+        stages.make_judge(cfg, stages.open_generator(cfg, for_judge=True))
     world = distributed.init(cfg.model.device)
     if world.is_main:
         # Validated and fitted to data.max_seq_len once, before generate: a bad or over-long

@@ -31,7 +31,11 @@ def render(cfg: Config, n: int = 3, *, tokens: bool = False, color: bool = False
         raise InputError(f"expected at least 1 record, got {n}", field="--n")
     limit = min(n, cfg.data.max_examples) if cfg.data.max_examples else n
     raw = train_examples(replace(cfg, data=replace(cfg.data, max_examples=limit)))
-    tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        cfg.model.path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        chat_template=cfg.model.chat_template,
+    )
     by_id = {e.id: e for e in raw}
     out = []
     for e in prepare(cfg, raw):

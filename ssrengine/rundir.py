@@ -469,6 +469,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "judge.kind",
         "judge.threshold",
         "judge.min_f1",
+        "judge.rubric",
+        "judge.refusal_patterns",
         "judge.model",
         "judge.backend",
         "judge.paraphrase",

@@ -34,7 +34,7 @@ from ssrengine.generation import (
     make_generator,
 )
 from ssrengine.io import RowWriter, atomic_write_jsonl
-from ssrengine.judge import Judge, LLMJudge, RuleJudge, Verdict
+from ssrengine.judge import Judge, Verdict, make_judge
 from ssrengine.rundir import (
     BuildStats,
     GenerationRow,
@@ -53,7 +53,12 @@ log = logging.getLogger(__name__)
 def train_examples(cfg: Config) -> list[Example]:
     """data.train_file as read and validated, before fitting (see `prepare`)."""
     path = resolve_data_file(cfg.data.train_file, cfg.data.seed)
-    return load_examples(path, on_invalid=cfg.data.on_invalid, max_examples=cfg.data.max_examples)
+    return load_examples(
+        path,
+        split=cfg.data.split,
+        on_invalid=cfg.data.on_invalid,
+        max_examples=cfg.data.max_examples,
+    )
 
 
 def prepare(cfg: Config, examples: list[Example] | None = None) -> list[Example]:
@@ -68,7 +73,11 @@ def prepare(cfg: Config, examples: list[Example] | None = None) -> list[Example]
     from ssrengine.models import load_tokenizer
 
     examples = examples if examples is not None else train_examples(cfg)
-    tok = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        cfg.model.path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        chat_template=cfg.model.chat_template,
+    )
     d = cfg.data
     reserve = cfg.generation.max_new_tokens if cfg.run.mode == "ssr" else 0
     out, trimmed, skipped = [], 0, 0
@@ -150,7 +159,9 @@ class _LazyGenerator(Generator):
 
 def open_generator(cfg: Config, *, for_judge: bool = False) -> Generator:
     gen = generation_config(cfg, for_judge=for_judge)
-    return _LazyGenerator(gen.backend, gen.model, lambda: make_generator(cfg.model, gen))
+    own = for_judge and cfg.judge.model not in ("", cfg.model.path)  # keeps its own template
+    model = replace(cfg.model, chat_template="") if own else cfg.model
+    return _LazyGenerator(gen.backend, gen.model, lambda: make_generator(model, gen))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -328,14 +339,6 @@ def judge_rows(
         chunk=max(1, cfg.judge.batch_size),
     )
     return {i: Verdict(r.accept, r.score, r.reason) for i, r in rows.items()}
-
-
-def make_judge(cfg: Config, generator: Generator | None = None) -> Judge:
-    if cfg.judge.kind == "rule":
-        return RuleJudge(cfg.judge.min_f1)
-    if generator is None:
-        raise InputError("judge.kind = llm needs a generator", field="judge.kind")
-    return LLMJudge(generator, cfg.judge.threshold)
 
 
 def paraphrase_messages(cfg: Config, e: Example) -> list[dict[str, str]]:

@@ -343,7 +343,11 @@ def setup(
     )  # the same on every rank: FSDP2 does not broadcast new weights
     rd = RunDir(run_dir)
     rows = _rehearsal_rows(rd) if rows is None else rows
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        cfg.model.path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        chat_template=cfg.model.chat_template,
+    )
     model, peft_model, net = build_model(cfg, world)
     encoded = encode_rows(rows, tokenizer, cfg.data, file=str(rd.rehearsal))
     opt, sched = build_optimizer(cfg, net, world.device)

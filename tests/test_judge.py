@@ -1,11 +1,15 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssrengine.config import ModelConfig
+from ssrengine.config import Config, JudgeConfig, ModelConfig, build_config
 from ssrengine.data import Example
+from ssrengine.errors import InputError
+from ssrengine.generation.base import Completion
 from ssrengine.generation.hf import HFGenerator
 from ssrengine.judge import (
     LLMJudge,
@@ -13,6 +17,8 @@ from ssrengine.judge import (
     gold_declines,
     is_refusal,
     judge_messages,
+    load_user_judge,
+    make_judge,
     token_f1,
 )
 
@@ -106,3 +112,175 @@ def test_gold_declines_is_the_label_else_the_text():
     assert not gold_declines(ex("The documents do not say.", answerable=True))
     assert gold_declines(ex("The documents do not say.", answerable=None))
     assert not gold_declines(ex("Founded in 1987.", answerable=None))
+
+
+# ---------------------------------------------------------------- configured and user judges
+
+
+def judge_cfg(**judge):
+    return build_config({"judge": judge})
+
+
+def test_refusal_patterns_extend_the_rule_judge():
+    gold = ex("Not in the passage.", answerable=None)  # no label: the gold text decides
+    cand = "The passage is silent on that."
+    plain = make_judge(judge_cfg())
+    own = make_judge(judge_cfg(refusal_patterns=r"not in the passage|passage is silent"))
+    assert not plain.judge(gold, cand).accept  # neither phrase reads as a refusal built in
+    assert own.judge(gold, cand).accept
+    assert own.judge(ex("Founded in 1987."), cand).reason == "declines an answerable question"
+    assert own.name != plain.name  # a different judge: verdicts are redone, not reused
+
+
+def test_bad_refusal_pattern_is_one_line():
+    with pytest.raises(InputError, match=r"field 'judge.refusal_patterns': not a valid regular"):
+        make_judge(judge_cfg(refusal_patterns="(unclosed"))
+
+
+class RecordingGenerator:
+    """Answers "Yes" with logprobs and keeps the requests (the judge's prompts)."""
+
+    model = "rec"
+    backend = "test"
+
+    def __init__(self):
+        self.requests = []
+
+    def token_id(self, text):
+        return {"Yes": 1, "No": 2}[text]
+
+    def generate(self, requests, sampling):
+        self.requests += list(requests)
+        return [Completion("", [], "length", [{1: -0.1, 2: -3.0}]) for _ in requests]
+
+
+def test_rubric_file_is_the_llm_judges_system_message(tmp_path):
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text("Grade leniently. Reply Yes or No.\n")
+    gen = RecordingGenerator()
+    judge = make_judge(judge_cfg(kind="llm", rubric=str(rubric)), gen)
+    assert judge.judge(ex("Founded in 1987."), "1987.").accept
+    assert gen.requests[0].messages[0] == {
+        "role": "system",
+        "content": "Grade leniently. Reply Yes or No.",
+    }
+    assert judge.name != make_judge(judge_cfg(kind="llm"), gen).name
+
+
+def test_missing_rubric_file_is_one_line(tmp_path):
+    with pytest.raises(InputError, match=r"nope.txt: field 'judge.rubric': rubric file not found"):
+        make_judge(judge_cfg(kind="llm", rubric=str(tmp_path / "nope.txt")), RecordingGenerator())
+
+
+USER_JUDGES = """
+from ssrengine.judge import Verdict
+
+
+def exact(example, candidate):
+    return candidate.strip() == example.response
+
+
+def scored(example, candidate):
+    return Verdict(len(candidate) < 20, 0.5, "short")
+
+
+def broken(example, candidate):
+    return "yes"
+
+
+class Lenient:
+    name = "lenient-v1"
+
+    def judge(self, example, candidate):
+        return Verdict(True, 1.0, "always")
+
+    def judge_batch(self, examples, candidates):
+        return [self.judge(e, c) for e, c in zip(examples, candidates)]
+
+
+class NeedsArgs:
+    def __init__(self, x):
+        pass
+
+    def judge(self, example, candidate):
+        return True
+
+
+NOT_A_JUDGE = 3
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_judges.py").write_text(USER_JUDGES)
+    monkeypatch.chdir(tmp_path)  # imported from the current directory
+    yield "my_judges"
+    sys.modules.pop("my_judges", None)
+
+
+def test_python_function_judge(user_module):
+    judge = make_judge(judge_cfg(kind=f"python:{user_module}:exact"))
+    assert judge.judge(ex("Founded in 1987."), "Founded in 1987. ").accept
+    assert not judge.judge(ex("Founded in 1987."), "1987").accept
+    assert judge.name.startswith("python:my_judges:exact@")
+    v = make_judge(judge_cfg(kind=f"python:{user_module}:scored")).judge_batch(
+        [ex("a"), ex("b")], ["short", "a much longer answer than that"]
+    )
+    assert [x.accept for x in v] == [True, False] and v[0].reason == "short"
+
+
+def test_python_class_judge_keeps_its_name(user_module):
+    judge = make_judge(judge_cfg(kind=f"python:{user_module}:Lenient"))
+    assert judge.name == "lenient-v1"
+    assert judge.judge_batch([ex("a")], ["b"])[0].accept
+
+
+def test_edited_function_judge_changes_its_name(tmp_path, user_module):
+    before = make_judge(judge_cfg(kind=f"python:{user_module}:exact")).name
+    (tmp_path / "my_judges.py").write_text(USER_JUDGES.replace("candidate.strip()", "candidate"))
+    sys.modules.pop("my_judges")
+    after = make_judge(judge_cfg(kind=f"python:{user_module}:exact")).name
+    assert before != after
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("python:no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("python:my_judges:missing", "module 'my_judges' has no 'missing'"),
+        ("python:my_judges:NOT_A_JUDGE", "expected a function"),
+        ("python:my_judges:NeedsArgs", "cannot build the judge class with no arguments"),
+    ],
+)
+def test_bad_judge_spec_is_one_line(user_module, kind, needle):
+    with pytest.raises(InputError) as e:
+        make_judge(judge_cfg(kind=kind))
+    assert "field 'judge.kind'" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["python:my_judges", "regex", "python::f"])
+def test_malformed_judge_kind_fails_at_config_load(kind):
+    with pytest.raises(InputError, match=rf"judge.kind: got '{kind}', expected a value matching"):
+        judge_cfg(kind=kind)
+    with pytest.raises(
+        InputError, match=r"field 'judge.kind': .*(expected python:MODULE:NAME|unknown judge)"
+    ):
+        load_user_judge(kind) if kind.startswith("python:") else make_judge(
+            Config(judge=JudgeConfig(kind=kind))
+        )
+
+
+def test_user_judge_with_a_wrong_return_type_is_one_line(user_module):
+    judge = make_judge(judge_cfg(kind=f"python:{user_module}:broken"))
+    with pytest.raises(InputError, match=r"returned str; expected a Verdict or a bool"):
+        judge.judge(ex("a"), "b")
+
+
+def test_cli_run_with_a_judge_that_cannot_load_stops_before_generate(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ssrengine", "run", "--judge.kind=python:nowhere_xyz:f"]
+    res = subprocess.run([*cmd, f"--run.dir={run}"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: field 'judge.kind': 'python:nowhere_xyz:f': cannot import"), last
+    assert not (run / "generations.jsonl").exists()

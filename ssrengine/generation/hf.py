@@ -58,7 +58,9 @@ class HFGenerator(Generator):
         gen = gen or GenerationConfig()
         self.model = model_name(model, gen)  # the name recorded in every row
         trust = model.trust_remote_code
-        self.tokenizer = tokenizer or load_tokenizer(self.model, trust_remote_code=trust)
+        self.tokenizer = tokenizer or load_tokenizer(
+            self.model, trust_remote_code=trust, chat_template=model.chat_template
+        )
         self.hf_model = hf_model or load_model(
             self.model, dtype=model.dtype, device=model.device, trust_remote_code=trust
         )

@@ -222,8 +222,12 @@ class PromptEncoder:
     messages are rendered with the model's own chat template, exactly as the hf backend does,
     and sent as token ids, so every backend sees the same prompt tokens."""
 
-    def __init__(self, model: str, *, trust_remote_code: bool, tokenizer: Any = None) -> None:
-        self.tokenizer = tokenizer or load_tokenizer(model, trust_remote_code=trust_remote_code)
+    def __init__(
+        self, model: str, *, trust_remote_code: bool, tokenizer: Any = None, chat_template: str = ""
+    ) -> None:
+        self.tokenizer = tokenizer or load_tokenizer(
+            model, trust_remote_code=trust_remote_code, chat_template=chat_template
+        )
         self.eos_ids = eos_ids(self.tokenizer, _config_eos(model))
         # Replies are parsed on the pool's threads; a fast tokenizer shared across threads can
         # fail with "Already borrowed" (huggingface/tokenizers#537).

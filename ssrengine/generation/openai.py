@@ -62,7 +62,10 @@ class OpenAIGenerator(Generator):
         self.model = model_name(model, gen)
         self.batch_size = max(1, gen.batch_size)
         self.enc = PromptEncoder(
-            self.model, trust_remote_code=model.trust_remote_code, tokenizer=tokenizer
+            self.model,
+            trust_remote_code=model.trust_remote_code,
+            tokenizer=tokenizer,
+            chat_template=model.chat_template,
         )
         self.tokenizer = self.enc.tokenizer
         if not gen.url:
