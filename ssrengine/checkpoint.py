@@ -15,6 +15,9 @@ checkpoints/step-N/
                          weight decay, ...) and any non-tensor optimizer state, metrics summary
   rng.safetensors        torch (and CUDA) RNG state of rank 0, restored on every rank
 ```
+trainer_state.json also lists the size of every file of dcp/ and rng.safetensors (``files``):
+`checkpoint_damage` finds a missing or truncated one before anything is loaded, and the trainer
+resumes from the newest checkpoint without damage.
 Resuming reads dcp/ (never the export), so the optimizer state survives a change of world size
 or of train.parallel. No pickle anywhere: tensors are safetensors, everything else JSON; DCP's
 own `.metadata` (a pickle) is not written, its reader rebuilds the metadata from the safetensors
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
 import warnings
@@ -36,9 +40,11 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -50,9 +56,11 @@ from ssrengine import distributed
 from ssrengine.config import Config
 from ssrengine.errors import InputError
 
+log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 DCP_DIR = "dcp"
 TRAINER_STATE = "trainer_state.json"
+RNG = "rng.safetensors"
 # Frozen weights (the LoRA base model) are not trainer state: they come from model.path.
 # Loading is non-strict only about them: dcp.load fails on any requested key the checkpoint lacks.
 _SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -73,6 +81,56 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     found = list_checkpoints(ckpt_root)
     return found[-1][1] if found else None
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from, as ``FILE: what is wrong``; None if it
+    can. Reads only headers and sizes: trainer_state.json, rng.safetensors, every DCP shard."""
+    try:
+        state = read_trainer_state(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{path / TRAINER_STATE}: unreadable ({e})"
+    missing = [k for k in ("step", "scheduler", "optimizer") if k not in state]
+    if missing:
+        return f"{path / TRAINER_STATE}: lacks {', '.join(missing)}"
+    files = state.get("files")  # absent in checkpoints written before the list existed
+    if files is None:
+        files = {str(f.relative_to(path)): None for f in (path / DCP_DIR).glob("*.safetensors")}
+        files.setdefault(RNG, None)
+        if len(files) == 1:
+            return f"{path / DCP_DIR}: no shard"
+    for name, size in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{f}: {f.stat().st_size} bytes, written with {size} (truncated or overwritten)"
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            return f"{f}: not a complete safetensors file ({e})"
+    return None
+
+
+def resumable_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint without damage (each damaged newer one named in a warning); None
+    when there is no checkpoint. Raises InputError when every checkpoint is damaged."""
+    found = list_checkpoints(ckpt_root)
+    damage = []
+    for _, path in reversed(found):
+        why = checkpoint_damage(path)
+        if why is None:
+            return path
+        log.warning("damaged checkpoint, not resumed from: %s", why)
+        damage.append(why)
+    if damage:
+        raise InputError(
+            f"no checkpoint can be resumed from ({'; '.join(damage)}); delete {ckpt_root} to "
+            "train from scratch",
+            file=str(ckpt_root),
+        )
+    return None
 
 
 def tied_aliases(model: nn.Module) -> set[str]:
@@ -118,17 +176,25 @@ def save_checkpoint(
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".step-{step}.tmp"
     if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for old in ckpt_root.glob(".step-*.tmp"):  # this one, or left by an interrupted save
+            shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
     tensors, optim_json = _flat_state(distributed.unwrap(model), optimizer)[2:]
     with warnings.catch_warnings():  # "assuming ... a single process": yes, when size == 1
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.save(
-            tensors,
-            storage_writer=HuggingFaceStorageWriter(str(tmp / DCP_DIR), save_distributed=True),
-            no_dist=world.size == 1,
-        )
+        try:
+            dcp.save(
+                tensors,
+                storage_writer=HuggingFaceStorageWriter(str(tmp / DCP_DIR), save_distributed=True),
+                no_dist=world.size == 1,
+            )
+        except CheckpointException as e:
+            # DCP catches BaseException in its save steps and re-raises it wrapped
+            # (torch/distributed/checkpoint/utils.py, _DistWrapper): unwrap an interrupt.
+            if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+                raise KeyboardInterrupt from e
+            raise
     weights = full_state_dict(distributed.unwrap(model), prefix)
     if world.is_main:
         _export_hf(tmp, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg)
@@ -137,21 +203,26 @@ def save_checkpoint(
         rng = {"torch": torch.get_rng_state()}
         if world.device.type == "cuda":  # this rank's device only: no context on the others
             rng["cuda"] = torch.cuda.get_rng_state(world.device)
-        save_file(rng, str(tmp / "rng.safetensors"))
+        save_file(rng, str(tmp / RNG))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        files = [tmp / RNG, *sorted((tmp / DCP_DIR).glob("*.safetensors"))]
         state = {
             "step": step,
             "scheduler": sched,
             "optimizer": optim_json,
             "world_size": world.size,
+            "files": {str(f.relative_to(tmp)): f.stat().st_size for f in files},
             **extra,
         }
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for s, p in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-            if s != step:
-                shutil.rmtree(p, ignore_errors=True)
+        done = list_checkpoints(ckpt_root)
+        # Newer steps belong to the run before a resume from an older (undamaged) checkpoint.
+        stale = [p for s, p in done if s > step]
+        older = [p for s, p in done if s < step]
+        for p in stale + (older[: max(0, len(older) - keep + 1)] if keep > 0 else []):
+            shutil.rmtree(p, ignore_errors=True)
     distributed.barrier()
     return final
 
@@ -287,7 +358,7 @@ def load_trainer_state(
         options=_SHARDED,
     )
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
-    rng = load_file(str(path / "rng.safetensors"))
+    rng = load_file(str(path / RNG))
     torch.set_rng_state(rng["torch"])
     device = distributed.init().device
     if device.type == "cuda" and "cuda" in rng:

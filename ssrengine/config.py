@@ -284,6 +284,12 @@ class TrainConfig:
         "Divide each example's token weights by its number of target tokens, so every example weighs its source weight in total however long its target (the step loss becomes the weighted mean over examples of their mean token loss).",
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    skip_nonfinite_steps: int = _f(
+        0,
+        "Optimizer steps with a non-finite loss or gradient norm to skip (weights and optimizer "
+        "state untouched) before training stops naming the step (0 = stop at the first).",
+        ge=0,
+    )
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     eval_every: int = _f(
         0,

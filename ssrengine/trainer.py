@@ -2,7 +2,18 @@
 
 Three pieces, as in torchtitan: `setup` builds model, optimizer, schedule and data stream from
 the config (restoring a checkpoint through `ssrengine.checkpoint`); `train_step` is one
-optimizer step; `train` is the loop around it (metrics, progress, checkpoints, save on Ctrl-C).
+optimizer step; `train` is the loop around it (metrics, progress, checkpoints, interrupts).
+
+Interrupts (SIGINT, SIGTERM) only set a flag while training (`StopRequests`); the loop acts on
+it between steps, where step counter, data position, weights and optimizer state agree: it
+saves that step (unless just saved) and raises KeyboardInterrupt. A second signal stops at
+once, keeping the last complete checkpoint. Under torchrun the flag is summed over ranks in
+the step's one all-reduce of statistics, so every rank stops after the same step.
+
+Non-finite steps: the step's one host sync happens before the optimizer step, so a step whose
+loss or gradient norm is not finite changes neither weights nor optimizer state; it is skipped
+(train.skip_nonfinite_steps times in a run at most) or stops training with an InputError
+naming the step. A checkpoint with non-finite weights is never written.
 
 Loss normalization (torchtitan/torchtune): count the supervised tokens of the whole optimizer
 step first — all micro-batches, all ranks (one all-reduce) — sum-reduce each micro-batch's loss
@@ -19,6 +30,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,9 +50,9 @@ from ssrengine import IGNORE_INDEX, distributed, reporting, validation
 from ssrengine.attention import compute_dtype, pick_attn_implementation
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.checkpoint import (
-    latest_checkpoint,
     load_trainer_state,
     read_trainer_state,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from ssrengine.config import Config
@@ -236,9 +250,23 @@ class Trainer:
     step: int = 0
     consumed: int = 0
     eval_batches: list[MicroBatch] = dataclasses.field(default_factory=list)
+    skipped: int = 0  # non-finite steps skipped so far in this run
+    stop_signal: int = 0  # set by `StopRequests`: a signal asked this rank to stop
 
     def save(self, **extra: Any) -> Path:
-        """Checkpoint step-``step`` (collective); ``extra`` goes into trainer_state.json."""
+        """Checkpoint step-``step`` (collective); ``extra`` goes into trainer_state.json.
+        Refuses (InputError) weights that are not all finite."""
+        from torch.distributed.tensor import DTensor
+
+        # This rank's shards under FSDP2; the all-reduce covers the others.
+        params = [p.to_local() if isinstance(p, DTensor) else p for p in self.net.parameters()]
+        bad = torch.stack([(~torch.isfinite(p.detach())).any() for p in params]).any().float()
+        if distributed.all_sum(bad).item():
+            raise InputError(
+                f"step {self.step}: the weights are not finite; not saved (the last checkpoint "
+                "stays resumable: lower train.lr or train.max_grad_norm)",
+                field="train.lr",
+            )
         log.info("saving checkpoint step-%d ...", self.step)
         return save_checkpoint(
             self.ckpt_root,
@@ -250,7 +278,7 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             cfg=self.cfg,
-            extra={"micro_batches": self.consumed, **extra},
+            extra={"micro_batches": self.consumed, "nonfinite_skipped": self.skipped, **extra},
             keep=self.cfg.train.keep_checkpoints,
         )
 
@@ -264,6 +292,8 @@ class StepStats:
     supervised_tokens: int
     tokens: int
     grad_norm: float
+    applied: bool = True  # False: loss or grad norm not finite, the optimizer step was skipped
+    stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM)
 
 
 def _check(cfg: Config) -> None:
@@ -327,12 +357,16 @@ def setup(
         state = load_trainer_state(resume, model=net, optimizer=opt, scheduler=sched)
         tr.step = state["step"]
         tr.consumed = state.get("micro_batches", tr.step * cfg.train.grad_accum)
+        tr.skipped = state.get("nonfinite_skipped", 0)
         log.info("resuming from %s (step %d, %d ranks)", resume, tr.step, world.size)
     return tr
 
 
 def train_step(tr: Trainer) -> StepStats:
-    """One optimizer step: this rank's micro-batches, accumulate, clip, step, advance."""
+    """One optimizer step: this rank's micro-batches, accumulate, clip, step, advance.
+
+    The data position always advances; the optimizer step, the schedule and ``tr.step`` only
+    when loss and gradient norm are finite (``applied``)."""
     t, world = tr.cfg.train, tr.world
     mbs = rank_micro_batches(tr.stream, tr.consumed, t.grad_accum, world)
     autocast = torch.autocast(world.device.type, dtype=tr.autocast) if tr.autocast else None
@@ -343,25 +377,70 @@ def train_step(tr: Trainer) -> StepStats:
     clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     lr = tr.optimizer.param_groups[0]["lr"]
-    tr.optimizer.step()
-    tr.scheduler.step()
-    tr.optimizer.zero_grad(set_to_none=True)
-    tr.step += 1
-    tr.consumed += t.grad_accum * world.size
-    real, n_tok = (
-        distributed.all_sum(torch.tensor(float(sum(x)), device=world.device))
-        for x in ([mb.real_tokens for mb in mbs], [mb.supervised_tokens for mb in mbs])
+    # Real tokens, supervised tokens and stop requests of all ranks in one all-reduce.
+    summed = distributed.all_sum(
+        torch.tensor(
+            [
+                float(sum(mb.real_tokens for mb in mbs)),
+                float(sum(mb.supervised_tokens for mb in mbs)),
+                float(tr.stop_signal > 0),
+            ],
+            device=world.device,
+        )
     )
-    # One host sync per step, for logging. The loss is per unit of weight: per token unweighted.
-    stats = torch.stack([total, n_sup, real, distributed.full_value(grad_norm).float(), n_tok])
-    loss_sum_v, n_sup_v, real_v, grad_norm_v, n_tok_v = stats.tolist()
+    # The one host sync per step, before the optimizer step: it decides whether to apply it.
+    # The loss is per unit of weight (per supervised token when unweighted).
+    stats = torch.cat(
+        [torch.stack([total, n_sup.float(), distributed.full_value(grad_norm).float()]), summed]
+    )
+    loss_sum_v, n_sup_v, grad_norm_v, real_v, n_tok_v, stop_v = stats.tolist()
+    applied = math.isfinite(loss_sum_v) and math.isfinite(grad_norm_v)
+    if applied:
+        tr.optimizer.step()
+        tr.scheduler.step()
+        tr.step += 1
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.consumed += t.grad_accum * world.size
     return StepStats(
         loss=loss_sum_v / max(n_sup_v, 1e-12),
         lr=lr,
         supervised_tokens=int(n_tok_v),
         tokens=int(real_v),
         grad_norm=grad_norm_v,
+        applied=applied,
+        stop=stop_v > 0,
     )
+
+
+class StopRequests:
+    """While active, SIGINT and SIGTERM set ``tr.stop_signal`` instead of interrupting: the
+    loop stops between steps. A second signal raises KeyboardInterrupt at once (during a save,
+    the checkpoint being written is dropped and the last complete one stays). The previous
+    handlers come back on exit. Outside the main thread signals cannot be caught: a no-op."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, tr: Trainer) -> None:
+        self.tr = tr
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.tr.stop_signal:
+            raise KeyboardInterrupt
+        self.tr.stop_signal = signum
+        log.warning(
+            "%s: stopping after this step and saving it; send it again to stop at once",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
 
 def _metrics_row(tr: Trainer, s: StepStats, dt: float, eval_loss: float | None) -> MetricRow:
@@ -412,7 +491,7 @@ def _train(
     t = cfg.train
     reporting.check(t.report_to)
     ckpt_root = RunDir(run_dir).checkpoints
-    latest = latest_checkpoint(ckpt_root)
+    latest = resumable_checkpoint(ckpt_root)
     if require_resume and latest is None:
         raise InputError(
             "--resume given but there is no checkpoint to resume from", file=str(ckpt_root)
@@ -427,41 +506,70 @@ def _train(
     metrics_path = RunDir(run_dir).metrics
     if main:
         _truncate_metrics(metrics_path, tr.step)
-    start, final = tr.step, None
+    saved, final = tr.step, None
     bar = tqdm(
         total=t.max_steps,
-        initial=start,
+        initial=tr.step,
         desc="train",
         unit="step",
         dynamic_ncols=True,
         **({} if main else {"disable": True}),  # TQDM_DISABLE still works on rank 0
     )
-    with open(metrics_path, "a") if main else nullcontext() as mf:
+    with open(metrics_path, "a") if main else nullcontext() as mf, StopRequests(tr):
         try:
             while tr.step < t.max_steps:
                 t0 = time.perf_counter()
                 s = train_step(tr)
                 dt = time.perf_counter() - t0
-                eval_loss = validation.at_step(tr)
-                if main:
+                # Validation (collective) only after an applied step: the weights changed.
+                eval_loss = validation.at_step(tr) if s.applied else None
+                if not s.applied:
+                    _nonfinite(tr, s)
+                elif main:
                     row = _metrics_row(tr, s, dt, eval_loss)
                     mf.write(json.dumps(row.to_json()) + "\n")
                     mf.flush()
                     reporters.log(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{s.loss:.4f}", tok_s=f"{s.tokens / dt:.0f}")
-                if tr.step == t.max_steps or (t.save_every and tr.step % t.save_every == 0):
-                    final = tr.save(final_loss=s.loss)
-                validation.keep_best(tr, eval_loss, final)
-        except KeyboardInterrupt:
-            # Ranks are interrupted at different points; a collective save could hang.
-            if tr.step > start and tr.world.size == 1:
-                log.warning("interrupted: saving step %d so a rerun resumes here", tr.step)
-                tr.save(interrupted=True)
-            raise
+                if s.applied:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{s.loss:.4f}", tok_s=f"{s.tokens / dt:.0f}")
+                if s.applied and (
+                    tr.step == t.max_steps or (t.save_every and tr.step % t.save_every == 0)
+                ):
+                    final, saved = tr.save(final_loss=s.loss), tr.step
+                if validation.keep_best(tr, eval_loss, final):
+                    saved = tr.step
+                # One process needs no agreement: a signal during this step stops after it.
+                if s.stop or (tr.stop_signal and tr.world.size == 1):
+                    if tr.step > saved:
+                        log.warning("interrupted: saving step %d so a rerun resumes here", tr.step)
+                        tr.save(interrupted=True)
+                    raise KeyboardInterrupt
         finally:
             bar.close()
             if reporters is not None:
                 reporters.close()
     assert final is not None
     return final
+
+
+def _nonfinite(tr: Trainer, s: StepStats) -> None:
+    """A skipped step: warn, or raise once train.skip_nonfinite_steps are used up."""
+    limit = tr.cfg.train.skip_nonfinite_steps
+    what = f"step {tr.step + 1}: loss {s.loss} and gradient norm {s.grad_norm} are not both finite"
+    tr.skipped += 1
+    if tr.skipped > limit:
+        last = resumable_checkpoint(tr.ckpt_root)
+        raise InputError(
+            f"{what}; training stopped, nothing saved"
+            + (f" (the last checkpoint, {last.name}, stays resumable)" if last else "")
+            + f"; {tr.skipped - 1} of train.skip_nonfinite_steps={limit} skipped before: lower "
+            "train.lr or raise train.skip_nonfinite_steps"
+        )
+    log.warning(
+        "%s; skipped without changing weights or optimizer state (%d of "
+        "train.skip_nonfinite_steps=%d)",
+        what,
+        tr.skipped,
+        limit,
+    )

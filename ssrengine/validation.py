@@ -119,17 +119,18 @@ def at_step(tr: Trainer) -> float | None:
     return value
 
 
-def keep_best(tr: Trainer, eval_loss: float | None, saved: Path | None) -> None:
+def keep_best(tr: Trainer, eval_loss: float | None, saved: Path | None) -> bool:
     """train.keep_best: a new lowest validation loss makes this step checkpoints/best (saved
     now unless ``saved`` is this step's checkpoint). Collective. Hard links: pruning step-N
-    leaves checkpoints/best whole."""
+    leaves checkpoints/best whole. True when it saved step-N itself."""
     if not tr.cfg.train.keep_best or eval_loss is None:
-        return
+        return False
     best = tr.ckpt_root / BEST
     state = best / "trainer_state.json"
     if state.is_file() and json.loads(state.read_text()).get("eval_loss", math.inf) <= eval_loss:
-        return
-    if saved is None or saved.name != f"step-{tr.step}":
+        return False
+    wrote = saved is None or saved.name != f"step-{tr.step}"
+    if wrote:
         saved = tr.save(eval_loss=eval_loss)
     if tr.world.is_main:
         tmp = tr.ckpt_root / f".{BEST}.tmp"
@@ -143,3 +144,4 @@ def keep_best(tr: Trainer, eval_loss: float | None, saved: Path | None) -> None:
         tmp.rename(best)
         log.info("new best validation loss %.4f: %s -> %s", eval_loss, saved.name, best)
     distributed.barrier()
+    return wrote

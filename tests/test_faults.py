@@ -229,6 +229,27 @@ def hold_lock(ctx: Ctx) -> None:
     ctx.vars["holder"] = str(holder.pid)
 
 
+def trained_checkpoint(damage: Callable[[Path], None]) -> Callable[[Ctx], None]:
+    """A finished one-step sft run whose only checkpoint, step-1, ``damage`` then breaks."""
+
+    def setup(ctx: Ctx) -> None:
+        ctx.write_config()
+        for stage in ("build", "train"):
+            r = cli(ctx, stage + " --config {cfg} --run.mode=sft")
+            assert r.returncode == 0, r.stderr
+        damage(ctx.run / "checkpoints" / "step-1")
+
+    return setup
+
+
+def _dcp_shard(ckpt: Path) -> Path:
+    return next((ckpt / "dcp").glob("*.safetensors"))
+
+
+def _cut(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[:-64])
+
+
 def run_dir_with_generations(extra: Callable[[Ctx], None]) -> Callable[[Ctx], None]:
     def setup(ctx: Ctx) -> None:
         file("run/generations.jsonl", GEN_BAD_UTF8.replace(b"\xe9", b"e"))(ctx)
@@ -298,6 +319,16 @@ CASES = [
     Case("parent is a file", G + "--run.dir={tmp}/p/run", "p: field 'run.dir': is a file, not a directory; run.dir '{tmp}/p/run' cannot be made in it", file("p", b"x"), ("p",)),
     Case("read-only fs", G, "run: field 'run.dir': not writable (read-only file system", readonly_run_fs),
     Case("run config.json corrupt", G, "run/config.json:1: not valid JSON", run_dir_with_generations(file("run/config.json", b"{")), ("run/config.json", "run/generations.jsonl")),
+    # checkpoints: the damaged file named; with no undamaged checkpoint left, stop
+    Case("skip_nonfinite=-1", T + "--train.skip_nonfinite_steps=-1", "train.skip_nonfinite_steps: must be >= 0, got -1"),
+    Case("ckpt rng missing", T + "--run.mode=sft", "{run}/checkpoints/step-1/rng.safetensors: missing", trained_checkpoint(lambda c: (c / "rng.safetensors").unlink()), ("run/checkpoints/step-1/trainer_state.json",)),
+    Case("ckpt shard missing", T + "--run.mode=sft", "step-1/dcp/shard-00001-model-00001-of-00001.safetensors: missing", trained_checkpoint(lambda c: _dcp_shard(c).unlink()), ("run/checkpoints/step-1/rng.safetensors",)),
+    Case("ckpt shard truncated", T + "--run.mode=sft", "(truncated or overwritten)", trained_checkpoint(lambda c: _cut(_dcp_shard(c))), ("run/checkpoints/step-1/trainer_state.json",)),
+    Case("ckpt state corrupt", T + "--run.mode=sft", "{run}/checkpoints/step-1/trainer_state.json: unreadable", trained_checkpoint(lambda c: (c / "trainer_state.json").write_text("{")), ("run/checkpoints/step-1/trainer_state.json",)),
+    # changed training settings on a run dir with checkpoints: refused, the changed key named
+    Case("resume lora on", T + "--run.mode=sft --train.lora=true", "train.lora: False -> True", trained_checkpoint(lambda c: None), ("run/checkpoints/step-1/trainer_state.json", "run/metrics.jsonl")),
+    Case("resume seed", T + "--run.mode=sft --train.seed=1", "train.seed: 0 -> 1", trained_checkpoint(lambda c: None), ("run/checkpoints/step-1/trainer_state.json", "run/metrics.jsonl")),
+    Case("resume packing off", T + "--run.mode=sft --train.packing=false", "train.packing: True -> False", trained_checkpoint(lambda c: None), ("run/checkpoints/step-1/trainer_state.json", "run/metrics.jsonl")),
     # a second command on a run directory in use
     Case("locked", G, "run: in use by another run (pid {holder})", run_dir_with_generations(hold_lock), ("run/generations.jsonl",)),
 ]  # fmt: skip
