@@ -436,6 +436,7 @@ def run_eval(t: Target, opts: EvalOptions) -> EvalResult:
 
 # ----------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = EvalOptions()  # the defaults live in EvalOptions only
     p.add_argument("target", help="a run directory, a model directory or an embedded model name")
     p.add_argument(
         "--out", help="directory that gets eval/ (default: the run dir, or runs/base-NAME)"
@@ -446,18 +447,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit",
         type=int,
-        default=100,
+        default=d.limit,
         help="questions per split, half answerable and half unanswerable, drawn with --seed; "
         "also bounds the probe, MC set, Figure 1 and lm-eval unless their own limit is given; "
-        "0 = all (default 100)",
+        f"0 = all (default {d.limit})",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the limited subsets and the bootstrap"
+        "--seed", type=int, default=d.seed, help="seed of the limited subsets and the bootstrap"
     )
     p.add_argument(
         "--refusal",
-        default=GOLD_REFUSAL,
-        help=f"refusal text of the decision probe (default {GOLD_REFUSAL!r})",
+        default=d.refusal,
+        help=f"refusal text of the decision probe (default {d.refusal!r})",
     )
     p.add_argument(
         "--split",
@@ -466,9 +467,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a split to evaluate, e.g. in_domain=builtin:test (repeatable; default: "
         "in_domain=builtin:test and out_of_domain=builtin:ood)",
     )
-    p.add_argument("--probe-file", default="", help="retention probe JSONL (default: shipped)")
+    p.add_argument(
+        "--probe-file", default=d.probe_file, help="retention probe JSONL (default: shipped)"
+    )
     p.add_argument("--probe-limit", type=int, help="probe prompts, 0 = all (default: as --limit)")
-    p.add_argument("--mc-file", default="", help="multiple-choice JSONL (default: shipped)")
+    p.add_argument("--mc-file", default=d.mc_file, help="multiple-choice JSONL (default: shipped)")
     p.add_argument(
         "--mc-limit", type=int, help="multiple-choice items, 0 = all (default: as --limit)"
     )
@@ -480,7 +483,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lm-eval",
         choices=("auto", "on", "off"),
-        default="auto",
+        default=d.lm_eval,
         help="lm-eval-harness: auto = where installed",
     )
     p.add_argument(
@@ -499,10 +502,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="examples per lm-eval task, 0 = all (default: as --limit)",
     )
-    p.add_argument("--lm-eval-batch-size", type=int, default=8)
+    p.add_argument("--lm-eval-batch-size", type=int, default=d.lm_eval_batch_size)
     p.add_argument(
         "--base-eval",
-        default="",
+        default=d.base_eval,
         help="OUT dir of an earlier eval of the base model: reuse its probe answers",
     )
 
