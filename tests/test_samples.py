@@ -142,3 +142,22 @@ def test_first_accepted_sample_becomes_the_target(tmp_path):
         False, False, False, True, True, True,
     ]  # fmt: skip
     assert RuleJudge().name in judged[0]["judge"]
+
+
+def test_hf_sample_depends_on_seed_and_prompt_not_on_its_batch(tiny_model_dir):
+    from ssrengine.config import GenerationConfig, ModelConfig
+    from ssrengine.generation.base import Request, SamplingParams
+
+    gen = HFGenerator(ModelConfig(path=str(tiny_model_dir)), GenerationConfig(batch_size=8))
+    questions = ["When was Acme founded?", "Who is the CEO of Acme?", "Where is Acme?", "Why?"]
+    reqs = [Request(messages=[{"role": "user", "content": q}]) for q in questions]
+
+    def sample(rs, seed):
+        hot = SamplingParams(max_new_tokens=10, temperature=1.0, seed=seed)
+        return [o.token_ids for o in gen.generate(rs, hot)]
+
+    together = sample(reqs, 5)
+    # alone, or in another batch (a resumed stage's), each prompt draws the same answer
+    assert [sample([r], 5)[0] for r in reqs] == together
+    assert sample(reqs[::-1], 5) == together[::-1]
+    assert sample(reqs, 6) != together  # the next sample index's seed draws others
