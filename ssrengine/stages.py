@@ -223,7 +223,7 @@ def _run_rows(
 
 def _sampling(cfg: Config, sample: int = 0) -> SamplingParams:
     """Sample ``i`` of generation.num_samples draws with seed train.seed + i: every backend
-    that takes a seed (hf: one torch.Generator per call; openai: the request's ``seed``) gives
+    that takes a seed (hf: one torch.Generator per prompt; openai: the request's ``seed``) gives
     a different, reproducible answer per index."""
     g = cfg.generation
     return SamplingParams(
@@ -271,9 +271,11 @@ def generation_keys(
     Reads only the generator's names: a lazy generator (`open_generator`) loads no model for
     it. ``ids_fn``: prompts given as token ids (they replace the messages in the key)."""
     hashes = prompt_hashes(cfg, examples, generator, messages_fn, ids_fn, sample)
-    return {
-        e.id: generation_key(e.id, generator.model, hashes[e.id], sample or None) for e in examples
-    }
+    return _keys(hashes, generator.model, sample)
+
+
+def _keys(hashes: dict[str, str], model: str, sample: int) -> dict[str, str]:
+    return {i: generation_key(i, model, h, sample or None) for i, h in hashes.items()}
 
 
 def generate_rows(
@@ -300,9 +302,7 @@ def generate_rows(
     prompts = {e.id: messages_fn(e) for e in examples}
     ids = {e.id: ids_fn(e) for e in examples} if ids_fn else None
     hashes = prompt_hashes(cfg, examples, generator, messages_fn, ids_fn, sample)
-    keys = {
-        e.id: generation_key(e.id, generator.model, hashes[e.id], sample or None) for e in examples
-    }
+    keys = _keys(hashes, generator.model, sample)
 
     def request(i: str) -> Request:
         return Request(input_ids=ids[i]) if ids else Request(messages=prompts[i])
