@@ -91,8 +91,9 @@ def token_recall(candidate: str, reference: str) -> float:
     return sum((Counter(c) & Counter(r)).values()) / len(r) if r else 0.0
 
 
-# English function words, auxiliaries and the pieces contractions split into: words that carry
-# no claim, so their absence from the documents says nothing about grounding.
+# English function words, auxiliaries, the pieces contractions split into, and words that frame
+# an answer ("the document states", "a type of"): words that carry no claim, so their absence
+# from the documents says nothing about grounding.
 _STOPWORD_TEXT = """a an the and or but nor so yet if then than that this these those there here what which
     who whom whose when where why how all any both each few more most other some such no not
     only own same too very just also as at by for from in into of off on onto out over under
@@ -100,7 +101,9 @@ _STOPWORD_TEXT = """a an the and or but nor so yet if then than that this these 
     further once i me my mine we us our ours you your yours he him his she her hers it its they
     them their theirs is am are was were be been being have has had having do does did doing
     done will would shall should can could may might must s t d ll m re ve don doesn didn isn
-    aren wasn weren won hasn haven hadn couldn shouldn wouldn one yes ok well"""
+    aren wasn weren won hasn haven hadn couldn shouldn wouldn one yes ok well
+    document documents text passage context according states stated mentions mentioned says
+    said provided given type kind sort called named"""
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _CONTENT = re.compile(r"\d[\d,]*(?:\.\d+)?|[a-z]+")
 

@@ -332,11 +332,10 @@ def test_grounding_is_configured():
 
 
 def test_content_words():
-    assert content_words("The CEO's 3,380 employees don't say it.") == [
+    assert content_words("The CEO's 3,380 employees don't say it, the text states.") == [
         "ceo",
         "3380",
         "employees",
-        "say",
     ]
 
 
