@@ -102,7 +102,7 @@ _STOPWORD_TEXT = """a an the and or but nor so yet if then than that this these 
     them their theirs is am are was were be been being have has had having do does did doing
     done will would shall should can could may might must s t d ll m re ve don doesn didn isn
     aren wasn weren won hasn haven hadn couldn shouldn wouldn one yes ok well
-    document documents text passage context according states stated mentions mentioned says
+    document documents text passage context according states stated mentions mentioned say says
     said provided given type kind sort called named"""
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _CONTENT = re.compile(r"\d[\d,]*(?:\.\d+)?|[a-z]+")
