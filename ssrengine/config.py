@@ -136,6 +136,14 @@ class GenerationConfig:
     max_new_tokens: int = _f(96, "Longest generated answer.", ge=1)
     temperature: float = _f(0.0, "0 = greedy (the paper's setting).", ge=0)
     top_p: float = _f(1.0, "Nucleus sampling mass (temperature > 0 only).", gt=0, le=1)
+    num_samples: int = _f(
+        1,
+        "Answers sampled per prompt (1 = one answer, greedy at temperature 0). With k > 1 "
+        "(needs generation.temperature > 0) sample i is drawn with seed train.seed + i, each "
+        "is judged, and the first accepted in sample order becomes the target. The paraphrase "
+        "and prefix tiers take one answer (sample 0).",
+        ge=1,
+    )
     batch_size: int = _f(
         16, "Prompts per backend call (hf: per forward batch, length-sorted).", ge=1
     )
@@ -191,6 +199,18 @@ class JudgeConfig:
         "Rule judge: a regular expression (Python `re`, case-insensitive; alternatives in one pattern) "
         "that also marks an answer as declining, beside the built-in phrases.",
     )
+    grounding: bool = _f(
+        False,
+        "Rule judge: also reject an answer with more than judge.max_ungrounded content words "
+        "(lowercase words outside a stopword list, and numbers) found in neither the documents, "
+        "the conversation nor the gold answer. Refusals are exempt.",
+    )
+    max_ungrounded: int = _f(
+        0,
+        "Content words an answer may have outside documents, conversation and gold answer "
+        "(judge.grounding and the paraphrase filter).",
+        ge=0,
+    )
     model: str = _f("", "LLM judge model; empty = model.path.")
     backend: Literal["", "hf", "sglang", "sglang-http", "openai"] = _f(
         "", "LLM judge backend; empty = generation.backend."
@@ -200,6 +220,19 @@ class JudgeConfig:
     paraphrase: bool = _f(
         False,
         "S3FT tier: for rejected answers, the base model paraphrases the gold answer; an accepted paraphrase becomes the target.",
+    )
+    paraphrase_filter: bool = _f(
+        True,
+        "Paraphrase tier: before the judge, reject echoes of the request (starts 'A correct "
+        "answer is', or judge.paraphrase_max_echo of its word trigrams are the request's "
+        "instruction words) and answers with more than judge.max_ungrounded ungrounded content words.",
+    )
+    paraphrase_max_echo: float = _f(
+        0.5,
+        "Paraphrase filter: reject a candidate when at least this share of its word trigrams "
+        "occur in the request's instruction text.",
+        gt=0,
+        le=1,
     )
     prefix: bool = _f(
         False,
@@ -482,6 +515,11 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         out.append("set data.eval_file or data.eval_fraction, not both")
     if t.keep_best and not (cfg.data.eval_file or cfg.data.eval_fraction):
         out.append("train.keep_best needs validation data: data.eval_file or data.eval_fraction")
+    if g.num_samples > 1 and g.temperature <= 0:
+        out.append(
+            f"generation.num_samples={g.num_samples} needs generation.temperature > 0: greedy "
+            "decoding gives the same answer every time"
+        )
     http = ("sglang-http", "openai")
     if g.backend in http and not g.url and not (g.backend == "sglang-http" and g.launch):
         out.append(f"generation.backend = {g.backend!r} needs generation.url (a server URL)")

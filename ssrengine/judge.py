@@ -91,6 +91,78 @@ def token_recall(candidate: str, reference: str) -> float:
     return sum((Counter(c) & Counter(r)).values()) / len(r) if r else 0.0
 
 
+# English function words, auxiliaries, the pieces contractions split into, and words that frame
+# an answer ("the document states", "a type of"): words that carry no claim, so their absence
+# from the documents says nothing about grounding.
+_STOPWORD_TEXT = """a an the and or but nor so yet if then than that this these those there here what which
+    who whom whose when where why how all any both each few more most other some such no not
+    only own same too very just also as at by for from in into of off on onto out over under
+    up down to with without about above below between through during before after again
+    further once i me my mine we us our ours you your yours he him his she her hers it its they
+    them their theirs is am are was were be been being have has had having do does did doing
+    done will would shall should can could may might must s t d ll m re ve don doesn didn isn
+    aren wasn weren won hasn haven hadn couldn shouldn wouldn one yes ok well
+    document documents text passage context according states stated mentions mentioned say says
+    said provided given type kind sort called named"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+_CONTENT = re.compile(r"\d[\d,]*(?:\.\d+)?|[a-z]+")
+
+
+def _stem(word: str) -> str:
+    """Crude suffix stripping so "employees" is grounded by "employee" and "founded" by
+    "founding"; enough for a grounding test, not a linguistic stemmer."""
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+def content_words(text: str) -> list[str]:
+    """Lowercase alphabetic tokens outside STOPWORDS, and numbers (thousands commas dropped)."""
+    out = []
+    for tok in _CONTENT.findall(text.lower()):
+        if tok[0].isdigit():
+            out.append(tok.replace(",", ""))
+        elif tok not in STOPWORDS:
+            out.append(tok)
+    return out
+
+
+def grounding_text(example: Example) -> str:
+    """What a candidate may draw its content words from: documents (titles included), every
+    turn of the conversation and the gold answer."""
+    docs = " ".join(f"{d.get('title', '')} {d.get('text', '')}" for d in example.documents)
+    dialog = " ".join(m["content"] for m in example.messages)
+    return f"{docs} {dialog} {example.response}"
+
+
+def ungrounded_words(example: Example, candidate: str) -> list[str]:
+    """The candidate's content words (`content_words`) found in neither the documents nor the
+    conversation nor the gold answer, in order of first appearance."""
+    have = {_stem(w) for w in content_words(grounding_text(example))}
+    out: list[str] = []
+    for w in content_words(candidate):
+        if _stem(w) not in have and w not in out:
+            out.append(w)
+    return out
+
+
+def _grounding_verdict(
+    example: Example, candidate: str, max_ungrounded: int, score: float = 0.0
+) -> Verdict | None:
+    """A rejection (keeping ``score``) when more than ``max_ungrounded`` content words are
+    ungrounded, else None."""
+    extra = ungrounded_words(example, candidate)
+    if len(extra) <= max_ungrounded:
+        return None
+    shown = ", ".join(extra[:6]) + (", ..." if len(extra) > 6 else "")
+    return Verdict(
+        False,
+        score,
+        f"{len(extra)} content word(s) in neither documents, conversation nor gold: {shown}",
+    )
+
+
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -107,12 +179,27 @@ class RuleJudge:
     """Accept when candidate and gold agree on refusing, and an answer has token-F1 ≥ min_f1
     and contains every number of the gold answer (F1 alone accepts "founded in 1990" for
     "Founded in 1987."). ``refusal_patterns``: a regex that also marks a refusal, beside the
-    built-in phrases (a dataset's own refusal wording)."""
+    built-in phrases (a dataset's own refusal wording). ``grounding``: an answer is also
+    rejected when more than ``max_ungrounded`` of its content words (`content_words`) occur
+    in neither the documents nor the conversation nor the gold answer ("Ravi Zainte is a
+    fictional character from the movie 'The Mandalorian.'" for gold "Ravi Zainte."). Refusals
+    are not grounding-checked: their wording ("the documents do not say") is not in the
+    documents by nature."""
 
-    def __init__(self, min_f1: float = 0.3, refusal_patterns: str = "") -> None:
+    def __init__(
+        self,
+        min_f1: float = 0.3,
+        refusal_patterns: str = "",
+        *,
+        grounding: bool = False,
+        max_ungrounded: int = 0,
+    ) -> None:
         self.min_f1 = min_f1
         self.extra = compile_patterns(refusal_patterns) if refusal_patterns else None
+        self.grounding, self.max_ungrounded = grounding, max_ungrounded
         extra = f",refusal+={_short_hash(refusal_patterns)}" if refusal_patterns else ""
+        # off: the name (and so every verdict's resume key) is what it was before the check
+        extra += f",grounded<={max_ungrounded}" if grounding else ""
         self.name = f"rule(f1>={min_f1:g},numbers{extra})"
 
     def refuses(self, text: str) -> bool:
@@ -139,6 +226,10 @@ class RuleJudge:
         missing = sorted(set(_numbers(example.response)) - set(_numbers(candidate)))
         if missing:
             return Verdict(False, f1, f"token F1 {f1:.2f}, but misses {', '.join(missing)}")
+        if self.grounding:
+            ungrounded = _grounding_verdict(example, candidate, self.max_ungrounded, f1)
+            if ungrounded is not None:
+                return ungrounded
         ok = f1 >= self.min_f1
         return Verdict(ok, f1, f"token F1 {f1:.2f} {'>=' if ok else '<'} {self.min_f1:g}")
 
@@ -228,6 +319,82 @@ class LLMJudge:
         return verdicts
 
 
+# The paraphrase tier's request (`paraphrase_instruction`); the echo filter measures a
+# candidate against its fixed words.
+PARAPHRASE_INTRO = "A correct answer is:"
+PARAPHRASE_ASK = "Answer the question yourself in your own words, consistent with that answer."
+
+
+def paraphrase_instruction(question: str, gold: str) -> str:
+    """The last user turn of the S3FT paraphrase prompt: the question, the gold answer, the ask."""
+    return f'{question}\n\n{PARAPHRASE_INTRO} "{gold}"\n{PARAPHRASE_ASK}'
+
+
+_ECHO_START = re.compile(r"^\W*(a |the )?correct answer (is|would be)\b", re.IGNORECASE)
+
+
+def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def echo_overlap(candidate: str, n: int = 3) -> float:
+    """Share of the candidate's word n-grams (SQuAD-normalized) that occur in the paraphrase
+    request's own instruction words (the gold answer and the question not counted: a good
+    paraphrase shares those)."""
+    cand = _ngrams(_normalize_tokens(candidate), n)
+    if not cand:
+        return 0.0
+    inst = _ngrams(_normalize_tokens(f"{PARAPHRASE_INTRO} {PARAPHRASE_ASK}"), n)
+    return len(cand & inst) / len(cand)
+
+
+class ParaphraseFilter:
+    """The paraphrase tier's judge: rejects echoes of the request (a candidate that starts
+    "A correct answer is", or whose word trigrams are at least ``max_echo`` the request's
+    instruction words) and answers with more than ``max_ungrounded`` ungrounded content words
+    (`ungrounded_words`; refusals exempt, as in the rule judge), then asks ``inner``."""
+
+    def __init__(self, inner: Judge, max_echo: float = 0.5, max_ungrounded: int = 0) -> None:
+        self.inner, self.max_echo, self.max_ungrounded = inner, max_echo, max_ungrounded
+        self.name = f"{inner.name}+paraphrase_filter(echo<{max_echo:g},grounded<={max_ungrounded})"
+
+    def _reject(self, example: Example, candidate: str) -> Verdict | None:
+        if _ECHO_START.search(candidate):
+            return Verdict(
+                False, 0.0, "echoes the paraphrase request: starts 'A correct answer is'"
+            )
+        overlap = echo_overlap(candidate)
+        if overlap >= self.max_echo:
+            return Verdict(
+                False, 0.0, f"echoes the paraphrase request: {overlap:.0%} of its trigrams"
+            )
+        if is_refusal(candidate):
+            return None
+        return _grounding_verdict(example, candidate, self.max_ungrounded)
+
+    def judge(self, example: Example, candidate: str) -> Verdict:
+        return self.judge_batch([example], [candidate])[0]
+
+    def judge_batch(self, examples: Sequence[Example], candidates: Sequence[str]) -> list[Verdict]:
+        early = [self._reject(e, c) for e, c in zip(examples, candidates)]
+        todo = [i for i, v in enumerate(early) if v is None]
+        # only the candidates that pass the filters reach the (maybe costly) inner judge
+        inner = self.inner.judge_batch([examples[i] for i in todo], [candidates[i] for i in todo])
+        out: list[Verdict | None] = list(early)
+        for i, v in zip(todo, inner):
+            out[i] = v
+        return [v for v in out if v is not None]
+
+
+def paraphrase_judge(cfg: Config, judge: Judge) -> Judge:
+    """The judge of the paraphrase tier: ``judge`` behind `ParaphraseFilter` unless
+    judge.paraphrase_filter is off."""
+    j = cfg.judge
+    if not j.paraphrase_filter:
+        return judge
+    return ParaphraseFilter(judge, j.paraphrase_max_echo, j.max_ungrounded)
+
+
 class FunctionJudge:
     """A user's ``(example, candidate) -> Verdict | bool`` as a Judge."""
 
@@ -305,7 +472,9 @@ def make_judge(cfg: Config, generator: Generator | None = None) -> Judge:
     """The judge ``cfg.judge`` names; the LLM judge grades with ``generator``."""
     j = cfg.judge
     if j.kind == "rule":
-        return RuleJudge(j.min_f1, j.refusal_patterns)
+        return RuleJudge(
+            j.min_f1, j.refusal_patterns, grounding=j.grounding, max_ungrounded=j.max_ungrounded
+        )
     if j.kind.startswith("python:"):
         return load_user_judge(j.kind)
     if j.kind != "llm":

@@ -115,6 +115,12 @@ def rows_hash(rows: Iterable[Row]) -> str:
     return content_hash([r.to_json() for r in rows])
 
 
+def _samples_hash(cfg: Config, run_dir: Path, examples: list[Example]) -> str:
+    """The rows of every generation.num_samples answer (one sample: the same hash as before)."""
+    samples = stages.current_samples(cfg, run_dir, examples)
+    return rows_hash(row for gens in samples for row in gens.values())
+
+
 def _record(cfg: Config, rd: RunDir, stage: str, inputs: str, output: str = "") -> None:
     config = stage_config(cfg.to_dict(), stage)
     write_provenance(rd, Provenance(stage, config, inputs, output))
@@ -138,10 +144,10 @@ def run_stage(
     if stage == "generate":
         gens = stages.run_generate(cfg, run_dir, examples)
         inputs = content_hash([e.to_record() for e in examples])
-        _record(cfg, rd, stage, inputs, rows_hash(gens.values()))
+        _record(cfg, rd, stage, inputs, _samples_hash(cfg, run_dir, examples))
         return gens
     if stage == "judge":
-        gens = stages.current_generations(cfg, run_dir, examples)
+        generated = _samples_hash(cfg, run_dir, examples)
         verdicts = stages.run_judge(cfg, run_dir, examples)
         rejected = [e for e in examples if not verdicts[e.id].accept]
         if cfg.judge.paraphrase:
@@ -149,7 +155,7 @@ def run_stage(
         if cfg.judge.prefix:
             stages.run_prefix(cfg, run_dir, rejected)
         output = content_hash([[i, v.accept, v.score] for i, v in sorted(verdicts.items())])
-        _record(cfg, rd, stage, rows_hash(gens.values()), output)
+        _record(cfg, rd, stage, generated, output)
         return verdicts
     stats = stages.run_build(cfg, run_dir, examples)
     upstream = read_provenance(rd).get("judge") if cfg.run.mode == "ssr" else None

@@ -295,14 +295,20 @@ def read_typed(path: Path, cls: type[R]) -> Iterator[R]:
 
 
 # -------------------------------------------------------------------------- stage rows
-def generation_key(example_id: str, model: str, prompt_hash: str) -> str:
-    return f"{example_id}|{model}|{prompt_hash}"
+def generation_key(example_id: str, model: str, prompt_hash: str, sample: int | None = None) -> str:
+    """``sample``: the index of one of generation.num_samples answers; sample 0 (or None) keeps
+    the key of a single answer, so the first sample of k is reused from a k = 1 run."""
+    key = f"{example_id}|{model}|{prompt_hash}"
+    return f"{key}|s{sample}" if sample else key
 
 
 @dataclass(frozen=True)
 class GenerationRow(Row):
     """One answer of a model. ``prompt_hash`` covers the prompt messages, the sampling
-    parameters, the backend and the dtype: everything the answer depends on besides the model."""
+    parameters, the backend and the dtype: everything the answer depends on besides the model.
+    ``sample``: which of generation.num_samples answers (absent for sample 0)."""
+
+    _OMIT_NONE = ("sample",)
 
     id: str
     response: str
@@ -311,9 +317,10 @@ class GenerationRow(Row):
     backend: str
     model: str
     prompt_hash: str
+    sample: int | None = None
 
     def key(self) -> str:
-        return generation_key(self.id, self.model, self.prompt_hash)
+        return generation_key(self.id, self.model, self.prompt_hash, self.sample)
 
 
 def verdict_key(example_id: str, judge: str, input_hash: str) -> str:
@@ -493,6 +500,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "generation.max_new_tokens",
         "generation.temperature",
         "generation.top_p",
+        "generation.num_samples",
         "train.seed",
     ),
     "judge": (
@@ -501,6 +509,10 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "judge.min_f1",
         "judge.rubric",
         "judge.refusal_patterns",
+        "judge.grounding",
+        "judge.max_ungrounded",
+        "judge.paraphrase_filter",
+        "judge.paraphrase_max_echo",
         "judge.model",
         "judge.backend",
         "judge.paraphrase",

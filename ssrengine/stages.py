@@ -35,7 +35,13 @@ from ssrengine.generation import (
 )
 from ssrengine.generation.base import model_name
 from ssrengine.io import RowWriter, atomic_write_jsonl
-from ssrengine.judge import Judge, Verdict, make_judge
+from ssrengine.judge import (
+    Judge,
+    Verdict,
+    make_judge,
+    paraphrase_instruction,
+    paraphrase_judge,
+)
 from ssrengine.rundir import (
     BuildStats,
     GenerationRow,
@@ -202,9 +208,10 @@ def _run_rows(
                 saved += len(part)
                 bar.update(len(part))
                 dt = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(
-                    rows_s=f"{(bar.n - done_before) / dt:.2f}", tok_s=f"{tokens / dt:.1f}"
-                )
+                rate = {"rows_s": f"{(bar.n - done_before) / dt:.2f}"}
+                if cls is GenerationRow:  # verdict rows have no tokens: no meaningless tok_s=0
+                    rate["tok_s"] = f"{tokens / dt:.1f}"
+                bar.set_postfix(rate)
         except BackendError as e:
             raise BackendError(
                 f"{e}; {saved}/{total} rows are saved in {path} and a rerun resumes from there",
@@ -215,18 +222,42 @@ def _run_rows(
     return {e.id: have[want(e)] for e in examples}
 
 
-def _sampling(cfg: Config) -> SamplingParams:
+def _sampling(cfg: Config, sample: int = 0) -> SamplingParams:
+    """Sample ``i`` of generation.num_samples draws with seed train.seed + i: every backend
+    that takes a seed (hf: one torch.Generator per prompt; openai: the request's ``seed``) gives
+    a different, reproducible answer per index."""
     g = cfg.generation
     return SamplingParams(
         max_new_tokens=g.max_new_tokens,
         temperature=g.temperature,
         top_p=g.top_p,
-        seed=cfg.train.seed,
+        seed=cfg.train.seed + sample,
     )
 
 
 MessagesFn = Callable[[Example], list[dict[str, str]]]
 IdsFn = Callable[[Example], list[int]]
+
+
+def prompt_hashes(
+    cfg: Config,
+    examples: list[Example],
+    generator: Generator,
+    messages_fn: MessagesFn | None = None,
+    ids_fn: IdsFn | None = None,
+    sample: int = 0,
+) -> dict[str, str]:
+    """Each example's `GenerationRow.prompt_hash` under ``cfg``, by id: everything the answer
+    depends on besides the model (prompt, sampling with the sample's seed, backend, dtype)."""
+    messages_fn = messages_fn or (
+        lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
+    )
+    prompt = ids_fn or messages_fn
+    sampling = asdict(_sampling(cfg, sample))
+    return {
+        e.id: content_hash([prompt(e), sampling, generator.backend, cfg.model.dtype])
+        for e in examples
+    }
 
 
 def generation_keys(
@@ -235,24 +266,17 @@ def generation_keys(
     generator: Generator,
     messages_fn: MessagesFn | None = None,
     ids_fn: IdsFn | None = None,
+    sample: int = 0,
 ) -> dict[str, str]:
-    """The resume key of each example's generation under ``cfg``, by id. Reads only the
-    generator's names: a lazy generator (`open_generator`) loads no model for it. ``ids_fn``:
-    prompts given as token ids (they replace the messages in the key)."""
-    messages_fn = messages_fn or (
-        lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
-    )
-    prompt = ids_fn or messages_fn
-    sampling = asdict(_sampling(cfg))
-    # Everything the answer depends on besides the model: its key changes when any of it does.
-    return {
-        e.id: generation_key(
-            e.id,
-            generator.model,
-            content_hash([prompt(e), sampling, generator.backend, cfg.model.dtype]),
-        )
-        for e in examples
-    }
+    """The resume key of each example's generation (sample ``sample``) under ``cfg``, by id.
+    Reads only the generator's names: a lazy generator (`open_generator`) loads no model for
+    it. ``ids_fn``: prompts given as token ids (they replace the messages in the key)."""
+    hashes = prompt_hashes(cfg, examples, generator, messages_fn, ids_fn, sample)
+    return _keys(hashes, generator.model, sample)
+
+
+def _keys(hashes: dict[str, str], model: str, sample: int) -> dict[str, str]:
+    return {i: generation_key(i, model, h, sample or None) for i, h in hashes.items()}
 
 
 def generate_rows(
@@ -264,19 +288,22 @@ def generate_rows(
     path: Path | None = None,
     messages_fn: MessagesFn | None = None,
     ids_fn: IdsFn | None = None,
+    sample: int = 0,
 ) -> dict[str, GenerationRow]:
     """Generate an answer per example into ``path`` (default: the run's generations.jsonl);
     returns the rows of the current key by id. ``ids_fn``: prompts as token ids instead of
-    chat messages (e.g. a prompt with the start of the answer forced)."""
+    chat messages (e.g. a prompt with the start of the answer forced). ``sample``: which of
+    generation.num_samples answers (its own seed and key)."""
     path = path or RunDir(run_dir).generations
     g = cfg.generation
-    sampling = _sampling(cfg)
+    sampling = _sampling(cfg, sample)
     messages_fn = messages_fn or (
         lambda e: prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
     )
     prompts = {e.id: messages_fn(e) for e in examples}
     ids = {e.id: ids_fn(e) for e in examples} if ids_fn else None
-    keys = generation_keys(cfg, examples, generator, messages_fn, ids_fn)
+    hashes = prompt_hashes(cfg, examples, generator, messages_fn, ids_fn, sample)
+    keys = _keys(hashes, generator.model, sample)
 
     def request(i: str) -> Request:
         return Request(input_ids=ids[i]) if ids else Request(messages=prompts[i])
@@ -291,7 +318,8 @@ def generate_rows(
                 finish_reason=o.finish_reason,
                 backend=generator.backend,
                 model=generator.model,
-                prompt_hash=keys[e.id].rsplit("|", 1)[1],  # generation_key's last part
+                prompt_hash=hashes[e.id],
+                sample=sample or None,
             )
             for e, o in zip(part, outs)
         ]
@@ -356,20 +384,21 @@ def judge_rows(
 def paraphrase_messages(cfg: Config, e: Example) -> list[dict[str, str]]:
     """S3FT: ask the base model to restate the gold answer in its own words, conditioned on it."""
     msgs = prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
-    last = msgs[-1]
-    ask = (
-        f'{last["content"]}\n\nA correct answer is: "{e.response}"\n'
-        "Answer the question yourself in your own words, consistent with that answer."
-    )
+    ask = paraphrase_instruction(msgs[-1]["content"], e.response)
     return msgs[:-1] + [{"role": "user", "content": ask}]
 
 
 def run_generate(
     cfg: Config, run_dir: Path, examples: list[Example] | None = None
 ) -> dict[str, GenerationRow]:
+    """generation.num_samples answers per example into generations.jsonl, sample by sample;
+    returns sample 0's rows by id (`current_samples` reads them all)."""
     examples = examples if examples is not None else prepare(cfg)
     with open_generator(cfg) as gen:
-        return generate_rows(cfg, run_dir, examples, gen)
+        first = generate_rows(cfg, run_dir, examples, gen)
+        for sample in range(1, cfg.generation.num_samples):
+            generate_rows(cfg, run_dir, examples, gen, sample=sample)
+    return first
 
 
 T = TypeVar("T")
@@ -388,14 +417,55 @@ def current_generations(
     examples: list[Example],
     *,
     paraphrases: bool = False,
+    sample: int = 0,
 ) -> dict[str, GenerationRow]:
     """Each example's generation (or S3FT paraphrase) made under ``cfg``, by id. Rows of other
     settings in the file are never picked: a missing one says to run the stage that makes it."""
     rd = RunDir(run_dir)
     path, stage = (rd.paraphrases, "judge") if paraphrases else (rd.generations, "generate")
     fn = (lambda e: paraphrase_messages(cfg, e)) if paraphrases else None
-    keys = generation_keys(cfg, examples, open_generator(cfg), fn)
+    keys = generation_keys(cfg, examples, open_generator(cfg), fn, sample=sample)
     return _current(path, GenerationRow, keys, stage)
+
+
+def current_samples(
+    cfg: Config, run_dir: Path, examples: list[Example]
+) -> list[dict[str, GenerationRow]]:
+    """The generation.num_samples generations of each example under ``cfg``, in sample order."""
+    return [
+        current_generations(cfg, run_dir, examples, sample=s)
+        for s in range(cfg.generation.num_samples)
+    ]
+
+
+V = TypeVar("V", Verdict, VerdictRow)
+
+
+def first_accepted(
+    examples: list[Example],
+    samples: list[dict[str, GenerationRow]],
+    verdicts_of: Callable[[list[Example], dict[str, GenerationRow]], dict[str, V]],
+) -> dict[str, tuple[int, V]]:
+    """Each example's chosen sample and its verdict: the first accepted non-empty answer in
+    sample order, else sample 0 (rejected). ``verdicts_of(todo, gens)`` judges (or reads the
+    verdicts of) one sample's answers; a sample is judged only for examples no earlier sample
+    answered acceptably, so the judge stage and build ask for the same verdicts."""
+    chosen: dict[str, tuple[int, V]] = {}
+    todo = examples
+    for s, gens in enumerate(samples):
+        if not todo:
+            break
+        verdicts = verdicts_of(todo, gens)
+        left = []
+        for e in todo:
+            v = verdicts[e.id]
+            if v.accept and gens[e.id].response.strip():
+                chosen[e.id] = (s, v)
+                continue
+            chosen.setdefault(e.id, (s, v))
+            left.append(e)
+        todo = left  # sample 0's verdict stays with an example no sample answered acceptably
+    return chosen
 
 
 def _current(path: Path, cls: type[K], keys: dict[str, str], stage: str) -> dict[str, K]:
@@ -414,10 +484,19 @@ def _current(path: Path, cls: type[K], keys: dict[str, str], stage: str) -> dict
 def run_judge(
     cfg: Config, run_dir: Path, examples: list[Example] | None = None
 ) -> dict[str, Verdict]:
+    """The judge's verdict per example, by id: on the first accepted of its
+    generation.num_samples answers (`first_accepted`), else on sample 0's."""
     examples = examples if examples is not None else prepare(cfg)
-    gens = current_generations(cfg, run_dir, examples)
-    cands = {e.id: gens[e.id].response for e in examples}
-    return _judge_with(cfg, lambda j: judge_rows(cfg, run_dir, examples, cands, j))
+    samples = current_samples(cfg, run_dir, examples)
+
+    def judged(j: Judge) -> dict[str, Verdict]:
+        def verdicts_of(todo: list[Example], gens: dict[str, GenerationRow]) -> dict[str, Verdict]:
+            cands = {e.id: gens[e.id].response for e in todo}
+            return judge_rows(cfg, run_dir, todo, cands, j)
+
+        return {i: v for i, (_, v) in first_accepted(examples, samples, verdicts_of).items()}
+
+    return _judge_with(cfg, judged)
 
 
 def run_paraphrase(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[str, Verdict]:
@@ -434,7 +513,10 @@ def run_paraphrase(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[
         )
     cands = {e.id: rows[e.id].response for e in rejected}
     return _judge_with(
-        cfg, lambda j: judge_rows(cfg, run_dir, rejected, cands, j, path=rd.paraphrase_verdicts)
+        cfg,
+        lambda j: judge_rows(
+            cfg, run_dir, rejected, cands, paraphrase_judge(cfg, j), path=rd.paraphrase_verdicts
+        ),
     )
 
 
@@ -443,9 +525,13 @@ def current_verdicts(
     path: Path,
     examples: list[Example],
     gens: dict[str, GenerationRow],
+    *,
+    paraphrases: bool = False,
 ) -> dict[str, VerdictRow]:
-    """The verdict of the configured judge on exactly each example and its generation."""
+    """The verdict of the configured judge (``paraphrases``: the paraphrase tier's,
+    `paraphrase_judge`) on exactly each example and its generation."""
     judge = make_judge(cfg, open_generator(cfg, for_judge=True))  # names only: nothing loads
+    judge = paraphrase_judge(cfg, judge) if paraphrases else judge
     keys = {
         e.id: verdict_key(e.id, judge.name, verdict_input_hash(e, gens[e.id].response))
         for e in examples
@@ -494,15 +580,21 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
     examples = examples if examples is not None else prepare(cfg)
     targets: dict[str, tuple[str, str]] = {e.id: (e.response, "gold") for e in examples}
     if cfg.run.mode == "ssr":
-        gens = current_generations(cfg, run_dir, examples)
-        verdicts = current_verdicts(cfg, rd.verdicts, examples, gens)
+        samples = current_samples(cfg, run_dir, examples)
+        chosen = first_accepted(
+            examples,
+            samples,
+            lambda todo, gens: current_verdicts(cfg, rd.verdicts, todo, gens),
+        )
+        verdicts = {i: v for i, (_, v) in chosen.items()}
         for e in examples:
-            if verdicts[e.id].accept and gens[e.id].response.strip():
-                targets[e.id] = (gens[e.id].response, "self")
+            s, v = chosen[e.id]
+            if v.accept and samples[s][e.id].response.strip():
+                targets[e.id] = (samples[s][e.id].response, "self")
         rejected = [e for e in examples if targets[e.id][1] == "gold"]
         if cfg.judge.paraphrase and rejected:
             para = current_generations(cfg, run_dir, rejected, paraphrases=True)
-            pverd = current_verdicts(cfg, rd.paraphrase_verdicts, rejected, para)
+            pverd = current_verdicts(cfg, rd.paraphrase_verdicts, rejected, para, paraphrases=True)
             for e in rejected:
                 if pverd[e.id].accept and para[e.id].response.strip():
                     targets[e.id] = (para[e.id].response, "paraphrase")

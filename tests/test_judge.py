@@ -1,6 +1,7 @@
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,14 +14,19 @@ from ssrengine.generation.base import Completion
 from ssrengine.generation.hf import HFGenerator
 from ssrengine.judge import (
     LLMJudge,
+    ParaphraseFilter,
     RuleJudge,
+    content_words,
+    echo_overlap,
     gold_declines,
     is_refusal,
     judge_messages,
     load_user_judge,
     make_judge,
+    paraphrase_judge,
     token_f1,
 )
+from ssrengine.stages import paraphrase_messages
 
 
 def ex(response, answerable=True):
@@ -284,3 +290,88 @@ def test_cli_run_with_a_judge_that_cannot_load_stops_before_generate(tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: field 'judge.kind': 'python:nowhere_xyz:f': cannot import"), last
     assert not (run / "generations.jsonl").exists()
+
+
+RAVI = Example(
+    id="ravi",
+    messages=[{"role": "user", "content": "Who founded Vebraton Labs?"}],
+    response="Ravi Zainte.",
+    documents=[
+        {"title": "Vebraton Labs", "text": "Vebraton Labs was founded by Ravi Zainte in 1987."}
+    ],
+    answerable=True,
+)
+
+
+def test_grounding_rejects_content_words_from_nowhere():
+    cand = "Ravi Zainte is a fictional character from the movie 'The Mandalorian.'"
+    assert RuleJudge(0.3).judge(RAVI, cand).accept  # the defect: F1 alone lets it through
+    grounded = RuleJudge(0.3, grounding=True)
+    v = grounded.judge(RAVI, cand)
+    assert not v.accept
+    assert "fictional, character, movie, mandalorian" in v.reason
+    # words of the documents, the question and the gold answer are grounded (plurals too)
+    assert grounded.judge(RAVI, "Vebraton Labs was founded by Ravi Zainte.").accept
+    assert grounded.judge(RAVI, "Ravi Zainte founded the labs in 1987.").accept
+    assert not grounded.judge(RAVI, "Ravi Zainte, in 1990.").accept  # numbers count too
+    # the tolerance, and refusals are not grounding-checked
+    assert RuleJudge(0.3, grounding=True, max_ungrounded=4).judge(RAVI, cand).accept
+    unanswerable = replace(RAVI, response="The documents do not say.", answerable=False)
+    assert grounded.judge(unanswerable, "The documents do not mention who founded it.").accept
+    # on, the name changes so every verdict is redone; off, it is what it was
+    assert RuleJudge(0.3).name == "rule(f1>=0.3,numbers)"
+    assert grounded.name != RuleJudge(0.3).name
+
+
+def test_grounding_is_configured():
+    cfg = build_config({"judge": {"grounding": True, "max_ungrounded": 2}})
+    j = make_judge(cfg)
+    assert isinstance(j, RuleJudge) and j.grounding and j.max_ungrounded == 2
+    with pytest.raises(InputError, match=r"judge\.max_ungrounded"):
+        build_config({"judge": {"max_ungrounded": -1}})
+
+
+def test_content_words():
+    assert content_words("The CEO's 3,380 employees don't say it, the text states.") == [
+        "ceo",
+        "3380",
+        "employees",
+    ]
+
+
+def test_paraphrase_filter_rejects_echoes_and_ungrounded_words():
+    unanswerable = replace(RAVI, response="The documents do not say.", answerable=False)
+    cfg = build_config({})
+    pj = paraphrase_judge(cfg, RuleJudge(0.3))
+    echo = 'A correct answer is: "The documents do not say."'
+    assert RuleJudge(0.3).judge(unanswerable, echo).accept  # the defect the filter is for
+    v = pj.judge(unanswerable, echo)
+    assert not v.accept and "echoes" in v.reason
+    restated = "Answer the question yourself in your own words: the documents do not say."
+    v = pj.judge(unanswerable, restated)
+    assert not v.accept and "echoes" in v.reason and echo_overlap(restated) >= 0.5
+    assert pj.judge(unanswerable, "The documents do not say who founded Vebraton Labs.").accept
+    assert pj.judge(RAVI, "It was founded by Ravi Zainte.").accept
+    v = pj.judge(RAVI, "Ravi Zainte is a fictional character from the movie 'The Mandalorian.'")
+    assert not v.accept and "mandalorian" in v.reason
+    # the request the tier sends is the text the filter measures against
+    ask = paraphrase_messages(cfg, unanswerable)[-1]["content"]
+    assert ask.startswith("Who founded Vebraton Labs?") and echo_overlap(ask) >= 0.5
+    assert pj.name.startswith(RuleJudge(0.3).name) and pj.name != RuleJudge(0.3).name
+    off = build_config({"judge": {"paraphrase_filter": False}})
+    assert paraphrase_judge(off, RuleJudge(0.3)).judge(unanswerable, echo).accept
+
+
+def test_paraphrase_filter_asks_the_inner_judge_only_what_passes():
+    seen = []
+
+    class Counting(RuleJudge):
+        def judge_batch(self, exs, cs):
+            seen.extend(cs)
+            return super().judge_batch(exs, cs)
+
+    pj = ParaphraseFilter(Counting(0.3))
+    cands = ['A correct answer is: "Ravi Zainte."', "Ravi Zainte.", "Ravi Zainte of Mars."]
+    out = pj.judge_batch([RAVI] * 3, cands)
+    assert [v.accept for v in out] == [False, True, False]
+    assert seen == ["Ravi Zainte."]

@@ -8,6 +8,7 @@ later steps compute only the rows still generating.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -105,10 +106,10 @@ class HFGenerator(Generator):
         """Prefill, then one token per step for the live rows until all have ended."""
         ids = sampling.logprob_token_ids
         wanted = torch.tensor(ids, device=self.device) if ids else None
-        pick = self._picker(sampling)
+        pick = self._picker(sampling, prompts)
         rows, logits = self._prefill(prompts)
         for step in range(sampling.max_new_tokens):
-            nxt = pick(logits)
+            nxt = pick(logits, rows.live)
             if wanted is not None:
                 self._record_logprobs(rows, logits, wanted)
             keep = self._append(rows, nxt, last=step + 1 == sampling.max_new_tokens)
@@ -148,12 +149,21 @@ class HFGenerator(Generator):
         )
         return rows, self._forward(ids, rows, pos, **self._last_logits)
 
-    def _picker(self, sampling: SamplingParams) -> Callable[[torch.Tensor], torch.Tensor]:
-        """logits (live, V) -> next ids (live,): argmax, or seeded temperature/top-p sampling."""
+    def _picker(
+        self, sampling: SamplingParams, prompts: list[list[int]]
+    ) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+        """(logits (live, V), live rows) -> next ids (live,): argmax, or temperature/top-p
+        sampling with one generator per prompt, seeded from ``sampling.seed`` and the prompt:
+        a prompt's answer depends on the seed alone, not on which prompts share its batch, so
+        a stage resumed with other batches, or sample i of generation.num_samples (seed + i),
+        repeats exactly."""
         if sampling.temperature <= 0:
-            return lambda logits: logits.argmax(-1)
-        gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        return lambda logits: _sample(logits, sampling, gen)
+            return lambda logits, live: logits.argmax(-1)
+        gens = [
+            torch.Generator(device=self.device).manual_seed(_row_seed(sampling.seed, p))
+            for p in prompts
+        ]
+        return lambda logits, live: _sample(logits, sampling, [gens[b] for b in live])
 
     @staticmethod
     def _record_logprobs(rows: _Rows, logits: torch.Tensor, wanted: torch.Tensor) -> None:
@@ -212,8 +222,17 @@ class HFGenerator(Generator):
         self.hf_model = None
 
 
-def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    """Temperature then top-p (nucleus) sampling, as transformers' warpers apply them."""
+def _row_seed(seed: int, prompt: list[int]) -> int:
+    """A 63-bit seed from the sampling seed and the prompt's token ids."""
+    digest = hashlib.sha256(f"{seed}:{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _sample(
+    logits: torch.Tensor, sampling: SamplingParams, gens: list[torch.Generator]
+) -> torch.Tensor:
+    """Temperature then top-p (nucleus) sampling, as transformers' warpers apply them; row j
+    draws from ``gens[j]``."""
     scores = logits.float() / sampling.temperature
     if sampling.top_p < 1.0:
         sorted_scores, sorted_idx = scores.sort(dim=-1)  # ascending
@@ -221,4 +240,5 @@ def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator
         drop = cum <= 1 - sampling.top_p
         drop[:, -1] = False  # always keep the most likely token
         scores = scores.masked_fill(drop.scatter(1, sorted_idx, drop), float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
+    probs = scores.softmax(-1)
+    return torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(gens)])
