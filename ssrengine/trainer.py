@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ssrengine import IGNORE_INDEX, distributed
@@ -107,10 +106,9 @@ def accumulate(
     )
     norm = n_sup.clamp(min=1).float() / world_size
     total = torch.zeros((), device=device)
-    ddp = isinstance(model, DistributedDataParallel)
     for i, mb in enumerate(mbs):
-        # DDP: all-reduce the gradients once, in the last micro-batch's backward.
-        with model.no_sync() if ddp and i < len(mbs) - 1 else nullcontext():
+        # Gradients cross ranks once per step, in the last micro-batch's backward.
+        with distributed.grad_sync(model, i == len(mbs) - 1):
             with autocast or nullcontext():
                 loss = model(_to(mb, device))
             (loss / norm).backward()
