@@ -8,6 +8,7 @@ position ``t``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ class MicroBatch:
     supervised_tokens: int  # known on the host from the data: no device sync to normalize
     real_tokens: int
     ids: list[str]
+    seq_lens: tuple[int, ...] = ()  # real tokens of each example (FLOPs: ssrengine.flops)
 
 
 def encode_rows(
@@ -105,6 +107,7 @@ def padded_batch(items: list[Encoded], pad_id: int) -> MicroBatch:
         supervised_tokens=int((labels != IGNORE_INDEX).sum()),
         real_tokens=int(mask.sum()),
         ids=[e.id for e in items],
+        seq_lens=tuple(len(e.input_ids) for e in items),
     )
 
 
@@ -118,6 +121,7 @@ def packed_micro_batch(batch: PackedBatch) -> MicroBatch:
         supervised_tokens=batch.num_targets,
         real_tokens=batch.num_tokens,
         ids=batch.ids,
+        seq_lens=tuple(b - a for a, b in itertools.pairwise(batch.bounds)),
     )
 
 

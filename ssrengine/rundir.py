@@ -445,6 +445,7 @@ class MetricRow(Row):
     step_time_s: float = 0.0
     epoch: int = 0
     world_size: int = 1
+    mfu: float | None = None  # model FLOPs utilization (ssrengine.flops); None: CPU, unknown GPU
 
 
 # -------------------------------------------------------------------------- provenance

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ssrengine import IGNORE_INDEX, distributed
+from ssrengine import IGNORE_INDEX, distributed, flops
 from ssrengine.attention import compute_dtype, pick_attn_implementation
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.checkpoint import (
@@ -381,7 +381,19 @@ def _metrics_row(tr: Trainer, s: StepStats, dt: float) -> MetricRow:
         step_time_s=round(dt, 4),
         epoch=(tr.consumed - 1) // tr.stream.per_epoch,
         world_size=tr.world.size,
+        mfu=_mfu(tr, dt),
     )
+
+
+def _mfu(tr: Trainer, dt: float) -> float | None:
+    """MFU of the step just taken, from the global micro-batches it consumed (host data: every
+    rank has the whole stream); None on the CPU or an unknown GPU."""
+    n = tr.cfg.train.grad_accum * tr.world.size
+    sixteen = tr.cfg.model.dtype in ("bfloat16", "float16")
+    dtype = "bfloat16" if sixteen else compute_dtype(tr.cfg.train.dtype, tr.world.device)
+    mbs = (tr.stream[k] for k in range(tr.consumed - n, tr.consumed))
+    value = flops.step_mfu(tr.hf_model.config, mbs, dt, tr.world.device, dtype, tr.world.size)
+    return None if value is None else round(value, 4)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
