@@ -91,11 +91,11 @@ def _lce_forward_kernel(
 @triton.jit
 def _lce_backward_kernel(
     H, W, ROWS, Y, COUNT, LSE, SCALE, GH, GW,
-    V, D,
+    V, D, FILTER_EPS,
     stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, FILTER: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -130,7 +130,15 @@ def _lce_backward_kernel(
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
     p = tl.exp(acc - lse[:, None])
     p = tl.where(col_ok[None, :], p, 0.0)
-    g = (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * scale[:, None]  # d loss/d logits
+    d = p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)  # softmax - onehot
+    if FILTER:  # noqa: SIM102 (a constexpr branch: compiled out when off)
+        # Gradient filtering (cut-cross-entropy, arXiv 2411.09009, section 4.3): a tile whose
+        # every |softmax - onehot| is below FILTER_EPS (the compute dtype's eps / 32) changes
+        # no gradient entry by more than the 16-bit rounding of its neighbours: skip both
+        # products. No target lies in such a tile (its entry is p - 1).
+        if tl.max(tl.where(row_ok[:, None], tl.abs(d), 0.0)) < FILTER_EPS:
+            return
+    g = d * scale[:, None]  # d loss / d logits
     if not UPCAST:
         g = g.to(W.dtype.element_ty)  # tensor-core dot in the input dtype, fp32 accumulate
 
@@ -372,19 +380,21 @@ def backward_kernel_args(
     gh: torch.Tensor | None,
     gw: torch.Tensor | None,
     cfg: KernelConfig,
+    filter_eps: float = 0.0,
 ) -> tuple[tuple, dict]:
-    """The backward kernel's arguments; gh / gw None = that gradient is not computed."""
+    """The backward kernel's arguments; gh / gw None = that gradient is not computed;
+    ``filter_eps`` > 0 skips vocabulary tiles whose |softmax - onehot| stays below it."""
     dim = hidden.shape[1]
     args = (
         hidden, weight, rows, y, count, lse, scale,
         lse if gh is None else gh, lse if gw is None else gw,  # dummies, never touched
-        weight.shape[0], dim,
+        weight.shape[0], dim, float(filter_eps),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
     )  # fmt: skip
     kwargs = dict(
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         UPCAST=INTERPRET, PRECISION=_precision(hidden.dtype),
-        COMPUTE_DH=gh is not None, COMPUTE_DW=gw is not None,
+        COMPUTE_DH=gh is not None, COMPUTE_DW=gw is not None, FILTER=filter_eps > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return args, kwargs
@@ -451,6 +461,7 @@ def lce_backward(
     scale: torch.Tensor,  # (N,) fp32, compacted order: d loss / d (per-row loss)
     need_h: bool,
     need_w: bool,
+    filter_eps: float,  # 0: no gradient filtering
     block_n: int,  # 0: tiles picked for the device
     block_v: int,
     block_d: int,
@@ -471,7 +482,7 @@ def lce_backward(
         if n > 0 and (need_h or need_w):
             args, kwargs = backward_kernel_args(
                 hidden, weight, rows, y, count, lse, scale,
-                gh if need_h else None, gw if need_w else None, tile,
+                gh if need_h else None, gw if need_w else None, tile, filter_eps,
             )  # fmt: skip
             grid = (triton.cdiv(n, tile.block_n), triton.cdiv(vocab, tile.block_v))
             with _on(hidden.device):
@@ -482,7 +493,7 @@ def lce_backward(
 
 
 @lce_backward.register_fake
-def _(hidden, weight, rows, y, count, lse, scale, need_h, need_w, *blocks):
+def _(hidden, weight, rows, y, count, lse, scale, need_h, need_w, filter_eps, *blocks):
     n, dim = hidden.shape
     gh = hidden.new_empty((n, dim) if need_h else (0,), dtype=torch.float32)
     gw = weight.new_empty((weight.shape[0], dim) if need_w else (0,), dtype=torch.float32)
@@ -509,6 +520,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         per_token: bool,
         cfg: KernelConfig | None,
+        filter_eps: float,
     ) -> torch.Tensor:
         n = hidden.shape[0]
         cfg = cfg or default_config(n, weight.shape[0], hidden.shape[1], hidden.dtype)
@@ -523,7 +535,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         loss = lse - tgt if w is None else (lse - tgt) * w
         loss = torch.where(in_count, loss, 0.0)  # (N,) compacted order
         ctx.save_for_backward(hidden, weight, rows, y, count, lse, w)
-        ctx.per_token, ctx.cfg = per_token, cfg
+        ctx.per_token, ctx.cfg, ctx.filter_eps = per_token, cfg, filter_eps
         if per_token:
             return torch.empty_like(loss).index_copy_(0, rows, loss)
         return loss.sum()
@@ -536,11 +548,12 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         scale = (scale if w is None else scale * w).contiguous()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh, gw = lce_backward(
-            hidden, weight, rows, y, count, lse, scale, need_h, need_w, *_blocks(ctx.cfg)
-        )
+            hidden, weight, rows, y, count, lse, scale, need_h, need_w, ctx.filter_eps,
+            *_blocks(ctx.cfg),
+        )  # fmt: skip
         gh = gh.to(hidden.dtype) if need_h else None
         gw = gw.to(weight.dtype) if need_w else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def _on(device: torch.device):
@@ -558,8 +571,9 @@ def triton_linear_cross_entropy(
     ignore_index: int = -100,
     per_token: bool = False,
     cfg: KernelConfig | None = None,
+    filter_eps: float = 0.0,
 ) -> torch.Tensor:
     """Triton path (no argument checks): the weighted loss sum, or per-token losses (N,)."""
     return _TritonLinearCrossEntropy.apply(
-        hidden, weight, labels, token_weights, ignore_index, per_token, cfg
+        hidden, weight, labels, token_weights, ignore_index, per_token, cfg, filter_eps
     )
