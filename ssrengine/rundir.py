@@ -483,6 +483,7 @@ _OPERATIONAL = (
     "train.parallel",
     "train.gradient_checkpointing",
     "train.loss_impl",
+    "train.loss_grad_filter",
 )
 
 

@@ -49,11 +49,14 @@ from ssrengine.rundir import MetricRow, RehearsalRow, RunDir, read_typed
 log = logging.getLogger(__name__)
 
 
-def loss_sum(model: Any, mb: MicroBatch, impl: str = "auto") -> torch.Tensor:
+def loss_sum(
+    model: Any, mb: MicroBatch, impl: str = "auto", grad_filter: bool = False
+) -> torch.Tensor:
     """Summed cross-entropy over the supervised tokens of one micro-batch.
 
     The one place the loss is computed: ``impl`` selects the fused kernel (never builds the
-    [tokens, vocab] logits) or ``naive`` (full logits + F.cross_entropy, the reference)."""
+    [tokens, vocab] logits) or ``naive`` (full logits + F.cross_entropy, the reference);
+    ``grad_filter``: the fused kernel's gradient filtering (train.loss_grad_filter)."""
     hidden, weight = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     labels = mb.labels.reshape(-1)  # (N,)
@@ -66,7 +69,7 @@ def loss_sum(model: Any, mb: MicroBatch, impl: str = "auto") -> torch.Tensor:
     # only where syncs are free (CPU).
     return fused_linear_cross_entropy(
         hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum", impl=impl,
-        validate=hidden.device.type == "cpu",
+        validate=hidden.device.type == "cpu", grad_filter=grad_filter,
     )  # fmt: skip
 
 
@@ -77,12 +80,12 @@ class CausalLMLoss(nn.Module):
     lm_head) for it, DDP arms its gradient all-reduce — so the loss must run inside it; there
     `hidden_and_head` returns the full [V, H] lm_head weight, never a DTensor shard."""
 
-    def __init__(self, model: Any, impl: str = "auto") -> None:
+    def __init__(self, model: Any, impl: str = "auto", grad_filter: bool = False) -> None:
         super().__init__()
-        self.model, self.impl = model, impl
+        self.model, self.impl, self.grad_filter = model, impl, grad_filter
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
-        return loss_sum(self.model, mb, self.impl)
+        return loss_sum(self.model, mb, self.impl, self.grad_filter)
 
 
 def accumulate(
@@ -206,7 +209,7 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     net = distributed.wrap(
-        CausalLMLoss(model, t.loss_impl),
+        CausalLMLoss(model, t.loss_impl, t.loss_grad_filter),
         world,
         t.parallel,
         layers=distributed.decoder_layers(model) if fsdp else [],
