@@ -63,8 +63,10 @@ def _check_args(
     reduction: str,
     impl: str,
     normalizer: torch.Tensor | float | None,
+    autocast: bool = False,
 ) -> None:
-    """Shapes, dtypes, devices and options: metadata only, never a host sync."""
+    """Shapes, dtypes, devices and options: metadata only, never a host sync. ``autocast``:
+    weight may differ from hidden's dtype (it is cast inside the kernel's autograd node)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise _bad("hidden", f"must be a 2-D tensor [N, H], got shape {_shape(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -80,7 +82,7 @@ def _check_args(
         raise _bad("labels", f"has {labels.shape[0]} entries, hidden has N={n} rows")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise _bad("hidden", f"dtype {hidden.dtype} is not float32, float16 or bfloat16")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype not in _FLOAT_DTYPES or (weight.dtype != hidden.dtype and not autocast):
         raise _bad("weight", f"dtype {weight.dtype} differs from hidden's {hidden.dtype}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise _bad("labels", f"dtype {labels.dtype} is not an integer dtype")
@@ -155,6 +157,9 @@ def _exp_shifted(logits: torch.Tensor, y: torch.Tensor):
     return rowmax + sumexp.log(), target, sumexp
 
 
+# 16-bit products added to the fp32 grad_weight go in vocabulary slices of this many rows:
+# the (slice, H) temporary, never a (V, H) one (57 MB in bf16 for SmolLM2, 1 GB for Llama-3).
+MIXED_SLICE = 4096
 # Columns per vocabulary tile of the torch path's gradient filter: large enough that the
 # per-tile matmuls of a CPU stay efficient.
 FILTER_TILE = 1024
@@ -219,6 +224,10 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
         filter_eps: float,
     ) -> torch.Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
+        # Under autocast the fp32 master weight comes in and is cast here, not before: its
+        # gradient then leaves in fp32 straight from the fp32 buffer, with no 16-bit copy
+        # and no copy back through a cast node. (V, H) in the compute dtype.
+        w_dtype, weight = weight.dtype, weight.to(hidden.dtype)
         # Compaction: a host sync on CUDA (nonzero), free on the CPU this path is built for.
         rows = (labels != ignore_index).nonzero().squeeze(1)  # (M,)
         y = labels[rows].long()
@@ -252,7 +261,7 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
         if w is not None:
             losses = losses * w
         ctx.per_token, ctx.chunk, ctx.dtype = per_token, chunk, hidden.dtype
-        ctx.filter_eps = filter_eps
+        ctx.filter_eps, ctx.w_dtype = filter_eps, w_dtype
         ctx.grads = (grad_h, grad_w)
         if per_token:
             ctx.save_for_backward(hidden, weight, rows, y, w, lses)
@@ -269,7 +278,7 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h = _scaled(grad_h, grad_out, ctx.dtype)
             if grad_w is not None:
-                grad_w = _scaled(grad_w, grad_out, ctx.dtype)
+                grad_w = _scaled(grad_w, grad_out, ctx.w_dtype)
             return grad_h, grad_w, None, None, None, None, None, None
         hidden, weight, rows, y, w, lses = ctx.saved_tensors
         scale = grad_out.float()[rows]
@@ -289,7 +298,7 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
             _accumulate(grad_h, grad_w, g, hc, r, weight, tiles)
             del g
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_w = None if grad_w is None else grad_w.to(ctx.w_dtype)
         return grad_h, grad_w, None, None, None, None, None, None
 
 
@@ -307,9 +316,9 @@ def _accumulate(
             grad_h[rows] = (g @ weight).float()
         if grad_w is not None and grad_w.dtype == g.dtype:
             grad_w.addmm_(g.T, hc)  # no (V, H) temporary
-        elif grad_w is not None:
-            grad_w.add_(g.T @ hc)
-        return
+            return
+        tiles = [(a, a + MIXED_SLICE) for a in range(0, weight.shape[0], MIXED_SLICE)]
+        grad_h = None  # done above
     if grad_h is not None:
         gh = torch.zeros(g.shape[0], weight.shape[1], dtype=torch.float32, device=g.device)
         for a, b in tiles:
@@ -395,11 +404,11 @@ def fused_linear_cross_entropy(
     skips vocabulary tiles whose softmax entries all lie below `filter_eps_for(dtype)` (and that
     hold no target); the loss is unchanged, the gradients differ by about the dtype's rounding.
     """
-    hidden, weight = _autocast_inputs(hidden, weight)
+    hidden, autocast = _autocast_inputs(hidden)
     with torch.autocast(_device_type(hidden), enabled=False):
         return _fused_linear_cross_entropy(
             hidden, weight, labels, token_weights, ignore_index, reduction, normalizer, impl,
-            validate, grad_filter,
+            validate, grad_filter, autocast,
         )  # fmt: skip
 
 
@@ -407,19 +416,19 @@ def _device_type(x: object) -> str:
     return x.device.type if isinstance(x, torch.Tensor) else "cpu"
 
 
-def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor):
-    """Under autocast, hidden and weight in the autocast dtype, as torch.amp.custom_fwd(
-    cast_inputs=...) and an nn.Linear would have them: the lm_head product then runs on tensor
-    cores, and the gradient flows back to fp32 master weights through the cast."""
+def _autocast_inputs(hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(hidden in the autocast dtype, whether autocast is on), as torch.amp.custom_fwd(
+    cast_inputs=...) and an nn.Linear would have it: the lm_head product then runs on tensor
+    cores. The weight is cast to the same dtype inside the kernel's autograd node, so the
+    gradient of an fp32 master weight is produced in fp32 (no 16-bit copy of it, and no second
+    copy back through a cast node)."""
     dev = _device_type(hidden)
     if not torch.is_autocast_enabled(dev):
-        return hidden, weight
+        return hidden, False
     dtype = torch.get_autocast_dtype(dev)
-    cast = [
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES else t
-        for t in (hidden, weight)
-    ]
-    return cast[0], cast[1]
+    if isinstance(hidden, torch.Tensor) and hidden.dtype in _FLOAT_DTYPES:
+        hidden = hidden.to(dtype)
+    return hidden, True
 
 
 def _fused_linear_cross_entropy(
@@ -433,8 +442,9 @@ def _fused_linear_cross_entropy(
     impl: Impl,
     validate: bool,
     grad_filter: bool = False,
+    autocast: bool = False,
 ) -> torch.Tensor:
-    _check_args(hidden, weight, labels, token_weights, reduction, impl, normalizer)
+    _check_args(hidden, weight, labels, token_weights, reduction, impl, normalizer, autocast)
     if validate:
         _validate_values(labels, weight.shape[0], ignore_index, token_weights)
         if isinstance(normalizer, torch.Tensor) and not bool(normalizer >= 0):

@@ -523,6 +523,9 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         filter_eps: float,
     ) -> torch.Tensor:
         n = hidden.shape[0]
+        # An fp32 master weight under autocast is cast here (see cross_entropy.py): its
+        # gradient then leaves as the fp32 kernel buffer itself, no copies.
+        w_dtype, weight = weight.dtype, weight.to(hidden.dtype)
         cfg = cfg or default_config(n, weight.shape[0], hidden.shape[1], hidden.dtype)
         valid = labels != ignore_index
         rows = torch.argsort((~valid).to(torch.int8), stable=True)  # supervised rows first
@@ -535,7 +538,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         loss = lse - tgt if w is None else (lse - tgt) * w
         loss = torch.where(in_count, loss, 0.0)  # (N,) compacted order
         ctx.save_for_backward(hidden, weight, rows, y, count, lse, w)
-        ctx.per_token, ctx.cfg, ctx.filter_eps = per_token, cfg, filter_eps
+        ctx.per_token, ctx.cfg, ctx.filter_eps, ctx.w_dtype = per_token, cfg, filter_eps, w_dtype
         if per_token:
             return torch.empty_like(loss).index_copy_(0, rows, loss)
         return loss.sum()
@@ -552,7 +555,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
             *_blocks(ctx.cfg),
         )  # fmt: skip
         gh = gh.to(hidden.dtype) if need_h else None
-        gw = gw.to(weight.dtype) if need_w else None
+        gw = gw.to(ctx.w_dtype) if need_w else None
         return gh, gw, None, None, None, None, None, None
 
 

@@ -220,3 +220,25 @@ def test_fp32_weights_train_under_bf16_autocast_with_flash_attention(tiny_model_
     with torch.no_grad():
         hidden, _ = hidden_and_head(plain, **model_inputs(batch, "sdpa_varlen"))
     assert hidden.dtype == torch.float32 and torch.isfinite(hidden).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_fp32_master_weight_gets_its_gradient_without_copies_under_autocast(impl):
+    """The kernel's autograd node takes the fp32 lm_head weight itself and casts it inside: its
+    gradient goes from the kernel's fp32 buffer straight to .grad, not as a bf16 copy through
+    a cast node that copies it back to fp32 (two (V, H) copies per micro-batch)."""
+    hidden, weight, labels = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, impl=impl)
+    node = loss.grad_fn
+    while type(node).__name__ not in (
+        "_TorchLinearCrossEntropyBackward",
+        "_TritonLinearCrossEntropyBackward",
+    ):
+        node = node.next_functions[0][0]
+    weight_edge = node.next_functions[1][0]
+    assert type(weight_edge).__name__ == "AccumulateGrad" and weight_edge.variable is weight
+    seen = []
+    weight.register_hook(lambda g: seen.append(g.dtype))
+    loss.backward()
+    assert seen == [torch.float32]

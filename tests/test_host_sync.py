@@ -96,3 +96,40 @@ def test_sync_detector_sees_a_tolist_in_a_layer(tiny_model_dir):
     with sync_detector() as syncs:
         hidden_and_head(model, mb.input_ids, **kwargs)
     assert syncs[("attention.py", "sdpa_varlen_attention")] == model.config.num_hidden_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "flash_attention_2"])
+def test_packed_step_on_cuda_syncs_at_most_once_per_forward(tiny_model_dir, attn):
+    """The same check with torch's own detector on a GPU: at most transformers' one
+    packed-sequence detection per forward, for sdpa_varlen (fp32) and FlashAttention-2 (bf16
+    autocast), with the Triton loss as the trainer runs it (validate=False)."""
+    import warnings
+
+    from ssrengine.trainer import _to
+
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    autocast = "bfloat16" if attn == "flash_attention_2" else "float32"
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cuda", autocast=autocast,
+                       attn_implementation=attn)  # fmt: skip
+    mb = _to(_packed_micro_batch([70, 120, 50, 90]), torch.device("cuda"))
+    dtype = torch.bfloat16 if autocast == "bfloat16" else torch.float32
+    forwards = 3
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(forwards):
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    hidden, weight = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
+                    loss = fused_linear_cross_entropy(
+                        hidden.reshape(-1, hidden.shape[-1]), weight, mb.labels.reshape(-1),
+                        validate=False,
+                    )  # fmt: skip
+                loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= forwards, syncs
