@@ -381,6 +381,7 @@ def fused_linear_cross_entropy(
     impl: Impl = "auto",
     validate: bool = True,
     grad_filter: bool = False,
+    grad_into_weight: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `labels`, never materializing the logits.
 
@@ -403,12 +404,16 @@ def fused_linear_cross_entropy(
     `grad_filter=True`: gradient filtering (cut-cross-entropy, arXiv 2411.09009): backward
     skips vocabulary tiles whose softmax entries all lie below `filter_eps_for(dtype)` (and that
     hold no target); the loss is unchanged, the gradients differ by about the dtype's rounding.
+    `grad_into_weight=True` (Triton path; for `loss.backward()` only): an fp32 leaf weight's
+    gradient is added by the kernel straight into `weight.grad`, with no [V, H] gradient buffer
+    per call (gradient accumulation over micro-batches); autograd then sees a broadcast zero
+    for it, so `torch.autograd.grad` and tensor hooks on the weight must not be used with it.
     """
     hidden, autocast = _autocast_inputs(hidden)
     with torch.autocast(_device_type(hidden), enabled=False):
         return _fused_linear_cross_entropy(
             hidden, weight, labels, token_weights, ignore_index, reduction, normalizer, impl,
-            validate, grad_filter, autocast,
+            validate, grad_filter, autocast, grad_into_weight,
         )  # fmt: skip
 
 
@@ -443,6 +448,7 @@ def _fused_linear_cross_entropy(
     validate: bool,
     grad_filter: bool = False,
     autocast: bool = False,
+    grad_into_weight: bool = False,
 ) -> torch.Tensor:
     _check_args(hidden, weight, labels, token_weights, reduction, impl, normalizer, autocast)
     if validate:
@@ -452,12 +458,18 @@ def _fused_linear_cross_entropy(
     if token_weights is not None:
         token_weights = token_weights.detach()
     per_token = reduction == "none"
-    if _resolve_impl(impl, hidden.device) == "triton":
-        from .triton_cross_entropy import triton_linear_cross_entropy as fn
-    else:
-        fn = torch_linear_cross_entropy
     eps = filter_eps_for(hidden.dtype) if grad_filter else 0.0
-    loss = fn(hidden, weight, labels, token_weights, ignore_index, per_token, filter_eps=eps)
+    if _resolve_impl(impl, hidden.device) == "triton":
+        from .triton_cross_entropy import triton_linear_cross_entropy
+
+        loss = triton_linear_cross_entropy(
+            hidden, weight, labels, token_weights, ignore_index, per_token, filter_eps=eps,
+            into_grad=grad_into_weight,
+        )  # fmt: skip
+    else:  # its weight gradient is built in the forward pass: nothing to save there
+        loss = torch_linear_cross_entropy(
+            hidden, weight, labels, token_weights, ignore_index, per_token, filter_eps=eps
+        )
     if reduction == "mean":
         valid = labels != ignore_index
         if token_weights is None:

@@ -450,7 +450,7 @@ def _(hidden, weight, rows, y, count, block_n, block_v, block_d, num_warps, num_
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("ssrengine::lce_backward", mutates_args=())
+@torch.library.custom_op("ssrengine::lce_backward", mutates_args=("gw_into",))
 def lce_backward(
     hidden: torch.Tensor,  # (N, H)
     weight: torch.Tensor,  # (V, H)
@@ -462,6 +462,7 @@ def lce_backward(
     need_h: bool,
     need_w: bool,
     filter_eps: float,  # 0: no gradient filtering
+    gw_into: torch.Tensor | None,  # (V, H) fp32 contiguous: add grad_weight into it instead
     block_n: int,  # 0: tiles picked for the device
     block_v: int,
     block_d: int,
@@ -469,7 +470,7 @@ def lce_backward(
     num_stages: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 grad_hidden (N, H) and grad_weight (V, H), zero rows where ignored; a gradient that
-    is not needed comes back empty."""
+    is not needed, or that went into ``gw_into``, comes back empty."""
     _check_launch(hidden, weight, rows)
     assert lse.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32
     n, dim = hidden.shape
@@ -478,7 +479,14 @@ def lce_backward(
 
     def run(tile: KernelConfig) -> tuple[torch.Tensor, torch.Tensor]:
         gh = hidden.new_zeros((n, dim) if need_h else (0,), dtype=torch.float32)
-        gw = weight.new_zeros((vocab, dim) if need_w else (0,), dtype=torch.float32)
+        if gw_into is not None:  # the atomics add to what it holds: no zeroed buffer
+            assert gw_into.shape == (vocab, dim) and gw_into.is_contiguous()
+            assert gw_into.dtype == torch.float32
+        gw = (
+            gw_into
+            if gw_into is not None
+            else weight.new_zeros((vocab, dim) if need_w else (0,), dtype=torch.float32)
+        )
         if n > 0 and (need_h or need_w):
             args, kwargs = backward_kernel_args(
                 hidden, weight, rows, y, count, lse, scale,
@@ -487,16 +495,18 @@ def lce_backward(
             grid = (triton.cdiv(n, tile.block_n), triton.cdiv(vocab, tile.block_v))
             with _on(hidden.device):
                 _lce_backward_kernel[grid](*args, **kwargs)
-        return gh, gw
+        # A custom op may not return an alias of an input.
+        return gh, (weight.new_empty(0, dtype=torch.float32) if gw_into is not None else gw)
 
     return _launch("backward", cfg, hidden.dtype, hidden.device, run)
 
 
 @lce_backward.register_fake
-def _(hidden, weight, rows, y, count, lse, scale, need_h, need_w, filter_eps, *blocks):
+def _(hidden, weight, rows, y, count, lse, scale, need_h, need_w, filter_eps, gw_into, *blocks):
     n, dim = hidden.shape
     gh = hidden.new_empty((n, dim) if need_h else (0,), dtype=torch.float32)
-    gw = weight.new_empty((weight.shape[0], dim) if need_w else (0,), dtype=torch.float32)
+    full = need_w and gw_into is None
+    gw = weight.new_empty((weight.shape[0], dim) if full else (0,), dtype=torch.float32)
     return gh, gw
 
 
@@ -521,8 +531,10 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         per_token: bool,
         cfg: KernelConfig | None,
         filter_eps: float,
+        into_grad: bool,
     ) -> torch.Tensor:
         n = hidden.shape[0]
+        ctx.leaf = weight if into_grad and _accumulable(weight) else None
         # An fp32 master weight under autocast is cast here (see cross_entropy.py): its
         # gradient then leaves as the fp32 kernel buffer itself, no copies.
         w_dtype, weight = weight.dtype, weight.to(hidden.dtype)
@@ -550,13 +562,40 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         scale = g[rows] if ctx.per_token else g.expand(hidden.shape[0])
         scale = (scale if w is None else scale * w).contiguous()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        into = _grad_buffer(ctx.leaf) if need_w and ctx.leaf is not None else None
         gh, gw = lce_backward(
-            hidden, weight, rows, y, count, lse, scale, need_h, need_w, ctx.filter_eps,
+            hidden, weight, rows, y, count, lse, scale, need_h, need_w, ctx.filter_eps, into,
             *_blocks(ctx.cfg),
         )  # fmt: skip
         gh = gh.to(hidden.dtype) if need_h else None
-        gw = gw.to(ctx.w_dtype) if need_w else None
-        return gh, gw, None, None, None, None, None, None
+        if into is not None:
+            # Already added to .grad. Autograd still gets a gradient, so AccumulateGrad runs
+            # (and with it DDP's and FSDP2's hooks): a broadcast zero, no (V, H) memory.
+            gw = torch.zeros((), dtype=torch.float32, device=weight.device).expand(weight.shape)
+        else:
+            gw = gw.to(ctx.w_dtype) if need_w else None
+        return gh, gw, None, None, None, None, None, None, None
+
+
+def _accumulable(weight: torch.Tensor) -> bool:
+    """Whether the weight's gradient can be added to its .grad by the kernel: an eager fp32
+    leaf (a Parameter, or FSDP2's unsharded one), not a traced, fake or DTensor stand-in."""
+    return (
+        type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and weight.is_leaf
+        and weight.requires_grad
+        and weight.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _grad_buffer(leaf: torch.Tensor) -> torch.Tensor | None:
+    """leaf.grad, created as zeros when absent, if the kernel can add into it; else None."""
+    if leaf.grad is None:
+        leaf.grad = torch.zeros_like(leaf, memory_format=torch.contiguous_format)
+    g = leaf.grad
+    ok = type(g) is torch.Tensor and g.is_contiguous() and g.dtype == torch.float32
+    return g if ok and g.shape == leaf.shape else None
 
 
 def _on(device: torch.device):
@@ -575,8 +614,11 @@ def triton_linear_cross_entropy(
     per_token: bool = False,
     cfg: KernelConfig | None = None,
     filter_eps: float = 0.0,
+    into_grad: bool = False,
 ) -> torch.Tensor:
-    """Triton path (no argument checks): the weighted loss sum, or per-token losses (N,)."""
+    """Triton path (no argument checks): the weighted loss sum, or per-token losses (N,).
+    ``into_grad``: add an fp32 leaf weight's gradient straight into its .grad (see
+    `fused_linear_cross_entropy`)."""
     return _TritonLinearCrossEntropy.apply(
-        hidden, weight, labels, token_weights, ignore_index, per_token, cfg, filter_eps
+        hidden, weight, labels, token_weights, ignore_index, per_token, cfg, filter_eps, into_grad
     )

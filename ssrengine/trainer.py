@@ -70,6 +70,7 @@ def loss_sum(
     return fused_linear_cross_entropy(
         hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum", impl=impl,
         validate=hidden.device.type == "cpu", grad_filter=grad_filter,
+        grad_into_weight=True,  # the trainer only ever calls .backward() on it
     )  # fmt: skip
 
 

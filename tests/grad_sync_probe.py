@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_grad_sync.py: one optimizer step's gradient accumulation on
 2 ranks, counting the gradient collectives it issues.
 
-    torchrun --nproc-per-node 2 tests/grad_sync_probe.py MODEL_DIR {fsdp,ddp} ACCUM OUT_DIR
+    torchrun --nproc-per-node 2 tests/grad_sync_probe.py MODEL_DIR {fsdp,ddp} ACCUM OUT_DIR [IMPL]
 
 Rank r takes the global micro-batches r, r + 2, ... of `micro_batches_for_probe`. Counted:
 FSDP2's reduce-scatters (`dist.reduce_scatter_single`, the one call of its ReduceScatter in
@@ -51,13 +51,13 @@ def full_grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def main(model_dir: str, parallel: str, accum: int, out_dir: Path) -> None:
+def main(model_dir: str, parallel: str, accum: int, out_dir: Path, impl: str = "torch") -> None:
     world = distributed.init("cpu")
     torch.manual_seed(0)
     model = load_model(model_dir, dtype="float32", device="cpu", attn_implementation="sdpa")
     model.train()
     layers = distributed.decoder_layers(model) if parallel == "fsdp" else []
-    net = distributed.wrap(CausalLMLoss(model, "torch"), world, parallel, layers=layers)
+    net = distributed.wrap(CausalLMLoss(model, impl), world, parallel, layers=layers)
     calls = {"n": 0}
     if parallel == "fsdp":
         real = dist.reduce_scatter_single
@@ -75,16 +75,30 @@ def main(model_dir: str, parallel: str, accum: int, out_dir: Path) -> None:
             return allreduce_hook(state, bucket)
 
         net.register_comm_hook(None, hook)
+    direct = {"n": 0}
+    if impl == "triton":  # count the backwards that added into .grad themselves
+        from ssrengine.kernels import triton_cross_entropy as tce
+
+        real_buffer = tce._grad_buffer
+
+        def counting_buffer(leaf):
+            buf = real_buffer(leaf)
+            direct["n"] += buf is not None
+            return buf
+
+        tce._grad_buffer = counting_buffer
     mbs = micro_batches_for_probe(accum * world.size)
     mine = [mbs[world.rank + world.size * i] for i in range(accum)]
-    accumulate(net, mine, impl="torch", world_size=world.size)
+    accumulate(net, mine, impl=impl, world_size=world.size)
     grads = full_grads(net)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(grads, str(out_dir / "grads.safetensors"))
-        (out_dir / "counts.json").write_text(json.dumps({"collectives": calls["n"]}))
+        (out_dir / "counts.json").write_text(
+            json.dumps({"collectives": calls["n"], "into_grad": direct["n"]})
+        )
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])

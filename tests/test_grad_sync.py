@@ -21,17 +21,19 @@ from tests.grad_sync_probe import micro_batches_for_probe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _probe(model_dir: Path, parallel: str, accum: int, out: Path) -> tuple[dict, int]:
+def _probe(
+    model_dir: Path, parallel: str, accum: int, out: Path, impl: str = "torch"
+) -> tuple[dict, dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     script = str(ROOT / "tests" / "grad_sync_probe.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
-        [*cmd, script, str(model_dir), parallel, str(accum), str(out)],
+        [*cmd, script, str(model_dir), parallel, str(accum), str(out), impl],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     counts = json.loads((out / "counts.json").read_text())
-    return load_file(str(out / "grads.safetensors")), counts["collectives"]
+    return load_file(str(out / "grads.safetensors")), counts
 
 
 def _one_process_grads(model_dir: Path, n: int) -> dict[str, torch.Tensor]:
@@ -45,8 +47,9 @@ def _one_process_grads(model_dir: Path, n: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_gradients_cross_ranks_once_per_step(tiny_model_dir, tmp_path, parallel):
-    _, once = _probe(tiny_model_dir, parallel, 1, tmp_path / "accum1")
-    grads, three = _probe(tiny_model_dir, parallel, 3, tmp_path / "accum3")
+    once = _probe(tiny_model_dir, parallel, 1, tmp_path / "accum1")[1]["collectives"]
+    grads, counts = _probe(tiny_model_dir, parallel, 3, tmp_path / "accum3")
+    three = counts["collectives"]
     # One micro-batch or three: the same collectives, issued once (FSDP2: one reduce-scatter
     # per sharded unit; DDP: one all-reduce per bucket).
     assert once > 0 and three == once
@@ -55,4 +58,19 @@ def test_gradients_cross_ranks_once_per_step(tiny_model_dir, tmp_path, parallel)
     for k in ref:
         torch.testing.assert_close(
             grads[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_triton_loss_adding_into_grad_under_fsdp_and_ddp(tiny_model_dir, tmp_path, parallel):
+    """The Triton loss adds the lm_head gradient into .grad itself (grad_into_weight, as the
+    trainer runs it): FSDP2's reduce-scatter and DDP's all-reduce still see it, once."""
+    grads, counts = _probe(tiny_model_dir, parallel, 3, tmp_path / "triton", "triton")
+    assert counts["into_grad"] == 3  # every micro-batch's backward on rank 0 took that path
+    ref = _one_process_grads(tiny_model_dir, 6)
+    assert grads.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(
+            grads[k], ref[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
         )
