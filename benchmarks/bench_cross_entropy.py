@@ -60,15 +60,20 @@ def contenders(device: str) -> tuple[dict[str, Callable], dict[str, str]]:
     """The implementations runnable here, and why the others are missing."""
     from ssrengine.kernels import fused_linear_cross_entropy
 
-    def ours(impl: str) -> Callable:
-        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, impl=impl, validate=False)
+    def ours(impl: str, grad_filter: bool = False) -> Callable:
+        return lambda h, w, y: fused_linear_cross_entropy(
+            h, w, y, impl=impl, validate=False, grad_filter=grad_filter
+        )
 
-    fns: dict[str, Callable] = {"naive": naive, "ssr-torch": ours("torch")}
+    fns: dict[str, Callable] = {"naive": naive, "ssr-torch": ours("torch"),
+                                "ssr-torch-filter": ours("torch", True)}  # fmt: skip
     skipped: dict[str, str] = {}
     if device != "cuda":
         reason = "GPU only: under the CPU Triton interpreter its timing means nothing"
-        return fns, {"ssr-triton": reason, "liger": reason, "cut-cross-entropy": reason}
+        return fns, {"ssr-triton": reason, "ssr-triton-filter": reason, "liger": reason,
+                     "cut-cross-entropy": reason}  # fmt: skip
     fns["ssr-triton"] = ours("triton")
+    fns["ssr-triton-filter"] = ours("triton", True)  # gradient filtering (train.loss_grad_filter)
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import (
             LigerFusedLinearCrossEntropyFunction as Liger,
@@ -159,6 +164,37 @@ def _child(spec: dict) -> None:
     base = _proc_status("VmRSS")
     fns[spec["impl"]](h, w, y).backward()
     print(json.dumps({"peak_extra_bytes": _proc_status("VmHWM") - base}))
+
+
+def _accum_child(spec: dict) -> None:
+    """Fresh process: fp32 master weights, ``steps`` micro-batches of forward+backward under
+    bf16 autocast accumulating into .grad (the trainer's gradient accumulation); peak RSS above
+    the inputs."""
+    from ssrengine.kernels import fused_linear_cross_entropy
+
+    h, w, y = make_inputs(spec["n"], spec["H"], spec["V"], spec["ignored"], torch.float32, "cpu")
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _proc_status("VmRSS")
+    for _ in range(spec["steps"]):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(h, w, y, impl="torch", validate=False)
+        loss.backward()
+    print(json.dumps({"peak_extra_bytes": _proc_status("VmHWM") - base}))
+
+
+def accumulation_memory(n: int, hdim: int, vocab: int, steps: int, ignored: float = 0.6) -> dict:
+    """Peak extra RSS of the torch path over ``steps`` accumulated micro-batches under bf16
+    autocast (CPU), against the fp32 gradient buffers any implementation keeps."""
+    spec = dict(n=n, H=hdim, V=vocab, ignored=ignored, steps=steps)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(
+        [sys.executable, __file__, "--accum-child", json.dumps(spec)],
+        env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+    grads = (n + vocab) * hdim * 4  # fp32 .grad of hidden and weight
+    return dict(**spec, peak_extra_bytes=peak, fp32_grad_bytes=grads, ratio=round(peak / grads, 3))
 
 
 def memory_cpu(impl: str, n: int, hdim: int, vocab: int, ignored: float, dtype: str) -> int:
@@ -306,10 +342,22 @@ def cli() -> None:
     p.add_argument("--impls", help="comma list to run a subset (default: all available)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--accumulation-memory", type=int, metavar="K",
+        help="instead: peak memory of K micro-batches under bf16 autocast, fp32 master weights",
+    )  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--accum-child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return _child(json.loads(a.child))
+    if a.accum_child:
+        return _accum_child(json.loads(a.accum_child))
+    if a.accumulation_memory:
+        hdim, vocab, _, n_cpu = SHAPES[a.shapes.split(",")[0]]
+        return print(
+            json.dumps(accumulation_memory(a.n or n_cpu, hdim, vocab, a.accumulation_memory))
+        )
     main(a.shapes.split(","), a.n, a.ignored, a.device, a.dtype, a.repeats, a.warmup,
          not a.no_memory, a.impls.split(",") if a.impls else None, a.out)  # fmt: skip
 

@@ -58,7 +58,7 @@ MODES = {
     "padded-sorted": "sdpa",
     "padded": "sdpa",
 }
-VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", A.HOST_BOUNDS)
 
 
 # ------------------------------------------------------------------------------ data

@@ -1,12 +1,15 @@
 """`make gpu-check`: the GPU paths validated on one CUDA GPU in one command (under 8 minutes).
 
 1. `pytest -m gpu`: compiled Triton kernels (interpreter off), FlashAttention-2 varlen against
-   examples run alone, the SGLang engine and server where SGLang is installed.
+   examples run alone, the packed training step without per-layer host syncs
+   (`torch.cuda.set_sync_debug_mode`), the SGLang engine and server where SGLang is installed.
 2. The cross-entropy benchmark in bf16 at SmolLM2 (H 576, V 49,152) and Llama-3-8B (H 4096,
-   V 128,256) shapes, N = 16,384 with 60% ignored: naive torch, ours (torch path and Triton),
-   Liger-Kernel and cut-cross-entropy when importable; every loss is checked against naive.
+   V 128,256) shapes, N = 16,384 with 60% ignored: naive torch, ours (torch path and Triton,
+   each with and without gradient filtering, train.loss_grad_filter), Liger-Kernel and
+   cut-cross-entropy when importable; every loss is checked against naive.
 3. A short SSR run on SmolLM2 in bf16 with FlashAttention-2, the Triton loss and packing
-   (configs/demo.toml: generate, judge, build, 12 optimizer steps); its loss must be finite.
+   (configs/demo.toml: generate, judge, build, 12 optimizer steps); its loss must be finite and
+   its metrics carry MFU where the GPU is in ssrengine.flops.PEAK_FLOPS.
 
 Writes benchmarks/results/gpu_check.json and gpu_check.png and exits 1 if any step failed
 (each step runs in its own process with a time limit; a failed step does not stop the others).
@@ -106,6 +109,8 @@ def ssr_run(work: Path) -> tuple[dict, list[dict]]:
     )
     finite = bool(rows) and all(math.isfinite(r["loss"]) for r in rows)
     step["steps"], step["finite_loss"] = len(rows), finite
+    mfus = [r["mfu"] for r in rows[1:] if r.get("mfu") is not None]  # step 1 holds warm-up
+    step["mfu_median"] = sorted(mfus)[len(mfus) // 2] if mfus else None
     step["ok"] = step["ok"] and finite
     return step, rows
 

@@ -63,8 +63,10 @@ def _check_args(
     reduction: str,
     impl: str,
     normalizer: torch.Tensor | float | None,
+    autocast: bool = False,
 ) -> None:
-    """Shapes, dtypes, devices and options: metadata only, never a host sync."""
+    """Shapes, dtypes, devices and options: metadata only, never a host sync. ``autocast``:
+    weight may differ from hidden's dtype (it is cast inside the kernel's autograd node)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise _bad("hidden", f"must be a 2-D tensor [N, H], got shape {_shape(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -80,7 +82,7 @@ def _check_args(
         raise _bad("labels", f"has {labels.shape[0]} entries, hidden has N={n} rows")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise _bad("hidden", f"dtype {hidden.dtype} is not float32, float16 or bfloat16")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype not in _FLOAT_DTYPES or (weight.dtype != hidden.dtype and not autocast):
         raise _bad("weight", f"dtype {weight.dtype} differs from hidden's {hidden.dtype}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise _bad("labels", f"dtype {labels.dtype} is not an integer dtype")
@@ -155,12 +157,49 @@ def _exp_shifted(logits: torch.Tensor, y: torch.Tensor):
     return rowmax + sumexp.log(), target, sumexp
 
 
+# 16-bit products added to the fp32 grad_weight go in vocabulary slices of this many rows:
+# the (slice, H) temporary, never a (V, H) one (57 MB in bf16 for SmolLM2, 1 GB for Llama-3).
+MIXED_SLICE = 4096
+# Columns per vocabulary tile of the torch path's gradient filter: large enough that the
+# per-tile matmuls of a CPU stay efficient.
+FILTER_TILE = 1024
+
+
+def filter_eps_for(dtype: torch.dtype) -> float:
+    """The gradient-filter threshold of a compute dtype: its machine epsilon / 32, as in
+    cut-cross-entropy ("auto"): 2^-12 for bf16, 2^-15 for fp16, 2^-28 for fp32. A logit
+    gradient below it is lost to rounding once added to the ~1-sized entries around it."""
+    return torch.finfo(dtype).eps / 32
+
+
+def _kept_tiles(
+    e: torch.Tensor, sumexp: torch.Tensor, y: torch.Tensor, eps: float
+) -> list[tuple[int, int]]:
+    """Column ranges of the vocabulary tiles to keep: e (C, V) = exp(logits - shift) with row
+    sums ``sumexp`` (C,), so e / sumexp is the softmax. A tile is dropped when every softmax
+    entry of every row is below ``eps`` and it holds no target. Host-side list: a sync on CUDA
+    (`tolist`), free on the CPU this path is built for."""
+    c, vocab = e.shape
+    full = vocab // FILTER_TILE * FILTER_TILE
+    parts = [e[:, :full].view(c, -1, FILTER_TILE).amax(2)] if full else []
+    if full < vocab:
+        parts.append(e[:, full:].amax(1, keepdim=True))
+    tile_max = torch.cat(parts, dim=1)  # (C, T)
+    keep = (tile_max >= eps * sumexp[:, None]).any(0)  # (T,)
+    keep[torch.div(y, FILTER_TILE, rounding_mode="floor")] = True
+    return [(t * FILTER_TILE, min(vocab, (t + 1) * FILTER_TILE)) for t in keep.nonzero().flatten().tolist()]  # fmt: skip
+
+
 def _chunk_grad_logits(
-    logits: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """In place: logits (C, V) fp32 -> scale * (softmax - onehot(y))."""
-    logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])
-    return logits.scatter_add_(1, y[:, None], -scale[:, None])
+    logits: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+    filter_eps: float = 0.0,
+) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:  # fmt: skip
+    """In place: logits (C, V) fp32 -> scale * (softmax - onehot(y)); with the tiles to keep
+    when filtering (None: all)."""
+    logits.sub_(lse[:, None]).exp_()
+    tiles = _kept_tiles(logits, torch.ones_like(lse), y, filter_eps) if filter_eps else None
+    logits.mul_(scale[:, None])
+    return logits.scatter_add_(1, y[:, None], -scale[:, None]), tiles
 
 
 class _TorchLinearCrossEntropy(torch.autograd.Function):
@@ -182,8 +221,13 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         per_token: bool,
         chunk_rows: int | None,
+        filter_eps: float,
     ) -> torch.Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
+        # Under autocast the fp32 master weight comes in and is cast here, not before: its
+        # gradient then leaves in fp32 straight from the fp32 buffer, with no 16-bit copy
+        # and no copy back through a cast node. (V, H) in the compute dtype.
+        w_dtype, weight = weight.dtype, weight.to(hidden.dtype)
         # Compaction: a host sync on CUDA (nonzero), free on the CPU this path is built for.
         rows = (labels != ignore_index).nonzero().squeeze(1)  # (M,)
         y = labels[rows].long()
@@ -206,16 +250,18 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
                 lses[s : s + chunk] = lse
             if eager_grad:
                 scale = torch.ones_like(lse) if w is None else w[s : s + chunk]
+                tiles = _kept_tiles(logits, sumexp, yc, filter_eps) if filter_eps else None
                 # scale * (softmax - onehot), in place
                 logits.mul_((scale / sumexp)[:, None])
                 logits.scatter_add_(1, yc[:, None], -scale[:, None])
                 g = logits.to(hidden.dtype)  # (C, V)
-                _accumulate(grad_h, grad_w, g, hc, r, weight)
+                _accumulate(grad_h, grad_w, g, hc, r, weight, tiles)
                 del g
             del logits
         if w is not None:
             losses = losses * w
         ctx.per_token, ctx.chunk, ctx.dtype = per_token, chunk, hidden.dtype
+        ctx.filter_eps, ctx.w_dtype = filter_eps, w_dtype
         ctx.grads = (grad_h, grad_w)
         if per_token:
             ctx.save_for_backward(hidden, weight, rows, y, w, lses)
@@ -232,8 +278,8 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h = _scaled(grad_h, grad_out, ctx.dtype)
             if grad_w is not None:
-                grad_w = _scaled(grad_w, grad_out, ctx.dtype)
-            return grad_h, grad_w, None, None, None, None, None
+                grad_w = _scaled(grad_w, grad_out, ctx.w_dtype)
+            return grad_h, grad_w, None, None, None, None, None, None
         hidden, weight, rows, y, w, lses = ctx.saved_tensors
         scale = grad_out.float()[rows]
         if w is not None:
@@ -245,14 +291,15 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
             r = rows[s : s + ctx.chunk]
             hc = hidden[r]
             logits = (hc @ weight.T).float()
-            g = _chunk_grad_logits(logits, lses[s : s + ctx.chunk], y[s : s + ctx.chunk],
-                                   scale[s : s + ctx.chunk]).to(hidden.dtype)  # fmt: skip
+            g, tiles = _chunk_grad_logits(logits, lses[s : s + ctx.chunk], y[s : s + ctx.chunk],
+                                          scale[s : s + ctx.chunk], ctx.filter_eps)  # fmt: skip
+            g = g.to(hidden.dtype)
             del logits
-            _accumulate(grad_h, grad_w, g, hc, r, weight)
+            _accumulate(grad_h, grad_w, g, hc, r, weight, tiles)
             del g
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        grad_w = None if grad_w is None else grad_w.to(ctx.w_dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _accumulate(
@@ -262,14 +309,27 @@ def _accumulate(
     hc: torch.Tensor,  # (C, H)
     rows: torch.Tensor,  # (C,)
     weight: torch.Tensor,  # (V, H)
+    tiles: list[tuple[int, int]] | None = None,  # vocabulary column ranges; None = all
 ) -> None:
-    if grad_h is not None:
-        grad_h[rows] = (g @ weight).float()
-    if grad_w is not None:
-        if grad_w.dtype == g.dtype:
+    if tiles is None:
+        if grad_h is not None:
+            grad_h[rows] = (g @ weight).float()
+        if grad_w is not None and grad_w.dtype == g.dtype:
             grad_w.addmm_(g.T, hc)  # no (V, H) temporary
-        else:
-            grad_w.add_(g.T @ hc)
+            return
+        tiles = [(a, a + MIXED_SLICE) for a in range(0, weight.shape[0], MIXED_SLICE)]
+        grad_h = None  # done above
+    if grad_h is not None:
+        gh = torch.zeros(g.shape[0], weight.shape[1], dtype=torch.float32, device=g.device)
+        for a, b in tiles:
+            gh += (g[:, a:b] @ weight[a:b]).float()
+        grad_h[rows] = gh
+    if grad_w is not None:
+        for a, b in tiles:
+            if grad_w.dtype == g.dtype:
+                grad_w[a:b].addmm_(g[:, a:b].T, hc)  # no (V, H) temporary
+            else:
+                grad_w[a:b] += g[:, a:b].T @ hc
 
 
 def _scaled(buf: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -287,10 +347,14 @@ def torch_linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     per_token: bool = False,
     chunk_rows: int | None = None,
+    filter_eps: float = 0.0,
 ) -> torch.Tensor:
-    """Chunked torch path (no checks): the weighted loss sum, or per-token losses (N,) fp32."""
+    """Chunked torch path (no checks): the weighted loss sum, or per-token losses (N,) fp32.
+    ``filter_eps`` > 0: gradient filtering (`fused_linear_cross_entropy`'s ``grad_filter``)."""
     fn = _TorchLinearCrossEntropy
-    return fn.apply(hidden, weight, labels, token_weights, ignore_index, per_token, chunk_rows)
+    return fn.apply(
+        hidden, weight, labels, token_weights, ignore_index, per_token, chunk_rows, filter_eps
+    )
 
 
 # --------------------------------------------------------------------------------- public
@@ -316,6 +380,8 @@ def fused_linear_cross_entropy(
     normalizer: torch.Tensor | float | None = None,
     impl: Impl = "auto",
     validate: bool = True,
+    grad_filter: bool = False,
+    grad_into_weight: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `labels`, never materializing the logits.
 
@@ -335,12 +401,19 @@ def fused_linear_cross_entropy(
     TRITON_INTERPRET=1), "torch" (chunked reference), "auto" = triton on CUDA, torch elsewhere.
     `validate=True` checks label range and weight signs at the cost of a host sync.
     Under torch.autocast, hidden and weight are cast to the autocast dtype first.
+    `grad_filter=True`: gradient filtering (cut-cross-entropy, arXiv 2411.09009): backward
+    skips vocabulary tiles whose softmax entries all lie below `filter_eps_for(dtype)` (and that
+    hold no target); the loss is unchanged, the gradients differ by about the dtype's rounding.
+    `grad_into_weight=True` (Triton path; for `loss.backward()` only): an fp32 leaf weight's
+    gradient is added by the kernel straight into `weight.grad`, with no [V, H] gradient buffer
+    per call (gradient accumulation over micro-batches); autograd then sees a broadcast zero
+    for it, so `torch.autograd.grad` and tensor hooks on the weight must not be used with it.
     """
-    hidden, weight = _autocast_inputs(hidden, weight)
+    hidden, autocast = _autocast_inputs(hidden)
     with torch.autocast(_device_type(hidden), enabled=False):
         return _fused_linear_cross_entropy(
             hidden, weight, labels, token_weights, ignore_index, reduction, normalizer, impl,
-            validate,
+            validate, grad_filter, autocast, grad_into_weight,
         )  # fmt: skip
 
 
@@ -348,19 +421,19 @@ def _device_type(x: object) -> str:
     return x.device.type if isinstance(x, torch.Tensor) else "cpu"
 
 
-def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor):
-    """Under autocast, hidden and weight in the autocast dtype, as torch.amp.custom_fwd(
-    cast_inputs=...) and an nn.Linear would have them: the lm_head product then runs on tensor
-    cores, and the gradient flows back to fp32 master weights through the cast."""
+def _autocast_inputs(hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(hidden in the autocast dtype, whether autocast is on), as torch.amp.custom_fwd(
+    cast_inputs=...) and an nn.Linear would have it: the lm_head product then runs on tensor
+    cores. The weight is cast to the same dtype inside the kernel's autograd node, so the
+    gradient of an fp32 master weight is produced in fp32 (no 16-bit copy of it, and no second
+    copy back through a cast node)."""
     dev = _device_type(hidden)
     if not torch.is_autocast_enabled(dev):
-        return hidden, weight
+        return hidden, False
     dtype = torch.get_autocast_dtype(dev)
-    cast = [
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES else t
-        for t in (hidden, weight)
-    ]
-    return cast[0], cast[1]
+    if isinstance(hidden, torch.Tensor) and hidden.dtype in _FLOAT_DTYPES:
+        hidden = hidden.to(dtype)
+    return hidden, True
 
 
 def _fused_linear_cross_entropy(
@@ -373,8 +446,11 @@ def _fused_linear_cross_entropy(
     normalizer: torch.Tensor | float | None,
     impl: Impl,
     validate: bool,
+    grad_filter: bool = False,
+    autocast: bool = False,
+    grad_into_weight: bool = False,
 ) -> torch.Tensor:
-    _check_args(hidden, weight, labels, token_weights, reduction, impl, normalizer)
+    _check_args(hidden, weight, labels, token_weights, reduction, impl, normalizer, autocast)
     if validate:
         _validate_values(labels, weight.shape[0], ignore_index, token_weights)
         if isinstance(normalizer, torch.Tensor) and not bool(normalizer >= 0):
@@ -382,11 +458,18 @@ def _fused_linear_cross_entropy(
     if token_weights is not None:
         token_weights = token_weights.detach()
     per_token = reduction == "none"
+    eps = filter_eps_for(hidden.dtype) if grad_filter else 0.0
     if _resolve_impl(impl, hidden.device) == "triton":
-        from .triton_cross_entropy import triton_linear_cross_entropy as fn
-    else:
-        fn = torch_linear_cross_entropy
-    loss = fn(hidden, weight, labels, token_weights, ignore_index, per_token)
+        from .triton_cross_entropy import triton_linear_cross_entropy
+
+        loss = triton_linear_cross_entropy(
+            hidden, weight, labels, token_weights, ignore_index, per_token, filter_eps=eps,
+            into_grad=grad_into_weight,
+        )  # fmt: skip
+    else:  # its weight gradient is built in the forward pass: nothing to save there
+        loss = torch_linear_cross_entropy(
+            hidden, weight, labels, token_weights, ignore_index, per_token, filter_eps=eps
+        )
     if reduction == "mean":
         valid = labels != ignore_index
         if token_weights is None:

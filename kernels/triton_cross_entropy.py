@@ -91,11 +91,11 @@ def _lce_forward_kernel(
 @triton.jit
 def _lce_backward_kernel(
     H, W, ROWS, Y, COUNT, LSE, SCALE, GH, GW,
-    V, D,
+    V, D, FILTER_EPS,
     stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, FILTER: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -130,7 +130,15 @@ def _lce_backward_kernel(
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
     p = tl.exp(acc - lse[:, None])
     p = tl.where(col_ok[None, :], p, 0.0)
-    g = (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * scale[:, None]  # d loss/d logits
+    d = p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)  # softmax - onehot
+    if FILTER:  # noqa: SIM102 (a constexpr branch: compiled out when off)
+        # Gradient filtering (cut-cross-entropy, arXiv 2411.09009, section 4.3): a tile whose
+        # every |softmax - onehot| is below FILTER_EPS (the compute dtype's eps / 32) changes
+        # no gradient entry by more than the 16-bit rounding of its neighbours: skip both
+        # products. No target lies in such a tile (its entry is p - 1).
+        if tl.max(tl.where(row_ok[:, None], tl.abs(d), 0.0)) < FILTER_EPS:
+            return
+    g = d * scale[:, None]  # d loss / d logits
     if not UPCAST:
         g = g.to(W.dtype.element_ty)  # tensor-core dot in the input dtype, fp32 accumulate
 
@@ -372,19 +380,21 @@ def backward_kernel_args(
     gh: torch.Tensor | None,
     gw: torch.Tensor | None,
     cfg: KernelConfig,
+    filter_eps: float = 0.0,
 ) -> tuple[tuple, dict]:
-    """The backward kernel's arguments; gh / gw None = that gradient is not computed."""
+    """The backward kernel's arguments; gh / gw None = that gradient is not computed;
+    ``filter_eps`` > 0 skips vocabulary tiles whose |softmax - onehot| stays below it."""
     dim = hidden.shape[1]
     args = (
         hidden, weight, rows, y, count, lse, scale,
         lse if gh is None else gh, lse if gw is None else gw,  # dummies, never touched
-        weight.shape[0], dim,
+        weight.shape[0], dim, float(filter_eps),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
     )  # fmt: skip
     kwargs = dict(
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         UPCAST=INTERPRET, PRECISION=_precision(hidden.dtype),
-        COMPUTE_DH=gh is not None, COMPUTE_DW=gw is not None,
+        COMPUTE_DH=gh is not None, COMPUTE_DW=gw is not None, FILTER=filter_eps > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return args, kwargs
@@ -440,7 +450,7 @@ def _(hidden, weight, rows, y, count, block_n, block_v, block_d, num_warps, num_
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("ssrengine::lce_backward", mutates_args=())
+@torch.library.custom_op("ssrengine::lce_backward", mutates_args=("gw_into",))
 def lce_backward(
     hidden: torch.Tensor,  # (N, H)
     weight: torch.Tensor,  # (V, H)
@@ -451,6 +461,8 @@ def lce_backward(
     scale: torch.Tensor,  # (N,) fp32, compacted order: d loss / d (per-row loss)
     need_h: bool,
     need_w: bool,
+    filter_eps: float,  # 0: no gradient filtering
+    gw_into: torch.Tensor | None,  # (V, H) fp32 contiguous: add grad_weight into it instead
     block_n: int,  # 0: tiles picked for the device
     block_v: int,
     block_d: int,
@@ -458,7 +470,7 @@ def lce_backward(
     num_stages: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 grad_hidden (N, H) and grad_weight (V, H), zero rows where ignored; a gradient that
-    is not needed comes back empty."""
+    is not needed, or that went into ``gw_into``, comes back empty."""
     _check_launch(hidden, weight, rows)
     assert lse.is_contiguous() and scale.is_contiguous() and scale.dtype == torch.float32
     n, dim = hidden.shape
@@ -467,25 +479,34 @@ def lce_backward(
 
     def run(tile: KernelConfig) -> tuple[torch.Tensor, torch.Tensor]:
         gh = hidden.new_zeros((n, dim) if need_h else (0,), dtype=torch.float32)
-        gw = weight.new_zeros((vocab, dim) if need_w else (0,), dtype=torch.float32)
+        if gw_into is not None:  # the atomics add to what it holds: no zeroed buffer
+            assert gw_into.shape == (vocab, dim) and gw_into.is_contiguous()
+            assert gw_into.dtype == torch.float32
+        gw = (
+            gw_into
+            if gw_into is not None
+            else weight.new_zeros((vocab, dim) if need_w else (0,), dtype=torch.float32)
+        )
         if n > 0 and (need_h or need_w):
             args, kwargs = backward_kernel_args(
                 hidden, weight, rows, y, count, lse, scale,
-                gh if need_h else None, gw if need_w else None, tile,
+                gh if need_h else None, gw if need_w else None, tile, filter_eps,
             )  # fmt: skip
             grid = (triton.cdiv(n, tile.block_n), triton.cdiv(vocab, tile.block_v))
             with _on(hidden.device):
                 _lce_backward_kernel[grid](*args, **kwargs)
-        return gh, gw
+        # A custom op may not return an alias of an input.
+        return gh, (weight.new_empty(0, dtype=torch.float32) if gw_into is not None else gw)
 
     return _launch("backward", cfg, hidden.dtype, hidden.device, run)
 
 
 @lce_backward.register_fake
-def _(hidden, weight, rows, y, count, lse, scale, need_h, need_w, *blocks):
+def _(hidden, weight, rows, y, count, lse, scale, need_h, need_w, filter_eps, gw_into, *blocks):
     n, dim = hidden.shape
     gh = hidden.new_empty((n, dim) if need_h else (0,), dtype=torch.float32)
-    gw = weight.new_empty((weight.shape[0], dim) if need_w else (0,), dtype=torch.float32)
+    full = need_w and gw_into is None
+    gw = weight.new_empty((weight.shape[0], dim) if full else (0,), dtype=torch.float32)
     return gh, gw
 
 
@@ -509,8 +530,14 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         per_token: bool,
         cfg: KernelConfig | None,
+        filter_eps: float,
+        into_grad: bool,
     ) -> torch.Tensor:
         n = hidden.shape[0]
+        ctx.leaf = weight if into_grad and _accumulable(weight) else None
+        # An fp32 master weight under autocast is cast here (see cross_entropy.py): its
+        # gradient then leaves as the fp32 kernel buffer itself, no copies.
+        w_dtype, weight = weight.dtype, weight.to(hidden.dtype)
         cfg = cfg or default_config(n, weight.shape[0], hidden.shape[1], hidden.dtype)
         valid = labels != ignore_index
         rows = torch.argsort((~valid).to(torch.int8), stable=True)  # supervised rows first
@@ -523,7 +550,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         loss = lse - tgt if w is None else (lse - tgt) * w
         loss = torch.where(in_count, loss, 0.0)  # (N,) compacted order
         ctx.save_for_backward(hidden, weight, rows, y, count, lse, w)
-        ctx.per_token, ctx.cfg = per_token, cfg
+        ctx.per_token, ctx.cfg, ctx.filter_eps, ctx.w_dtype = per_token, cfg, filter_eps, w_dtype
         if per_token:
             return torch.empty_like(loss).index_copy_(0, rows, loss)
         return loss.sum()
@@ -535,12 +562,40 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         scale = g[rows] if ctx.per_token else g.expand(hidden.shape[0])
         scale = (scale if w is None else scale * w).contiguous()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        into = _grad_buffer(ctx.leaf) if need_w and ctx.leaf is not None else None
         gh, gw = lce_backward(
-            hidden, weight, rows, y, count, lse, scale, need_h, need_w, *_blocks(ctx.cfg)
-        )
+            hidden, weight, rows, y, count, lse, scale, need_h, need_w, ctx.filter_eps, into,
+            *_blocks(ctx.cfg),
+        )  # fmt: skip
         gh = gh.to(hidden.dtype) if need_h else None
-        gw = gw.to(weight.dtype) if need_w else None
-        return gh, gw, None, None, None, None, None
+        if into is not None:
+            # Already added to .grad. Autograd still gets a gradient, so AccumulateGrad runs
+            # (and with it DDP's and FSDP2's hooks): a broadcast zero, no (V, H) memory.
+            gw = torch.zeros((), dtype=torch.float32, device=weight.device).expand(weight.shape)
+        else:
+            gw = gw.to(ctx.w_dtype) if need_w else None
+        return gh, gw, None, None, None, None, None, None, None
+
+
+def _accumulable(weight: torch.Tensor) -> bool:
+    """Whether the weight's gradient can be added to its .grad by the kernel: an eager fp32
+    leaf (a Parameter, or FSDP2's unsharded one), not a traced, fake or DTensor stand-in."""
+    return (
+        type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and weight.is_leaf
+        and weight.requires_grad
+        and weight.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _grad_buffer(leaf: torch.Tensor) -> torch.Tensor | None:
+    """leaf.grad, created as zeros when absent, if the kernel can add into it; else None."""
+    if leaf.grad is None:
+        leaf.grad = torch.zeros_like(leaf, memory_format=torch.contiguous_format)
+    g = leaf.grad
+    ok = type(g) is torch.Tensor and g.is_contiguous() and g.dtype == torch.float32
+    return g if ok and g.shape == leaf.shape else None
 
 
 def _on(device: torch.device):
@@ -558,8 +613,12 @@ def triton_linear_cross_entropy(
     ignore_index: int = -100,
     per_token: bool = False,
     cfg: KernelConfig | None = None,
+    filter_eps: float = 0.0,
+    into_grad: bool = False,
 ) -> torch.Tensor:
-    """Triton path (no argument checks): the weighted loss sum, or per-token losses (N,)."""
+    """Triton path (no argument checks): the weighted loss sum, or per-token losses (N,).
+    ``into_grad``: add an fp32 leaf weight's gradient straight into its .grad (see
+    `fused_linear_cross_entropy`)."""
     return _TritonLinearCrossEntropy.apply(
-        hidden, weight, labels, token_weights, ignore_index, per_token, cfg
+        hidden, weight, labels, token_weights, ignore_index, per_token, cfg, filter_eps, into_grad
     )

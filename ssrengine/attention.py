@@ -25,6 +25,8 @@ from ssrengine.errors import InputError
 
 FLASH = "flash_attention_2"
 SDPA_VARLEN = "sdpa_varlen"
+# Forward kwarg with a packed row's example boundaries as host ints (packing.model_inputs).
+HOST_BOUNDS = "cu_seq_lens_host"
 SIXTEEN_BIT = ("bfloat16", "float16")
 
 
@@ -90,6 +92,7 @@ def sdpa_varlen_attention(
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    cu_seq_lens_host: tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function: varlen causal attention through SDPA.
@@ -98,14 +101,18 @@ def sdpa_varlen_attention(
     within its own (L, L) causal block, one SDPA call per example: the attention work is
     sum(L^2) instead of the T^2 of a masked SDPA over the whole packed row, and no (T, T) mask
     is built (on CUDA, flash-attn varlen does the same in one kernel). Boundaries come from
-    ``cu_seq_lens_q`` or, like transformers' flash path, from restarts in ``position_ids``.
+    ``cu_seq_lens_host`` (host ints, what packed micro-batches pass: no device sync), else
+    ``cu_seq_lens_q`` or, like transformers' flash path, restarts in ``position_ids`` (each a
+    device sync per layer on CUDA).
     Anything else (padded batches, a KV cache) is transformers' sdpa, mask included.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = None
-    if cu_seq_lens_q is not None:
-        bounds = cu_seq_lens_q.tolist()  # n + 1 host ints; a sync on CUDA (use flash-attn there)
+    if cu_seq_lens_host is not None and query.shape[2] == cu_seq_lens_host[-1]:
+        bounds = cu_seq_lens_host  # host ints from the packing plan: no device sync
+    elif cu_seq_lens_q is not None:
+        bounds = cu_seq_lens_q.tolist()  # a device sync in every layer: callers should not
     elif (
         attention_mask is None  # see _sdpa_varlen_mask: one full, unpadded row
         and position_ids is not None

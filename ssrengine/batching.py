@@ -8,6 +8,7 @@ position ``t``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ class MicroBatch:
     supervised_tokens: int  # known on the host from the data: no device sync to normalize
     real_tokens: int
     ids: list[str]
+    seq_lens: tuple[int, ...] = ()  # real tokens of each example (FLOPs: ssrengine.flops)
     # (B, T) per-token loss weights aligned with labels (`ssrengine.loss_weights`); None = all 1
     token_weights: torch.Tensor | None = None
     supervised_weight: float | None = None  # their sum, on the host; None = supervised_tokens
@@ -132,6 +134,7 @@ def padded_batch(items: list[Encoded], pad_id: int, train: TrainConfig | None = 
         supervised_tokens=int((labels != IGNORE_INDEX).sum()),
         real_tokens=int(mask.sum()),
         ids=[e.id for e in items],
+        seq_lens=tuple(len(e.input_ids) for e in items),
     )
     return _with_weights(mb, _weights(items, train))
 
@@ -149,6 +152,7 @@ def packed_micro_batch(
         supervised_tokens=batch.num_targets,
         real_tokens=batch.num_tokens,
         ids=batch.ids,
+        seq_lens=tuple(b - a for a, b in itertools.pairwise(batch.bounds)),
     )
     if weights is None:
         return mb

@@ -18,6 +18,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -148,6 +150,29 @@ def wrap(
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(module, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, lm_head
     return module
+
+
+@contextmanager
+def grad_sync(module: nn.Module, sync: bool) -> Iterator[None]:
+    """Reduce gradients over ranks in this backward only if ``sync``: gradient accumulation
+    communicates once per optimizer step, in the last micro-batch's backward, instead of once
+    per micro-batch. DDP: `no_sync()`; FSDP2: `set_requires_gradient_sync` (unsharded fp32
+    gradients accumulate locally until then); a single process: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        with nullcontext() if sync else module.no_sync():
+            yield
+        return
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(sync)  # recurses into every decoder-layer unit
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)  # the default for any other caller
+        return
+    yield
 
 
 def unwrap(module: nn.Module) -> nn.Module:

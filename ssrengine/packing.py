@@ -8,8 +8,9 @@ each attention implementation:
 
 - ``flash_attention_*`` (CUDA + flash-attn): the precomputed ``cu_seqlens`` go straight to
   flash-attn's varlen kernel (transformers' ``cu_seq_lens_q/k`` + ``max_length_q/k``).
-- ``sdpa_varlen`` (`ssrengine.attention`): the same precomputed ``cu_seqlens``, one SDPA call
-  per example on its own causal block, so no (T, T) mask is built or computed.
+- ``sdpa_varlen`` (`ssrengine.attention`): the same boundaries as host ints (``bounds``, built
+  on the CPU with the batch, so no layer reads them back from the device), one SDPA call per
+  example on its own causal block, so no (T, T) mask is built or computed.
 - ``sdpa`` / ``eager``: ``position_ids`` restarting at 0 per example, and no attention mask;
   transformers then derives a block-diagonal causal mask from the restarts. It does so only
   when there is no KV cache: `ssrengine.models.hidden_and_head` passes ``use_cache=False``
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from ssrengine import IGNORE_INDEX
-from ssrengine.attention import SDPA_VARLEN
+from ssrengine.attention import HOST_BOUNDS, SDPA_VARLEN
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class PackedBatch:
     max_seqlen: int  # longest example, a host int (no device sync in the attention call)
     ids: list[str]  # example ids, in packed order
     num_targets: int = 0  # supervised tokens (labels != IGNORE_INDEX), counted on the host
+    bounds: tuple[int, ...] = ()  # cu_seqlens as host ints: sdpa_varlen reads them, no sync
 
     @property
     def num_tokens(self) -> int:
@@ -190,6 +192,7 @@ class PackedBatch:
             max_seqlen=self.max_seqlen,
             ids=self.ids,
             num_targets=self.num_targets,
+            bounds=self.bounds,
         )
 
 
@@ -231,6 +234,7 @@ def pack_one(
         max_seqlen=max(lengths),
         ids=[str(i) for i in ids],
         num_targets=int((labels != IGNORE_INDEX).sum()),
+        bounds=tuple(itertools.accumulate(lengths, initial=0)),
     )
 
 
@@ -348,4 +352,8 @@ def model_inputs(
             max_length_q=batch.max_seqlen,
             max_length_k=batch.max_seqlen,
         )
+        if batch.bounds:
+            # The same boundaries as host ints, for sdpa_varlen (flash-attn takes the device
+            # tensor; transformers hands unknown kwargs to every attention function unchanged).
+            kwargs[HOST_BOUNDS] = batch.bounds
     return kwargs

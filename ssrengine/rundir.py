@@ -479,6 +479,7 @@ class MetricRow(Row):
     step_time_s: float = 0.0
     epoch: int = 0
     world_size: int = 1
+    mfu: float | None = None  # model FLOPs utilization (ssrengine.flops); None: CPU, unknown GPU
     eval_loss: float | None = None  # validation loss, at the steps train.eval_every names
 
     _OMIT_NONE = ("eval_loss",)
@@ -533,6 +534,7 @@ _OPERATIONAL = (
     "train.eval_every",
     "train.keep_best",
     "train.report_to",
+    "train.loss_grad_filter",
 )
 
 

@@ -42,11 +42,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ssrengine import IGNORE_INDEX, distributed, reporting, validation
+from ssrengine import IGNORE_INDEX, distributed, flops, reporting, validation
 from ssrengine.attention import compute_dtype, pick_attn_implementation
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.checkpoint import (
@@ -65,12 +64,15 @@ from ssrengine.rundir import MetricRow, RehearsalRow, RunDir, read_typed
 log = logging.getLogger(__name__)
 
 
-def loss_sum(model: Any, mb: MicroBatch, impl: str = "auto") -> torch.Tensor:
+def loss_sum(
+    model: Any, mb: MicroBatch, impl: str = "auto", grad_filter: bool = False
+) -> torch.Tensor:
     """Summed cross-entropy over the supervised tokens of one micro-batch, each token times its
     `MicroBatch.token_weights` where the batch has them (`ssrengine.loss_weights`).
 
     The one place the loss is computed: ``impl`` selects the fused kernel (never builds the
-    [tokens, vocab] logits) or ``naive`` (full logits + F.cross_entropy, the reference)."""
+    [tokens, vocab] logits) or ``naive`` (full logits + F.cross_entropy, the reference);
+    ``grad_filter``: the fused kernel's gradient filtering (train.loss_grad_filter)."""
     hidden, weight = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     labels = mb.labels.reshape(-1)  # (N,)
@@ -87,7 +89,8 @@ def loss_sum(model: Any, mb: MicroBatch, impl: str = "auto") -> torch.Tensor:
     # only where syncs are free (CPU).
     return fused_linear_cross_entropy(
         hidden, weight, labels, token_weights=tw, ignore_index=IGNORE_INDEX, reduction="sum",
-        impl=impl, validate=hidden.device.type == "cpu",
+        impl=impl, validate=hidden.device.type == "cpu", grad_filter=grad_filter,
+        grad_into_weight=True,  # the trainer only ever calls .backward() on it
     )  # fmt: skip
 
 
@@ -98,12 +101,12 @@ class CausalLMLoss(nn.Module):
     lm_head) for it, DDP arms its gradient all-reduce — so the loss must run inside it; there
     `hidden_and_head` returns the full [V, H] lm_head weight, never a DTensor shard."""
 
-    def __init__(self, model: Any, impl: str = "auto") -> None:
+    def __init__(self, model: Any, impl: str = "auto", grad_filter: bool = False) -> None:
         super().__init__()
-        self.model, self.impl = model, impl
+        self.model, self.impl, self.grad_filter = model, impl, grad_filter
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
-        return loss_sum(self.model, mb, self.impl)
+        return loss_sum(self.model, mb, self.impl, self.grad_filter)
 
 
 def accumulate(
@@ -129,10 +132,9 @@ def accumulate(
     # weights may sum below 1; an empty step has a zero loss whatever the divisor
     norm = n_sup.float().clamp(min=1e-12) / world_size
     total = torch.zeros((), device=device)
-    ddp = isinstance(model, DistributedDataParallel)
     for i, mb in enumerate(mbs):
-        # DDP: all-reduce the gradients once, in the last micro-batch's backward.
-        with model.no_sync() if ddp and i < len(mbs) - 1 else nullcontext():
+        # Gradients cross ranks once per step, in the last micro-batch's backward.
+        with distributed.grad_sync(model, i == len(mbs) - 1):
             with autocast or nullcontext():
                 loss = model(_to(mb, device))
             (loss / norm).backward()
@@ -222,7 +224,7 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     net = distributed.wrap(
-        CausalLMLoss(model, t.loss_impl),
+        CausalLMLoss(model, t.loss_impl, t.loss_grad_filter),
         world,
         t.parallel,
         layers=distributed.decoder_layers(model) if fsdp else [],
@@ -456,7 +458,19 @@ def _metrics_row(tr: Trainer, s: StepStats, dt: float, eval_loss: float | None) 
         epoch=(tr.consumed - 1) // tr.stream.per_epoch,
         world_size=tr.world.size,
         eval_loss=None if eval_loss is None else round(eval_loss, 6),
+        mfu=_mfu(tr, dt),
     )
+
+
+def _mfu(tr: Trainer, dt: float) -> float | None:
+    """MFU of the step just taken, from the global micro-batches it consumed (host data: every
+    rank has the whole stream); None on the CPU or an unknown GPU."""
+    n = tr.cfg.train.grad_accum * tr.world.size
+    sixteen = tr.cfg.model.dtype in ("bfloat16", "float16")
+    dtype = "bfloat16" if sixteen else compute_dtype(tr.cfg.train.dtype, tr.world.device)
+    mbs = (tr.stream[k] for k in range(tr.consumed - n, tr.consumed))
+    value = flops.step_mfu(tr.hf_model.config, mbs, dt, tr.world.device, dtype, tr.world.size)
+    return None if value is None else round(value, 4)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ssrengine.kernels.cross_entropy import torch_linear_cross_entropy
 from ssrengine.kernels.triton_cross_entropy import KernelConfig, triton_linear_cross_entropy
 
+from ssrengine.kernels import cross_entropy as CE
 from ssrengine.kernels import fused_linear_cross_entropy, sequence_log_likelihood
 
 IGNORE = -100
@@ -355,3 +356,52 @@ def test_triton_gpu_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item() and h.grad is not None and w.grad is not None
+
+
+# ------------------------------------------------------------------ gradient filtering
+def _filtered(impl, eps):
+    """The loss with gradient filtering at ``eps`` (0: off), with tiles small enough that a
+    515-token vocabulary has many (the interpreter's default is one tile) and few rows each."""
+    cfg = KernelConfig(block_n=16, block_v=32, block_d=16)
+
+    def fn(h, w, y, tw, red):
+        if impl == "triton":
+            return triton_linear_cross_entropy(h, w, y, tw, IGNORE, red == "none", cfg, eps)
+        return torch_linear_cross_entropy(h, w, y, tw, IGNORE, red == "none", 8, eps)
+
+    return fn
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_filter_error_is_bounded_by_the_same_dtype_reference(
+    impl, dtype, reduction, monkeypatch
+):
+    """Skipped tiles (softmax below the dtype's eps / 32) leave the loss as it was and the
+    gradients within the error bound of naive torch in the same dtype; and tiles were skipped."""
+    monkeypatch.setattr(CE, "FILTER_TILE", 32)
+    hidden, weight, labels, tw = make_inputs(130, 72, 515, dtype, 0.6, weighted=True, seed=3)
+    weight = weight * 8  # logits with std ~16: a peaked softmax, most of the vocabulary ~0
+    eps = CE.filter_eps_for(dtype)
+    check_against_oracle(_filtered(impl, eps), hidden, weight, labels, tw, reduction, dtype)
+    on = loss_and_grads(_filtered(impl, eps), hidden, weight, labels, tw, reduction)
+    off = loss_and_grads(_filtered(impl, 0.0), hidden, weight, labels, tw, reduction)
+    assert torch.equal(on[0], off[0])
+    assert not torch.equal(on[2], off[2]), "no tile was skipped: the test shows nothing"
+
+
+def test_grad_filter_threshold_by_dtype():
+    assert CE.filter_eps_for(torch.bfloat16) == 2.0**-12
+    assert CE.filter_eps_for(torch.float16) == 2.0**-15
+    assert CE.filter_eps_for(torch.float32) == 2.0**-28
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_filter_through_the_public_function(impl, dtype, monkeypatch):
+    """fp32 (threshold 2^-28) keeps the fixed fp32 tolerances."""
+    monkeypatch.setattr(CE, "FILTER_TILE", 32)
+    hidden, weight, labels, tw = make_inputs(*SHAPES[1], dtype, 0.6, weighted=True)
+    fn = kernel_fn(impl, grad_filter=True)
+    check_against_oracle(fn, hidden, weight, labels, tw, "sum", dtype)

@@ -220,3 +220,59 @@ def test_fp32_weights_train_under_bf16_autocast_with_flash_attention(tiny_model_
     with torch.no_grad():
         hidden, _ = hidden_and_head(plain, **model_inputs(batch, "sdpa_varlen"))
     assert hidden.dtype == torch.float32 and torch.isfinite(hidden).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_fp32_master_weight_gets_its_gradient_without_copies_under_autocast(impl):
+    """The kernel's autograd node takes the fp32 lm_head weight itself and casts it inside: its
+    gradient goes from the kernel's fp32 buffer straight to .grad, not as a bf16 copy through
+    a cast node that copies it back to fp32 (two (V, H) copies per micro-batch)."""
+    hidden, weight, labels = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, impl=impl)
+    node = loss.grad_fn
+    while type(node).__name__ not in (
+        "_TorchLinearCrossEntropyBackward",
+        "_TritonLinearCrossEntropyBackward",
+    ):
+        node = node.next_functions[0][0]
+    weight_edge = node.next_functions[1][0]
+    assert type(weight_edge).__name__ == "AccumulateGrad" and weight_edge.variable is weight
+    seen = []
+    weight.register_hook(lambda g: seen.append(g.dtype))
+    loss.backward()
+    assert seen == [torch.float32]
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.interpreter),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_grad_into_weight_accumulates_without_a_gradient_buffer(device):
+    """grad_into_weight: over three micro-batches (the trainer's accumulation, bf16 autocast
+    over an fp32 master weight) the kernel adds into weight.grad itself, autograd only gets a
+    broadcast zero (no [V, H] buffer per call), and the gradients equal the default path's."""
+    batches = [[t.to(device) for t in _inputs(seed=s)] for s in range(3)]
+    weight = batches[0][1]
+    grads = {}
+    for into in (False, True):
+        w = weight.detach().clone().requires_grad_()
+        h_grads, strides = [], []
+        w.register_hook(lambda g, strides=strides: strides.append(g.stride()))
+        for hidden, _, labels in batches:
+            h = hidden.clone().requires_grad_()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = fused_linear_cross_entropy(
+                    h, w, labels, impl="triton", grad_into_weight=into
+                )
+            (loss / 7).backward()
+            h_grads.append(h.grad)
+        grads[into] = (w.grad, h_grads, strides)
+    (w0, h0, s0), (w1, h1, s1) = grads[False], grads[True]
+    assert s0 == [w0.stride()] * 3 and s1 == [(0, 0)] * 3
+    torch.testing.assert_close(w1, w0, rtol=1e-6, atol=1e-7)
+    for a, b in zip(h1, h0):
+        assert torch.equal(a, b)

@@ -1,0 +1,135 @@
+"""No host sync per layer on the GPU training path, checked on the CPU.
+
+On CUDA, reading a device tensor back to the host (`.item()`, `.tolist()`, `bool()`, `int()`,
+`float()`) makes the CPU wait for every queued kernel: in a layer, that stalls the launch
+queue once per layer. `SyncDetector` counts those calls (by the code that made them) while a
+packed micro-batch runs forward and backward as it does on a GPU (sdpa_varlen attention, the
+Triton loss without validation), the CPU standing in for the device: the torch analogue is
+`torch.cuda.set_sync_debug_mode`, which needs a GPU.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssrengine.batching import packed_micro_batch
+from ssrengine.kernels import fused_linear_cross_entropy
+from ssrengine.models import hidden_and_head, load_model
+from ssrengine.packing import pack
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+HERE = Path(__file__).resolve()
+
+
+@contextmanager
+def sync_detector():
+    """Counter of (file, function) -> host reads of tensors made inside the block."""
+    seen: Counter = Counter()
+    real = {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+    def wrap(name):
+        def reading(self, *args, **kwargs):
+            frame = traceback.extract_stack(limit=2)[0]
+            if Path(frame.filename).resolve() != HERE:
+                seen[(Path(frame.filename).name, frame.name)] += 1
+            return real[name](self, *args, **kwargs)
+
+        return reading
+
+    for name in SYNCS:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        yield seen
+    finally:
+        for name, fn in real.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def _packed_micro_batch(lengths: list[int]):
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for n in lengths:
+        ids = torch.randint(3, 300, (n,), generator=g).tolist()
+        seqs.append((ids, [-100] * (n // 2) + ids[n // 2 :]))
+    [batch] = pack(seqs, sum(lengths))
+    return packed_micro_batch(batch)
+
+
+@pytest.mark.interpreter
+def test_packed_forward_backward_reads_nothing_back_per_layer(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    assert model.config._attn_implementation == "sdpa_varlen"
+    layers = model.config.num_hidden_layers
+    mb = _packed_micro_batch([7, 12, 5, 9])
+    forwards = 2
+    with sync_detector() as syncs:
+        for _ in range(forwards):
+            hidden, weight = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
+            loss = fused_linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), weight, mb.labels.reshape(-1),
+                impl="triton", validate=False,
+            )  # fmt: skip
+            loss.backward()
+    ours = {k: v for k, v in syncs.items() if k[0] in ("attention.py", "cross_entropy.py")}
+    assert not ours, f"host syncs in ssrengine code: {dict(syncs)}"
+    # The one read left is transformers' packed-sequence detection in create_causal_mask
+    # (masking_utils.find_packed_sequence_indices): once per forward, never per layer.
+    per_layer = {k: v for k, v in syncs.items() if v >= layers * forwards}
+    assert not per_layer, f"a host read in every layer: {dict(syncs)}"
+    assert sum(syncs.values()) <= forwards, dict(syncs)
+
+
+def test_sync_detector_sees_a_tolist_in_a_layer(tiny_model_dir):
+    """The detector catches what it is meant to: boundaries read back from the device tensor
+    (`cu_seq_lens_q.tolist()`) in every layer when no host boundaries are passed."""
+    from ssrengine.attention import HOST_BOUNDS
+
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    mb = _packed_micro_batch([7, 12, 5])
+    kwargs = {k: v for k, v in mb.model_kwargs.items() if k != HOST_BOUNDS}
+    with sync_detector() as syncs:
+        hidden_and_head(model, mb.input_ids, **kwargs)
+    assert syncs[("attention.py", "sdpa_varlen_attention")] == model.config.num_hidden_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "flash_attention_2"])
+def test_packed_step_on_cuda_syncs_at_most_once_per_forward(tiny_model_dir, attn):
+    """The same check with torch's own detector on a GPU: at most transformers' one
+    packed-sequence detection per forward, for sdpa_varlen (fp32) and FlashAttention-2 (bf16
+    autocast), with the Triton loss as the trainer runs it (validate=False)."""
+    import warnings
+
+    from ssrengine.trainer import _to
+
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    autocast = "bfloat16" if attn == "flash_attention_2" else "float32"
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cuda", autocast=autocast,
+                       attn_implementation=attn)  # fmt: skip
+    mb = _to(_packed_micro_batch([70, 120, 50, 90]), torch.device("cuda"))
+    dtype = torch.bfloat16 if autocast == "bfloat16" else torch.float32
+    forwards = 3
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(forwards):
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    hidden, weight = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
+                    loss = fused_linear_cross_entropy(
+                        hidden.reshape(-1, hidden.shape[-1]), weight, mb.labels.reshape(-1),
+                        validate=False,
+                    )  # fmt: skip
+                loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= forwards, syncs
