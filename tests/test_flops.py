@@ -71,9 +71,9 @@ def test_metrics_row_carries_mfu_where_the_peak_is_known(tiny_model_dir, tmp_pat
                "--train.max_tokens=512", "--data.max_seq_len=256")  # fmt: skip
     tr = setup(cfg, tmp_path, rows=rehearsal())
     s = train_step(tr)
-    assert _metrics_row(tr, s, 0.5).mfu is None
+    assert _metrics_row(tr, s, 0.5, None).mfu is None
     monkeypatch.setattr(flops, "device_peak_flops", lambda device, dtype: 1e9)
     mbs = [tr.stream[0], tr.stream[1]]
     assert sum(mb.real_tokens for mb in mbs) == s.tokens
     want = flops.ModelFlops.from_config(tr.hf_model.config).step(mbs) / (0.5 * 1e9)
-    assert _metrics_row(tr, s, 0.5).mfu == round(want, 4) > 0
+    assert _metrics_row(tr, s, 0.5, None).mfu == round(want, 4) > 0
