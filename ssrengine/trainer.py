@@ -217,6 +217,15 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
     return model, peft_model, net
 
 
+def _adamw_impl(params: list[nn.Parameter], device: torch.device) -> dict[str, bool]:
+    """CPU: the fused AdamW kernel (plain tensors only; FSDP2's DTensors keep the loop): for
+    SmolLM2 0.17 s of CPU per step against 0.84 s for the per-parameter loop, and none of the
+    loop's (+0.22 GB) or foreach's (+0.53 GB) temporaries. CUDA: foreach, as before."""
+    if device.type == "cpu" and all(type(p) is nn.Parameter for p in params):
+        return {"fused": True}
+    return {"foreach": device.type == "cuda"}
+
+
 def build_optimizer(
     cfg: Config, net: nn.Module, device: torch.device
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -231,7 +240,7 @@ def build_optimizer(
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,
-        foreach=device.type == "cuda",
+        **_adamw_impl(params, device),
     )
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
