@@ -128,11 +128,12 @@ class Phases:
             if self.depth:  # a phase inside a phase counts once, in the outer one
                 return fn(*args, **kwargs)
             self.depth += 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.step[name] += time.perf_counter() - t0  # type: ignore[operator]
+                self.step[name + "_cpu"] += time.process_time() - c0  # type: ignore[operator]
                 self.depth -= 1
 
         return inner
@@ -180,6 +181,7 @@ def install(phases: Phases, sampler: RssSampler, shape_of: Callable[[Any], Any])
         row["wall_s"] = time.perf_counter() - w0
         row["cpu_s"] = time.process_time() - c0
         row["other"] = row["wall_s"] - sum(row.get(k, 0.0) for k in PHASES[:-1])
+        row["other_cpu"] = row["cpu_s"] - sum(row.get(k + "_cpu", 0.0) for k in PHASES[:-1])
         row["tokens"] = s.tokens
         row["supervised_tokens"] = s.supervised_tokens
         row["loss"] = s.loss
@@ -322,6 +324,9 @@ def report(
         "breakdown_s_per_step": {
             k: round(statistics.mean(s.get(k, 0.0) for s in steady), 4) for k in PHASES
         },
+        "breakdown_cpu_s_per_step": {
+            k: round(statistics.mean(s.get(k + "_cpu", 0.0) for s in steady), 4) for k in PHASES
+        },
         "steps": [{k: round(v, 4) for k, v in s.items()} for s in steps],
         "save_s": round(getattr(phases, "save_s", 0.0), 2),
         "total_s": round(total_s, 1),
@@ -363,14 +368,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_title(f"tokens per CPU-second: {res['pct_of_ceiling_cpu']}% of ceiling")
     ax = axes[1]
-    bd = res["breakdown_s_per_step"]
+    bd = res["breakdown_cpu_s_per_step"]
     left = 0.0
     colors = ["#8172b3", "#4c72b0", "#dd8452", "#55a868", "#c44e52"]
     for (k, v), c in zip(bd.items(), colors, strict=True):
         ax.barh([0], [v], left=left, color=c, label=f"{k} {v:.2f}s")
         left += v
     ax.set_yticks([])
-    ax.set_xlabel("seconds per step (wall)")
+    ax.set_xlabel("CPU seconds per step")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8)
     ax.set_title("step-time breakdown")
     ax = axes[2]

@@ -190,6 +190,12 @@ class TrainConfig:
         "Cross-entropy: fused (triton on CUDA, chunked torch on CPU), or naive full logits.",
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    compile: bool = _f(
+        False,
+        "torch.compile each decoder block (fuses norms, rotary, SwiGLU and residual adds; "
+        "attention stays eager). The first steps pay the compile; off by default: on CPU "
+        "(SmolLM2, fp32) it did not measurably win, see the README's training benchmark.",
+    )
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     keep_checkpoints: int = _f(
         2, "Keep the newest N step checkpoints (0 = all; the final one is always kept).", ge=0
