@@ -12,10 +12,10 @@
 2. Training: SmolLM2-135M, fp32, packed micro-batches of --max-tokens (2,048) from the
    embedded data (builtin:train with gold targets), through the real trainer
    (`ssrengine.trainer.train`: setup, train_step, the loop, the final checkpoint save). Real
-   tokens/s and % of the ceiling come from the steps after the first (which allocates the
-   optimizer state), each both by wall clock and by process CPU time: with one thread, CPU
-   time is what an unloaded core would take, robust to the load of a shared machine (both
-   in the JSON; the load average too).
+   tokens/s and % of the ceiling come from the steps after --warmup-steps (the first
+   allocates the optimizer state; with --compile the first two compile), each both by wall
+   clock and by process CPU time: with one thread, CPU time is what an unloaded core would
+   take, robust to the load of a shared machine (both in the JSON; the load average too).
 3. Step-time breakdown: the trainer's own functions timed in place (data: picking and moving
    micro-batches; forward: model + fused loss; backward; optimizer: clip + AdamW + schedule +
    zero_grad; other: the one host sync and the metrics row).
@@ -277,7 +277,8 @@ def report(
     loads: list[tuple[float, float, float]],
 ) -> dict[str, Any]:
     steps = phases.steps
-    steady = steps[1:] if len(steps) > 1 else steps  # step 1 allocates the AdamW state
+    warm = min(a.warmup_steps, len(steps) - 1)  # step 1 allocates AdamW state (and compiles)
+    steady = steps[warm:]
     idx = range(len(steps) - len(steady), len(steps))
     flops = [phases.flops[i] for i in idx]
     tokens = sum(s["tokens"] for s in steady)
@@ -321,6 +322,11 @@ def report(
         "pct_of_ceiling_wall": round(100 * sum(flops) / wall / ceil_wall, 1),
         "pct_of_ceiling_cpu": round(100 * sum(flops) / cpu / ceil_cpu, 1),
         "first_step_s": round(steps[0]["wall_s"], 3),
+        "warmup_steps": warm,
+        # what the warm-up steps cost beyond steady steps: torch.compile's compile time
+        "warmup_extra_cpu_s": round(
+            sum(s["cpu_s"] for s in steps[:warm]) - warm * cpu / len(steady), 2
+        ),
         "breakdown_s_per_step": {
             k: round(statistics.mean(s.get(k, 0.0) for s in steady), 4) for k in PHASES
         },
@@ -409,8 +415,18 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="train.compile = true")
+    ap.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="steps left out of the rates (default 1; 2 with --compile: the second step "
+        "recompiles for dynamic shapes)",
+    )
     ap.add_argument("--out", type=Path, default=None)
-    r = main(ap.parse_args())
+    args = ap.parse_args()
+    if args.warmup_steps is None:
+        args.warmup_steps = 2 if args.compile else 1
+    r = main(args)
     r.pop("rss_timeline")
     r.pop("steps")
     print(json.dumps(r, indent=2))
