@@ -194,7 +194,7 @@ class TrainConfig:
         False,
         "torch.compile each decoder block (fuses norms, rotary, SwiGLU and residual adds; "
         "attention stays eager). The first steps pay the compile; off by default: on CPU "
-        "(SmolLM2, fp32) it did not measurably win, see the README's training benchmark.",
+        "(SmolLM2, fp32) it trained slower than eager (README, training benchmark).",
     )
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     keep_checkpoints: int = _f(
