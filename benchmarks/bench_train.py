@@ -357,16 +357,30 @@ def report(
                 (step_peak - rss_before_steps - 12 * n_params) / GB, 3
             ),
         },
-        "rss_timeline": [(round(t, 2), round(r / GB, 3), p) for t, r, p in sampler.samples[::10]],
+        "rss_timeline": thin(sampler.samples),
     }
     out = a.out or RESULTS / (
         "train_cpu" + ("-gc" if a.gradient_checkpointing else "") + ("-compile" if a.compile else "")
         + ".json"
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    timeline = res.pop("rss_timeline")
+    text = json.dumps(res, indent=2)[:-2]  # the timeline one sample per line, at the end
+    rows = ",\n    ".join(json.dumps(x) for x in timeline)
+    out.write_text(text + ',\n  "rss_timeline": [\n    ' + rows + "\n  ]\n}\n")
+    res["rss_timeline"] = timeline
     plot(res, out.with_suffix(".png"))
     return res
+
+
+def thin(samples: list[tuple[float, int, str]], n: int = 300) -> list[list[Any]]:
+    """At most ~``n`` points of the RSS timeline, each bucket's highest sample (peaks kept)."""
+    k = max(1, len(samples) // n)
+    out = []
+    for i in range(0, len(samples), k):
+        t, r, p = max(samples[i : i + k], key=lambda s: s[1])
+        out.append([round(t, 2), round(r / GB, 3), p])
+    return out
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
