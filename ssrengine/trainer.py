@@ -192,6 +192,14 @@ def _bf16(cfg: Config, world: distributed.World) -> tuple[torch.dtype | None, to
     return (torch.bfloat16, None) if _fsdp(cfg, world) else (None, torch.bfloat16)
 
 
+def compile_blocks(model: Any) -> None:
+    """train.compile: `torch.compile` each decoder block in place. The blocks share one code
+    object, so all layers reuse one compiled graph (parameters are graph inputs); varlen
+    attention reads host boundaries and runs eager between the compiled parts."""
+    for layer in distributed.decoder_layers(model):
+        layer.compile()
+
+
 def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Module]:
     """(transformers model, peft model or None, the trainable module: wrapped CausalLMLoss)."""
     t = cfg.train
@@ -222,6 +230,8 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if t.compile:
+        compile_blocks(model)
     model.train()
     net = distributed.wrap(
         CausalLMLoss(model, t.loss_impl, t.loss_grad_filter),

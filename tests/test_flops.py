@@ -77,3 +77,30 @@ def test_metrics_row_carries_mfu_where_the_peak_is_known(tiny_model_dir, tmp_pat
     assert sum(mb.real_tokens for mb in mbs) == s.tokens
     want = flops.ModelFlops.from_config(tr.hf_model.config).step(mbs) / (0.5 * 1e9)
     assert _metrics_row(tr, s, 0.5, None).mfu == round(want, 4) > 0
+
+
+def test_matmul_flops_match_torch_flop_counter(tiny_model_dir):
+    """Forward + backward with every token supervised (naive loss: logits for all rows): the
+    matmuls torch counts (mm/addmm: the decoder's linear layers and the head) are exactly
+    per_token·T + per_supervised_token·T; attention runs through SDPA and is not among them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssrengine.batching import encode_rows, micro_batches
+    from ssrengine.config import load_config
+    from ssrengine.trainer import loss_sum
+    from tests.test_trainer import rehearsal
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = load_config(None, ["--train.max_tokens=256", "--data.max_seq_len=256"])
+    mb = micro_batches(encode_rows(rehearsal(6), tok, cfg.data), cfg.train, epoch=0,
+                       pad_id=tok.pad_token_id)[0]  # fmt: skip
+    n = mb.input_ids.numel()
+    mb.labels[:] = torch.randint(0, model.config.vocab_size, mb.labels.shape)
+    with FlopCounterMode(display=False) as fc:
+        loss_sum(model, mb, "naive").backward()
+    counts = fc.get_flop_counts()["Global"]
+    matmul = sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm"))
+    mf = flops.ModelFlops.from_config(model.config)
+    assert matmul == mf.per_token * n + mf.per_supervised_token * n
