@@ -68,6 +68,16 @@ elif where == "in_write":
         return write_data(self, plan, planner)
 
     HuggingFaceStorageWriter.write_data = wrapped
+    # One process writes its shard itself (ssrengine.checkpoint._stream_dcp_shard), not via DCP.
+    import ssrengine.checkpoint as ck
+
+    stream = ck._stream_dcp_shard
+
+    def streamed(tensors, path):
+        point()
+        return stream(tensors, path)
+
+    ck._stream_dcp_shard = streamed
 
 from ssrengine.cli import main
 
