@@ -28,7 +28,6 @@ filesystem all of them see.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -36,7 +35,6 @@ import re
 import shutil
 import struct
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ssrengine import distributed
 from ssrengine.config import Config
 from ssrengine.errors import InputError
+from ssrengine.models import quiet_transformers
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -232,20 +231,6 @@ def save_checkpoint(
     return final
 
 
-@contextlib.contextmanager
-def _no_hf_bars() -> Iterator[None]:
-    """transformers' own bars ("Writing model shards") off: ours shows the save."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 def _save_train_tensors(tensors: dict[str, torch.Tensor], out: Path, world_size: int) -> None:
     """Write ``tensors`` as DCP's HuggingFaceStorageWriter would: one process with plain CPU
     tensors streams them (`_stream_dcp_shard`); otherwise (DTensors, devices, ranks) dcp.save."""
@@ -305,7 +290,7 @@ def _stream_dcp_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _export_hf(
     out: Path, weights: dict[str, torch.Tensor], *, hf_model: Any, peft_model: Any, cfg: Config
 ) -> None:
-    with _no_hf_bars():
+    with quiet_transformers():  # no "Writing model shards" bar under ours
         _export_hf_files(out, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg)
 
 
