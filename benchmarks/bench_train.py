@@ -216,9 +216,7 @@ def rehearsal_rows(n: int) -> list[Any]:
     from ssrengine.rundir import RehearsalRow
 
     exs = load_examples(resolve_data_file("builtin:train"), max_examples=n)
-    return [
-        RehearsalRow(e.id, e.messages, e.documents, e.response, "gold", e.answerable) for e in exs
-    ]
+    return [RehearsalRow.of(e) for e in exs]
 
 
 def main(a: argparse.Namespace) -> dict[str, Any]:

@@ -360,6 +360,19 @@ class RehearsalRow(Row):
     answerable: bool | None = None
 
     @classmethod
+    def of(cls, example: Any, target: str | None = None, source: str = "gold") -> RehearsalRow:
+        """``example``'s (an `ssrengine.data.Example`) prompt with ``target`` from ``source``;
+        by default its gold answer."""
+        return cls(
+            id=example.id,
+            messages=example.messages,
+            documents=example.documents,
+            target=example.response if target is None else target,
+            source=source,
+            answerable=example.answerable,
+        )
+
+    @classmethod
     def from_json(cls, obj: Any, file: str, line: int | None = None) -> RehearsalRow:
         row = super().from_json(obj, file, line)
         if row.source not in SOURCES:

@@ -617,17 +617,7 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
                 examples, sources, scores, cfg.judge.gold_answerable_share, cfg.train.seed
             ):
                 targets[i] = (by_id[i].response, "gold")
-    rows = [
-        RehearsalRow(
-            id=e.id,
-            messages=e.messages,
-            documents=e.documents,
-            target=targets[e.id][0],
-            source=targets[e.id][1],
-            answerable=e.answerable,
-        )
-        for e in examples
-    ]
+    rows = [RehearsalRow.of(e, *targets[e.id]) for e in examples]
     stats = BuildStats.of(rows)
     atomic_write_jsonl(rd.rehearsal, [r.to_json() for r in rows])
     stats.write(rd.build_stats)

@@ -63,17 +63,7 @@ def eval_file_rows(cfg: Config) -> list[RehearsalRow]:
 
     path = resolve_data_file(cfg.data.eval_file, cfg.data.seed)
     examples = load_examples(path, split=cfg.data.eval_split, on_invalid=cfg.data.on_invalid)
-    return [
-        RehearsalRow(
-            id=e.id,
-            messages=e.messages,
-            documents=e.documents,
-            target=e.response,
-            source="gold",
-            answerable=e.answerable,
-        )
-        for e in examples
-    ]
+    return [RehearsalRow.of(e) for e in examples]
 
 
 def batches(cfg: Config, rows: list[RehearsalRow], tokenizer: Any) -> list[MicroBatch]:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ssrengine.config import ModelConfig
 from ssrengine.data import encode_prompt
 from ssrengine.errors import InputError
 from ssrengine.generation.base import BackendError, Request, eos_ids
@@ -232,6 +233,16 @@ class PromptEncoder:
         # Replies are parsed on the pool's threads; a fast tokenizer shared across threads can
         # fail with "Already borrowed" (huggingface/tokenizers#537).
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_model(cls, name: str, model: ModelConfig, tokenizer: Any = None) -> PromptEncoder:
+        """The encoder of model ``name`` under ``model``'s trust and chat-template settings."""
+        return cls(
+            name,
+            trust_remote_code=model.trust_remote_code,
+            tokenizer=tokenizer,
+            chat_template=model.chat_template,
+        )
 
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_prompt(self.tokenizer, messages)

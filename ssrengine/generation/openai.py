@@ -61,12 +61,7 @@ class OpenAIGenerator(Generator):
         ``api_key`` (default: $OPENAI_API_KEY) is sent as a bearer token."""
         self.model = model_name(model, gen)
         self.batch_size = max(1, gen.batch_size)
-        self.enc = PromptEncoder(
-            self.model,
-            trust_remote_code=model.trust_remote_code,
-            tokenizer=tokenizer,
-            chat_template=model.chat_template,
-        )
+        self.enc = PromptEncoder.for_model(self.model, model, tokenizer)
         self.tokenizer = self.enc.tokenizer
         if not gen.url:
             raise InputError("openai needs the server URL", field="generation.url")

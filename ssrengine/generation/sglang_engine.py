@@ -55,12 +55,7 @@ class SGLangEngineGenerator(Generator):
             ) from None
         self.model = model_name(model, gen)
         trust = model.trust_remote_code
-        self.enc = PromptEncoder(
-            self.model,
-            trust_remote_code=trust,
-            tokenizer=tokenizer,
-            chat_template=model.chat_template,
-        )
+        self.enc = PromptEncoder.for_model(self.model, model, tokenizer)
         self.tokenizer = self.enc.tokenizer
         self.server = f"sglang.Engine({self.model})"
         self.engine: Any = sglang.Engine(

@@ -108,12 +108,7 @@ class SGLangHTTPGenerator(Generator):
         self.model = model_name(model, gen)
         self.batch_size = max(1, gen.batch_size)
         trust = model.trust_remote_code
-        self.enc = PromptEncoder(
-            self.model,
-            trust_remote_code=trust,
-            tokenizer=tokenizer,
-            chat_template=model.chat_template,
-        )
+        self.enc = PromptEncoder.for_model(self.model, model, tokenizer)
         self.tokenizer = self.enc.tokenizer
         self.server = None
         url = gen.url
