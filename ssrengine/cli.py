@@ -224,6 +224,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: l
 
             print(render(cfg, args.n, tokens=args.tokens, color=sys.stdout.isatty()))
             return 0
+        from ssrengine import distributed
         from ssrengine.pipeline import run_all, run_stage
 
         if args.command in ("run", "train"):
@@ -236,6 +237,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: l
                 run_all(cfg, resume=args.resume)
             else:
                 run_stage(cfg, args.command, resume=getattr(args, "resume", False))
+        distributed.shutdown()  # success only: on an error the atexit fallback runs
         return 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -70,7 +70,7 @@ def init(device: str = "auto") -> World:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
-        atexit.register(_shutdown)
+        atexit.register(shutdown)
     _host_group = dist.new_group(backend="gloo", timeout=DATA_STAGE_TIMEOUT)
     if rank != 0:  # logging and progress bars on rank 0 only
         logging.getLogger().setLevel(logging.WARNING)
@@ -79,9 +79,18 @@ def init(device: str = "auto") -> World:
     return _world
 
 
-def _shutdown() -> None:
+def shutdown() -> None:
+    """Destroy the process groups while the interpreter is fully alive; idempotent.
+
+    Call it at the end of a successful run (after the last collective, on every rank). Left to
+    interpreter exit, gloo's worker threads can still hold work objects whose destruction then
+    aborts the process ("terminate called without an active exception", SIGABRT; pytorch PR
+    #179291). The atexit hook registered by `init` is the fallback; on an exception path it is
+    all that runs, as a collective teardown could wait on a rank that died."""
+    global _world, _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _world, _host_group = None, None
 
 
 def barrier() -> None:

@@ -98,6 +98,7 @@ def main(model_dir: str, parallel: str, accum: int, out_dir: Path, impl: str = "
             json.dumps({"collectives": calls["n"], "into_grad": direct["n"]})
         )
     dist.barrier()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
