@@ -23,59 +23,75 @@ demo: $(STAMP)
 	$(PY) -m ssrengine.models fetch smollm2-135m
 	$(PY) -m ssrengine.train --config $(CONFIG)
 
-# The paper's experiment in miniature (README, "The experiment"): base vs SFT vs SSR on
-# SmolLM2-135M with the embedded data, on the CPU, then one report. EVAL_ARGS sizes the eval:
-# 200 questions per split (class-balanced; all of builtin:test and builtin:ood), the whole
-# probe (200 prompts) and MC set (260 items); fewer cannot separate the runs (README).
+# The paper's experiment in miniature (README, "The experiment") on SmolLM2-135M with the
+# embedded data, on the CPU: base, SFT and SSR with full fine-tuning and LoRA, SSR with the
+# options, then one report with paired intervals. One file target per run, so `make -j2
+# experiment` runs two chains at once (one thread each: EXP_THREADS); finished runs and evals
+# are kept, so a rerun continues where a killed one stopped. Every SSR run reuses the `ssr`
+# run's generations (same base model, same prompts). EVAL_ARGS sizes the eval: 200 questions
+# per split (class-balanced; all of builtin:test and builtin:ood), the whole probe (200
+# prompts) and MC set (260 items); fewer cannot separate the runs (README).
 EXP ?= runs/experiment
 EVAL_ARGS ?= --limit 200 --probe-limit 0 --mc-limit 0
-experiment: $(STAMP)
-	$(PY) -m ssrengine.models fetch smollm2-135m
-	$(PY) -m ssrengine eval smollm2-135m --config configs/experiment_sft.toml --out $(EXP)/base $(EVAL_ARGS)
-	$(PY) -m ssrengine.train --config configs/experiment_sft.toml --run.dir=$(EXP)/sft
-	$(PY) -m ssrengine eval $(EXP)/sft --base-eval $(EXP)/base $(EVAL_ARGS)
-	$(PY) -m ssrengine.train --config configs/experiment_ssr.toml --run.dir=$(EXP)/ssr
-	$(PY) -m ssrengine eval $(EXP)/ssr --base-eval $(EXP)/base $(EVAL_ARGS)
-	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr --out $(EXP)/report
-
-# Ablations, after `make experiment`: rule judge at another token-F1 cut (ssr-fX: judge.min_f1,
-# 0.3 in the experiment), LLM judge at P(Yes) >= 0.5 (ssr-llm) or another cut (ssr-llm-pX:
-# judge.threshold). They reuse the SSR run's generations (same base model, same prompts); each
-# trains and evals once.
+EXP_THREADS ?= 1
+EXP_RUNS ?= sft ssr ssr-prefix ssr-options sft-lora ssr-lora
+# After `make experiment`: the rule judge at other token-F1 cuts (ssr-fX: judge.min_f1, 0.3 in
+# the experiment), the LLM judge at P(Yes) >= 0.5 (ssr-llm) or another cut (ssr-llm-pX).
 ABLATIONS ?= ssr-f0.5 ssr-f0.1 ssr-llm-p0.15
-experiment-ablations: $(STAMP)
-	for a in $(ABLATIONS); do \
-	  case $$a in ssr-f*) cfg="configs/experiment_ssr.toml --judge.min_f1=$${a#ssr-f}";; \
-	              ssr-llm) cfg=configs/experiment_ssr_llm.toml;; \
-	              ssr-llm-p*) cfg="configs/experiment_ssr_llm.toml --judge.threshold=$${a#ssr-llm-p}";; \
-	              *) echo "unknown ablation $$a"; exit 1;; esac; \
-	  mkdir -p $(EXP)/$$a && cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$$a/ 2>/dev/null; \
-	  $(PY) -m ssrengine.train --config $$cfg --run.dir=$(EXP)/$$a && \
-	  $(PY) -m ssrengine eval $(EXP)/$$a --base-eval $(EXP)/base $(EVAL_ARGS) || exit 1; \
-	done
-	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr $(addprefix $(EXP)/,$(ABLATIONS)) \
-	  --out $(EXP)/report-ablations
-
-# Options against the rehearsal set's weak spots (README, "Options ..."), after `make
-# experiment`, reusing the SSR run's generations: ssr-prefix (gold decision in the model's own
-# words), ssr-balanced (a third of G answerable hard negatives), ssr-decision (the first 8
-# target tokens weigh 3x), ssr-options (all three). Each trains and evals once.
+# Options against the rehearsal set's weak spots (README, "Options ..."): ssr-prefix (gold
+# decision in the model's own words), ssr-balanced (a third of G answerable hard negatives),
+# ssr-decision (the first 8 target tokens weigh 3x), ssr-options (all three).
 OPTIONS ?= ssr-prefix ssr-balanced ssr-decision ssr-options
 OPT_prefix = --judge.prefix=true
 OPT_balanced = --judge.gold_answerable_share=0.33
 OPT_decision = --train.decision_tokens=8 --train.decision_weight=3
-experiment-options: $(STAMP)
-	for a in $(OPTIONS); do \
-	  case $$a in ssr-prefix) o="$(OPT_prefix)";; ssr-balanced) o="$(OPT_balanced)";; \
-	              ssr-decision) o="$(OPT_decision)";; \
-	              ssr-options) o="$(OPT_prefix) $(OPT_balanced) $(OPT_decision)";; \
-	              *) echo "unknown option run $$a"; exit 1;; esac; \
-	  mkdir -p $(EXP)/$$a && cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$$a/ 2>/dev/null; \
-	  $(PY) -m ssrengine.train --config configs/experiment_ssr.toml --run.dir=$(EXP)/$$a $$o && \
-	  $(PY) -m ssrengine eval $(EXP)/$$a --base-eval $(EXP)/base $(EVAL_ARGS) || exit 1; \
-	done
-	$(PY) -m ssrengine report $(EXP)/base $(EXP)/sft $(EXP)/ssr $(addprefix $(EXP)/,$(OPTIONS)) \
-	  --out $(EXP)/report-options
+DONE := $(EXP)/.done
+RUN_ENV := OMP_NUM_THREADS=$(EXP_THREADS)
+report_of = $(RUN_ENV) $(PY) -m ssrengine report $(EXP)/base $(addprefix $(EXP)/,$(1)) --out $(EXP)/$(2)
+
+experiment: $(EXP)/base/eval/eval.json $(EXP_RUNS:%=$(EXP)/%/eval/eval.json)
+	$(call report_of,$(EXP_RUNS),report)
+
+experiment-ablations: $(EXP)/base/eval/eval.json $(addsuffix /eval/eval.json,$(addprefix $(EXP)/,sft ssr $(ABLATIONS)))
+	$(call report_of,sft ssr $(ABLATIONS),report-ablations)
+
+experiment-options: $(EXP)/base/eval/eval.json $(addsuffix /eval/eval.json,$(addprefix $(EXP)/,sft ssr $(OPTIONS)))
+	$(call report_of,sft ssr $(OPTIONS),report-options)
+
+$(DONE)/model: | $(STAMP)
+	$(PY) -m ssrengine.models fetch smollm2-135m
+	mkdir -p $(@D) && touch $@
+
+$(EXP)/base/eval/eval.json: | $(DONE)/model
+	$(RUN_ENV) $(PY) -m ssrengine eval smollm2-135m --config configs/experiment_sft.toml --out $(EXP)/base $(EVAL_ARGS)
+
+$(EXP)/%/eval/eval.json: $(DONE)/%.trained $(EXP)/base/eval/eval.json
+	$(RUN_ENV) $(PY) -m ssrengine eval $(EXP)/$* --base-eval $(EXP)/base $(EVAL_ARGS)
+
+# The SSR run's generate stage, shared by every SSR run.
+$(DONE)/ssr.generated: | $(DONE)/model
+	$(RUN_ENV) $(PY) -m ssrengine generate --config configs/experiment_ssr.toml --run.dir=$(EXP)/ssr
+	touch $@
+
+$(addprefix $(DONE)/,$(addsuffix .trained,$(filter ssr%,$(EXP_RUNS) $(ABLATIONS) $(OPTIONS)))): $(DONE)/ssr.generated
+
+.PRECIOUS: $(DONE)/%.trained
+$(DONE)/%.trained: | $(DONE)/model
+	r=$*; case $$r in \
+	  sft) a="configs/experiment_sft.toml";; sft-lora) a="configs/experiment_sft_lora.toml";; \
+	  ssr) a="configs/experiment_ssr.toml";; ssr-lora) a="configs/experiment_ssr_lora.toml";; \
+	  ssr-prefix) a="configs/experiment_ssr.toml $(OPT_prefix)";; \
+	  ssr-balanced) a="configs/experiment_ssr.toml $(OPT_balanced)";; \
+	  ssr-decision) a="configs/experiment_ssr.toml $(OPT_decision)";; \
+	  ssr-options) a="configs/experiment_ssr.toml $(OPT_prefix) $(OPT_balanced) $(OPT_decision)";; \
+	  ssr-f*) a="configs/experiment_ssr.toml --judge.min_f1=$${r#ssr-f}";; \
+	  ssr-llm) a="configs/experiment_ssr_llm.toml";; \
+	  ssr-llm-p*) a="configs/experiment_ssr_llm.toml --judge.threshold=$${r#ssr-llm-p}";; \
+	  *) echo "unknown experiment run $*" >&2; exit 2;; esac; \
+	mkdir -p $(EXP)/$*; \
+	case $* in ssr?*) cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$*/;; esac; \
+	$(RUN_ENV) $(PY) -m ssrengine.train --config $$a --run.dir=$(EXP)/$*
+	touch $@
 
 # On a CUDA GPU node (under 8 minutes): pytest -m gpu, the bf16 cross-entropy benchmark and a
 # short bf16 SSR run with FlashAttention-2 + Triton loss + packing; one JSON + PNG in

@@ -1,0 +1,84 @@
+"""The experiment targets of the Makefile, run with PY set to a script that prints its
+arguments (and, for `eval`, writes the eval.json the real command would): each run trains with
+its config and flags, SSR runs wait for the one shared generate stage, and a rerun redoes
+nothing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+# `ssrengine eval RUN ...` writes RUN/eval/eval.json; `eval MODEL ... --out OUT` OUT/eval/.
+FAKE_PY = """#!/bin/sh
+echo "$@"
+if [ "$3" = eval ]; then
+  out=$4; prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+  mkdir -p "$out/eval" && echo '{}' > "$out/eval/eval.json"
+fi
+"""
+
+
+def _make(exp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    py = exp.parent / "fake-python"
+    py.write_text(FAKE_PY)
+    py.chmod(0o755)
+    cmd = ["make", "-s", "-j1", f"EXP={exp}", f"PY={py}", "STAMP=Makefile", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def _commands(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("-m ssrengine")]
+
+
+def test_every_run_trains_with_its_config_and_flags(tmp_path):
+    exp = tmp_path / "exp"
+    res = _make(exp, "experiment-options", "experiment-ablations")
+    assert res.returncode == 0, res.stderr
+    cmds = _commands(res.stdout)
+    train = {c.rsplit("--run.dir=", 1)[1]: c for c in cmds if "ssrengine.train" in c}
+    ssr = "--config configs/experiment_ssr.toml"
+    expected = {
+        "sft": "--config configs/experiment_sft.toml",
+        "ssr": ssr,
+        "ssr-prefix": f"{ssr} --judge.prefix=true",
+        "ssr-balanced": f"{ssr} --judge.gold_answerable_share=0.33",
+        "ssr-decision": f"{ssr} --train.decision_tokens=8 --train.decision_weight=3",
+        "ssr-options": f"{ssr} --judge.prefix=true --judge.gold_answerable_share=0.33 "
+        "--train.decision_tokens=8 --train.decision_weight=3",
+        "ssr-f0.5": f"{ssr} --judge.min_f1=0.5",
+        "ssr-f0.1": f"{ssr} --judge.min_f1=0.1",
+        "ssr-llm-p0.15": "--config configs/experiment_ssr_llm.toml --judge.threshold=0.15",
+    }
+    assert {Path(k).name for k in train} == set(expected)
+    for run_dir, cmd in train.items():
+        assert cmd == f"-m ssrengine.train {expected[Path(run_dir).name]} --run.dir={run_dir}"
+    # One shared generate, before every SSR training; every run evaluated against the base.
+    gens = [i for i, c in enumerate(cmds) if c.startswith("-m ssrengine generate")]
+    assert len(gens) == 1
+    for i, c in enumerate(cmds):
+        if "ssrengine.train" in c and "/ssr" in c:
+            assert i > gens[0], c
+    evals = [c for c in cmds if c.startswith("-m ssrengine eval ")]
+    assert len(evals) == 1 + len(expected)
+    assert all(f"--base-eval {exp}/base" in c for c in evals if "smollm2-135m" not in c)
+    assert sum(c.startswith("-m ssrengine report") for c in cmds) == 2
+
+    again = _commands(_make(exp, "experiment-options").stdout)  # finished work is kept
+    assert again == [
+        f"-m ssrengine report {exp}/base {exp}/sft {exp}/ssr "
+        + " ".join(f"{exp}/{r}" for r in ("ssr-prefix", "ssr-balanced", "ssr-decision"))
+        + f" {exp}/ssr-options --out {exp}/report-options"
+    ]
+
+
+def test_an_unknown_run_name_stops_with_its_name(tmp_path):
+    res = _make(tmp_path / "exp", "experiment", "EXP_RUNS=sft ssr-nonsense")
+    assert res.returncode == 2
+    assert "unknown experiment run ssr-nonsense" in res.stderr
