@@ -331,9 +331,10 @@ class TrainConfig:
     )
     compile: bool = _f(
         False,
-        "torch.compile each decoder block (fuses norms, rotary, SwiGLU and residual adds; "
-        "attention stays eager). The first steps pay the compile; off by default: on CPU "
-        "(SmolLM2, fp32) it trained slower than eager (README, training benchmark).",
+        "torch.compile the norms and MLP of each decoder block (fused elementwise work, "
+        "fewer saved activations; attention stays eager), dynamic in the token count so "
+        "packed lengths do not recompile. The first step pays the compile (README, training "
+        "benchmark).",
     )
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     eval_every: int = _f(

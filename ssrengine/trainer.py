@@ -192,12 +192,23 @@ def _bf16(cfg: Config, world: distributed.World) -> tuple[torch.dtype | None, to
     return (torch.bfloat16, None) if _fsdp(cfg, world) else (None, torch.bfloat16)
 
 
+COMPILED_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp")
+
+
 def compile_blocks(model: Any) -> None:
-    """train.compile: `torch.compile` each decoder block in place. The blocks share one code
-    object, so all layers reuse one compiled graph (parameters are graph inputs); varlen
-    attention reads host boundaries and runs eager between the compiled parts."""
+    """train.compile: `torch.compile` the parts of each decoder block that see only the hidden
+    states (its two norms and its MLP), with a dynamic token count.
+
+    Inductor fuses their elementwise work (RMSNorm, SiLU x up) around the matmuls, and its
+    partitioner recomputes cheap elementwise results in the backward instead of keeping them.
+    The attention stays eager: it receives the packed row's example boundaries as host ints,
+    which a compiled graph would guard on, one recompile per packing. All layers share the
+    parts' code, so each part compiles once (dynamic=True: no recompile per length)."""
     for layer in distributed.decoder_layers(model):
-        layer.compile()
+        for name in COMPILED_PARTS:
+            part = getattr(layer, name, None)
+            if isinstance(part, nn.Module):
+                part.compile(dynamic=True)
 
 
 def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Module]:
