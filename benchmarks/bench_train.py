@@ -13,7 +13,7 @@
    embedded data (builtin:train with gold targets), through the real trainer
    (`ssrengine.trainer.train`: setup, train_step, the loop, the final checkpoint save). Real
    tokens/s and % of the ceiling come from the steps after --warmup-steps (the first
-   allocates the optimizer state; with --compile the first two compile), each both by wall
+   allocates the optimizer state; with --compile it also compiles), each both by wall
    clock and by process CPU time: with one thread, CPU time is what an unloaded core would
    take, robust to the load of a shared machine (both in the JSON; the load average too).
 3. Step-time breakdown: the trainer's own functions timed in place (data: picking and moving
@@ -22,7 +22,7 @@
 4. Memory: a thread samples VmRSS from /proc/self/status every 10 ms over the whole run,
    setup and checkpoint save included; VmHWM (the kernel's high-water mark) confirms the peak.
 
-Writes results/train_cpu[-gc][-compile].json and .png.
+Writes results/train_cpu[-gc][-compile][-fused].json and .png.
 """
 
 from __future__ import annotations
@@ -247,6 +247,7 @@ def main(a: argparse.Namespace) -> dict[str, Any]:
         f"--train.max_steps={a.steps}",
         "--train.grad_accum=1",
         f"--train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
+        f"--train.optimizer={a.optimizer}",
     ]
     if a.compile:
         overrides.append("--train.compile=true")
@@ -308,6 +309,7 @@ def report(
             "examples": a.examples,
             "gradient_checkpointing": a.gradient_checkpointing,
             "compile": a.compile,
+            "optimizer": a.optimizer,
         },
         "matmul_2048_gflops": {
             "cpu_each": [round(c["cpu_flops_per_s"] / 1e9, 1) for c in every],
@@ -358,7 +360,10 @@ def report(
         "rss_timeline": thin(sampler.samples),
     }
     out = a.out or RESULTS / (
-        "train_cpu" + ("-gc" if a.gradient_checkpointing else "") + ("-compile" if a.compile else "")
+        "train_cpu"
+        + ("-gc" if a.gradient_checkpointing else "")
+        + ("-compile" if a.compile else "")
+        + ("-fused" if a.optimizer == "adamw_fused" else "")
         + ".json"
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -419,7 +424,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"SmolLM2-135M fp32 training, {res['torch_threads']} thread(s), {s['max_tokens']}-token "
         f"packed micro-batches, gradient checkpointing {s['gradient_checkpointing']}, "
-        f"compile {s['compile']} (load {res['loadavg_before_after']})"
+        f"compile {s['compile']}, {s.get('optimizer', 'adamw')} (load {res['loadavg_before_after']})"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -439,13 +444,14 @@ if __name__ == "__main__":
         "--warmup-steps",
         type=int,
         default=None,
-        help="steps left out of the rates (default 1; 2 with --compile: the second step "
-        "recompiles for dynamic shapes)",
+        help="steps left out of the rates (default 1: the first allocates the AdamW state "
+        "and, with --compile, compiles)",
     )
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.warmup_steps is None:
-        args.warmup_steps = 2 if args.compile else 1
+        args.warmup_steps = 1
     r = main(args)
     r.pop("rss_timeline")
     r.pop("steps")
