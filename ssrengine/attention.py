@@ -14,8 +14,10 @@ CUDA, fp32 on the CPU (bf16 matmuls are slow on CPUs without AMX).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,6 +29,8 @@ FLASH = "flash_attention_2"
 SDPA_VARLEN = "sdpa_varlen"
 # Forward kwarg with a packed row's example boundaries as host ints (packing.model_inputs).
 HOST_BOUNDS = "cu_seq_lens_host"
+# An attention name with no mask function: see `no_mask_building`.
+_NO_MASK = "ssrengine_packed_no_mask"
 SIXTEEN_BIT = ("bfloat16", "float16")
 
 
@@ -183,3 +187,54 @@ def register_sdpa_varlen() -> str:
     AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
     AttentionMaskInterface.register(SDPA_VARLEN, _sdpa_varlen_mask)
     return SDPA_VARLEN
+
+
+def _never_called(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(f"{_NO_MASK} names no attention: it is only set while masks are built")
+
+
+@functools.cache
+def _register_no_mask() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_NO_MASK, _never_called)
+
+
+def skips_mask_building(attn_impl: str | None, kwargs: dict[str, Any]) -> bool:
+    """True for a packed row (host boundaries, no padding mask) under a varlen attention
+    (sdpa_varlen, flash-attn): its attention takes the boundaries and needs no mask at all."""
+    if attn_impl is None or kwargs.get("attention_mask") is not None:
+        return False
+    varlen = attn_impl == SDPA_VARLEN or "flash" in attn_impl
+    return varlen and kwargs.get(HOST_BOUNDS) is not None
+
+
+@contextlib.contextmanager
+def no_mask_building(model: Any, first_layer: torch.nn.Module) -> Iterator[None]:
+    """Within the block, one forward of ``model`` builds no attention mask (call it only when
+    `skips_mask_building` says so).
+
+    transformers' ``create_causal_mask`` looks for packed sequences in ``position_ids``
+    whenever no padding mask is given (masking_utils.find_packed_sequence_indices), and that
+    check reads a device tensor back to the host: a sync per forward on a GPU. It skips mask
+    building altogether for an attention without a registered mask function
+    (masking_utils._preprocess_mask_arguments: ``config._attn_implementation not in
+    ALL_MASK_ATTENTION_FUNCTIONS``). So the config names `_NO_MASK` (registered as an
+    attention only) while the mask is built, and the real implementation again from the first
+    decoder layer's forward pre-hook on (``first_layer``): the layers run the real attention, which gets the
+    packed boundaries as kwargs. The result equals the built mask's (None for a full packed
+    row under sdpa_varlen and flash-attn), without the sync."""
+    config = model.config
+    real = config._attn_implementation
+    _register_no_mask()
+
+    def restore(*_: Any) -> None:
+        config._attn_implementation = real
+
+    hook = first_layer.register_forward_pre_hook(restore)
+    config._attn_implementation = _NO_MASK
+    try:
+        yield
+    finally:
+        hook.remove()
+        restore()

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from ssrengine.attention import pick_attn_implementation
+from ssrengine.attention import no_mask_building, pick_attn_implementation, skips_mask_building
 from ssrengine.cache import cache_dir
+from ssrengine.distributed import decoder_layers
 from ssrengine.errors import InputError
 from ssrengine.modelfiles import check_model_files, check_tokenizer_files, load_error
 
@@ -264,7 +265,11 @@ def hidden_and_head(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not, with
     hidden @ weight.T = the model's logits (a logit scale is folded into the hidden states)."""
-    out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
+    if skips_mask_building(model.config._attn_implementation, kwargs):
+        with no_mask_building(model, decoder_layers(model)[0]):
+            out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
+    else:
+        out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
     hidden = out.last_hidden_state
     scale = logit_multiplier(model.config)
     if scale != 1.0:
