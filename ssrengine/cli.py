@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import re
+import signal
 import sys
 import typing
 
@@ -245,9 +246,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: l
     except BackendError as e:
         print(f"error: generation backend failed: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # SIGINT 130, SIGTERM 143
     except BaseException as e:  # torch's CheckpointException is a BaseException
         full = disk_full_error(e, run_dir)
         if full is None:

@@ -1,11 +1,22 @@
-"""Error types that end a command with one line: bad input, and a full disk."""
+"""Error types that end a command with one line: bad input, a full disk, a stop signal."""
 
 from __future__ import annotations
 
 import errno
+import signal
 
 # The errnos of a full disk: no space, or the user's quota spent.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal stopped the run between steps (after saving what a rerun resumes from), or a
+    second one at once. The command exits 128 + ``signum`` (130 for SIGINT, 143 for SIGTERM),
+    the status a shell reports for a process that signal ended."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 class InputError(ValueError):

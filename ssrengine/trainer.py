@@ -6,7 +6,7 @@ optimizer step; `train` is the loop around it (metrics, progress, checkpoints, i
 
 Interrupts (SIGINT, SIGTERM) only set a flag while training (`StopRequests`); the loop acts on
 it between steps, where step counter, data position, weights and optimizer state agree: it
-saves that step (unless just saved) and raises KeyboardInterrupt. A second signal stops at
+saves that step (unless just saved) and raises `errors.Stopped` (exit 128 + signal). A second signal stops at
 once, keeping the last complete checkpoint. Under torchrun the flag is summed over ranks in
 the step's one all-reduce of statistics, so every rank stops after the same step.
 
@@ -55,7 +55,7 @@ from ssrengine.checkpoint import (
     save_checkpoint,
 )
 from ssrengine.config import Config
-from ssrengine.errors import InputError
+from ssrengine.errors import InputError, Stopped
 from ssrengine.io import atomic_write_jsonl
 from ssrengine.models import hidden_and_head, load_model, load_tokenizer
 from ssrengine.optim import build_optimizer, planned_steps, resolve_steps
@@ -437,7 +437,7 @@ def train_step(tr: Trainer) -> StepStats:
 
 class StopRequests:
     """While active, SIGINT and SIGTERM set ``tr.stop_signal`` instead of interrupting: the
-    loop stops between steps. A second signal raises KeyboardInterrupt at once (during a save,
+    loop stops between steps. A second signal raises `Stopped` (a KeyboardInterrupt) at once (during a save,
     the checkpoint being written is dropped and the last complete one stays). The previous
     handlers come back on exit. Outside the main thread signals cannot be caught: a no-op."""
 
@@ -449,7 +449,7 @@ class StopRequests:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.tr.stop_signal:
-            raise KeyboardInterrupt
+            raise Stopped(signum)
         self.tr.stop_signal = signum
         log.warning(
             "%s: stopping after this step and saving it; send it again to stop at once",
@@ -579,7 +579,7 @@ def _train(
                     if tr.step > saved:
                         log.warning("interrupted: saving step %d so a rerun resumes here", tr.step)
                         tr.save(interrupted=True)
-                    raise KeyboardInterrupt
+                    raise Stopped(tr.stop_signal or signal.SIGINT)  # another rank's signal: 0 here
         finally:
             bar.close()
             if reporters is not None:

@@ -38,8 +38,9 @@ ARGS = [
     "--train.warmup_steps=2",
 ]
 
-# argv: WHERE (none | after_step | in_write), AT (the n-th such point, 1-based), TIMES (SIGINTs
-# sent there), then the ssrengine command line. Under torchrun only rank $SIGNAL_RANK signals.
+# argv: WHERE (none | after_step | in_write), AT (the n-th such point, 1-based), TIMES (signals
+# sent there: $SIGNAL, default SIGINT), then the ssrengine command line. Under torchrun only
+# rank $SIGNAL_RANK signals.
 DRIVER = """\
 import os, signal, sys
 
@@ -55,7 +56,7 @@ def point():
     # Under torchrun only rank SIGNAL_RANK is signalled.
     if seen[0] == at and os.environ.get("RANK", "0") == os.environ.get("SIGNAL_RANK", "0"):
         for _ in range(times):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("SIGNAL", "SIGINT")))
 
 
 if where == "after_step":
@@ -93,13 +94,19 @@ def _run_dir(root: Path, name: str) -> Path:
 
 
 def _cli(
-    model: Path, run_dir: Path, where: str = "none", at: int = 0, times: int = 0, *extra: str
+    model: Path,
+    run_dir: Path,
+    where: str = "none",
+    at: int = 0,
+    times: int = 0,
+    *extra: str,
+    sig: str = "SIGINT",
 ) -> subprocess.CompletedProcess:
     driver = run_dir.parent / "driver.py"
     driver.write_text(DRIVER)
     cmd = [sys.executable, str(driver), where, str(at), str(times), "train"]
     cmd += [f"--model.path={model}", f"--run.dir={run_dir}", *ARGS, *extra]
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "SIGNAL": sig}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -154,6 +161,20 @@ def test_sigint_stops_at_a_consistent_state_and_resumes_exactly(
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(reference, run)
     assert list(ckpts.glob(".*.tmp")) == []
+
+
+def test_sigterm_stops_like_sigint_and_exits_143(tiny_model_dir, tmp_path, reference):
+    """SIGTERM (what schedulers and torchrun send) takes the same path as SIGINT: step 3
+    completes and is saved, the command exits 128 + 15 as a shell reports it, the rerun
+    resumes exactly."""
+    run = _run_dir(tmp_path, "run")
+    res = _cli(tiny_model_dir, run, "after_step", 3, 1, sig="SIGTERM")
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert "SIGTERM: stopping after this step" in res.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-2", "step-3"]
+    res = _cli(tiny_model_dir, run, "none", 0, 0, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(reference, run)
 
 
 def _torchrun(driver: Path, *argv: str) -> subprocess.CompletedProcess:
