@@ -232,8 +232,8 @@ def run_all(cfg: Config, *, resume: bool = False) -> Path:
     last = list(read_typed(rd.metrics, MetricRow))
     print(f"\nrun dir:     {rd.root}")
     print(
-        f"R/G split:   R (self) {stats.own}  paraphrase {stats.paraphrase}  G (gold) {stats.gold}  "
-        f"(R share {stats.r_share:.1%})"
+        f"R/G split:   R (self) {stats.own}  paraphrase {stats.paraphrase}  "
+        f"prefix {stats.prefix}  G (gold) {stats.gold}  (R share {stats.r_share:.1%})"
     )
     if last:
         print(f"final loss:  {last[-1].loss:.4f} at step {last[-1].step}")

@@ -11,6 +11,10 @@ gold text, which is what rehearsal is for.
 
 The stage is `stages.run_prefix` (files `RunDir.prefixes`, continuations, resumable, and
 `RunDir.prefix_verdicts`); `stages.run_build` takes the accepted candidates.
+
+Backends store generated text stripped, so a continuation row reads "where Vebraton Labs is
+headquartered." without the space its first token carries: `continuation` decodes the forced
+prefix's tokens together with the generated ones to get the text exactly as it follows.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from ssrengine.config import Config
 from ssrengine.data import Example, encode_prompt, prompt_messages
+from ssrengine.rundir import GenerationRow
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")  # "3.5" and "e.g.x" do not end a sentence
 
@@ -36,12 +41,31 @@ def decision_prefix(e: Example) -> str:
 
 
 def candidate(e: Example, continuation: str) -> str:
-    """The prefix and the continuation up to its first sentence end, as one answer."""
+    """The prefix and the continuation (as it follows the prefix, leading space included) up
+    to its first sentence end, as one answer."""
     return (decision_prefix(e) + first_sentence(continuation)).strip()
+
+
+def _forced_ids(tokenizer: Any, e: Example) -> list[int]:
+    return tokenizer(decision_prefix(e), add_special_tokens=False)["input_ids"]
+
+
+def continuation(tokenizer: Any, e: Example, row: GenerationRow) -> str:
+    """The text ``row`` adds after the forced prefix, leading space included: the prefix's
+    tokens and the generated ones decoded together, minus the prefix. A row without token ids
+    (or a tokenizer whose decoding does not start with the prefix) gets a space before a
+    continuation that starts a word."""
+    prefix = decision_prefix(e)
+    if row.token_ids:
+        ids = _forced_ids(tokenizer, e) + list(row.token_ids)
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        if full.startswith(prefix):
+            return full[len(prefix) :]
+    text = row.response
+    return " " + text if text[:1].isalnum() or text[:1] in '"(“[' else text
 
 
 def prompt_ids(tokenizer: Any, cfg: Config, e: Example) -> list[int]:
     """The chat prompt as the model answers it, then the forced prefix's tokens."""
     msgs = prompt_messages(e.messages, e.documents, cfg.data.system_prompt)
-    forced = tokenizer(decision_prefix(e), add_special_tokens=False)["input_ids"]
-    return encode_prompt(tokenizer, msgs) + forced
+    return encode_prompt(tokenizer, msgs) + _forced_ids(tokenizer, e)

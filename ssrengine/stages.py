@@ -539,15 +539,21 @@ def current_verdicts(
     return _current(path, VerdictRow, keys, "judge")
 
 
+def _prefix_tokenizer(cfg: Config) -> Any:
+    """The generating model's tokenizer: it encodes the forced prefixes and decodes them with
+    their continuations (`ssrengine.prefix_tier`)."""
+    from ssrengine.models import load_tokenizer  # torch: only where the tier is on
+
+    return load_tokenizer(
+        model_name(cfg.model, cfg.generation), trust_remote_code=cfg.model.trust_remote_code
+    )
+
+
 def run_prefix(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[str, Verdict]:
     """Gold decision, own words (`ssrengine.prefix_tier`): the base model continues the forced
     gold decision for every rejected example; the candidates are judged."""
-    from ssrengine.models import load_tokenizer  # torch: only where the tier is on
-
     rd = RunDir(run_dir)
-    tok = load_tokenizer(
-        model_name(cfg.model, cfg.generation), trust_remote_code=cfg.model.trust_remote_code
-    )
+    tok = _prefix_tokenizer(cfg)
     with open_generator(cfg) as gen:
         rows = generate_rows(
             cfg,
@@ -557,7 +563,10 @@ def run_prefix(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[str,
             path=rd.prefixes,
             ids_fn=lambda e: prefix_tier.prompt_ids(tok, cfg, e),
         )
-    cands = {e.id: prefix_tier.candidate(e, rows[e.id].response) for e in rejected}
+    cands = {
+        e.id: prefix_tier.candidate(e, prefix_tier.continuation(tok, e, rows[e.id]))
+        for e in rejected
+    }
     return _judge_with(
         cfg, lambda j: judge_rows(cfg, run_dir, rejected, cands, j, path=rd.prefix_verdicts)
     )
@@ -599,6 +608,7 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
                 if pverd[e.id].accept and para[e.id].response.strip():
                     targets[e.id] = (para[e.id].response, "paraphrase")
         if cfg.judge.prefix:
+            tok = _prefix_tokenizer(cfg)
             conts = _stage_rows(rd.prefixes, GenerationRow, "judge (prefix tier)")
             cverd = _stage_rows(rd.prefix_verdicts, VerdictRow, "judge (prefix tier)")
             for e in examples:
@@ -606,7 +616,7 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
                 if targets[e.id][1] != "gold" or row is None or not row.response.strip():
                     continue
                 # the verdict counts only for the candidate rebuilt from this continuation
-                text = prefix_tier.candidate(e, row.response)
+                text = prefix_tier.candidate(e, prefix_tier.continuation(tok, e, row))
                 if v is not None and v.accept and v.input_hash == verdict_input_hash(e, text):
                     targets[e.id] = (text, "prefix")
         if cfg.judge.gold_answerable_share:

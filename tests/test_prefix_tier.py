@@ -5,9 +5,15 @@ from ssrengine.data import encode_prompt, load_examples, parse_record, prompt_me
 from ssrengine.io import read_rows
 from ssrengine.judge import RuleJudge
 from ssrengine.models import load_model, load_tokenizer
-from ssrengine.prefix_tier import candidate, decision_prefix, first_sentence, prompt_ids
+from ssrengine.prefix_tier import (
+    candidate,
+    continuation,
+    decision_prefix,
+    first_sentence,
+    prompt_ids,
+)
 from ssrengine.rundir import GENERATIONS, GenerationRow, RunDir
-from ssrengine.stages import judge_rows, run_build, run_prefix
+from ssrengine.stages import judge_rows, run_build, run_prefix, verdict_input_hash
 from tests import rows
 from tests.tiny import records, write_jsonl
 
@@ -25,6 +31,30 @@ def test_sentences_prefix_and_candidate():
     assert candidate(a, ", in Oslo.\nMore") == "Founded in 1901, in Oslo."
 
 
+def _row(tok, e_id: str, text: str) -> GenerationRow:
+    """A continuation row as every backend stores one: its token ids, its text stripped."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return GenerationRow(e_id, text.strip(), ids, "stop", "hf", "m", "h")
+
+
+def test_continuation_keeps_the_space_the_stored_text_lost(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    u, a = (parse_record(r, file="t", line=1) for r in records(2))
+    row = _row(tok, u.id, " where Acme's CEO is named. It is")
+    assert row.response == "where Acme's CEO is named. It is"  # the space is gone
+    assert continuation(tok, u, row) == " where Acme's CEO is named. It is"
+    assert candidate(u, continuation(tok, u, row)) == (
+        "The documents do not say where Acme's CEO is named."
+    )
+    row = _row(tok, a.id, ", in Oslo.")
+    assert candidate(a, continuation(tok, a, row)) == "Founded in 1901, in Oslo."
+    # without token ids: a space before a word, none before punctuation
+    bare = GenerationRow(u.id, "where it is.", [], "stop", "hf", "m", "h")
+    assert continuation(tok, u, bare) == " where it is."
+    bare = GenerationRow(a.id, ", in Oslo.", [], "stop", "hf", "m", "h")
+    assert continuation(tok, a, bare) == ", in Oslo."
+
+
 def _cfg(tiny_model_dir, data, run, *extra):
     return load_config(None, [
         f"--model.path={tiny_model_dir}", f"--data.train_file={data}", f"--run.dir={run}",
@@ -38,9 +68,11 @@ def test_prefix_tier_continues_the_forced_gold_decision(tiny_model_dir, tmp_path
     examples = load_examples(data)
     cfg = _cfg(tiny_model_dir, data, tmp_path)
     tok = load_tokenizer(str(tiny_model_dir))
+    p_ids = {}
     for e in examples:
         ids = prompt_ids(tok, cfg, e)
         p = encode_prompt(tok, prompt_messages(e.messages, e.documents, cfg.data.system_prompt))
+        p_ids[e.id] = p
         assert ids[: len(p)] == p
         assert tok.decode(ids[len(p) :]) == decision_prefix(e)
     run_prefix(cfg, tmp_path, examples)
@@ -55,6 +87,12 @@ def test_prefix_tier_continues_the_forced_gold_decision(tiny_model_dir, tmp_path
             out = model.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1] :]
         got = rows[e.id]["token_ids"]
         assert got == out.tolist()[: len(got)]
+    # each judged candidate is the forced prefix and the continuation decoded together
+    judged = {v["id"]: v["input_hash"] for v in verdicts}
+    for e in examples:
+        forced = prompt_ids(tok, cfg, e)[len(p_ids[e.id]) :]
+        text = first_sentence(tok.decode(forced + rows[e.id]["token_ids"])).strip()
+        assert judged[e.id] == verdict_input_hash(e, text)
 
 
 def test_build_takes_accepted_prefix_completions(tiny_model_dir, tmp_path):
@@ -69,9 +107,8 @@ def test_build_takes_accepted_prefix_completions(tiny_model_dir, tmp_path):
     judge_rows(cfg, tmp_path, examples, own, RuleJudge(cfg.judge.min_f1))
     # continuations: a clean one on every example, written as the prefix stage writes them
     cont = {e.id: " about that. Extra words" if not e.answerable else "." for e in examples}
-    write_jsonl(RunDir(tmp_path).prefixes, [
-        GenerationRow(i, c, [], "stop", "hf", "m", "h").to_json() for i, c in cont.items()
-    ])  # fmt: skip
+    tok = load_tokenizer(str(tiny_model_dir))
+    write_jsonl(RunDir(tmp_path).prefixes, [_row(tok, i, c).to_json() for i, c in cont.items()])
     cands = {e.id: candidate(e, cont[e.id]) for e in examples}
     judge_rows(cfg, tmp_path, examples, cands, RuleJudge(cfg.judge.min_f1),
                path=RunDir(tmp_path).prefix_verdicts)  # fmt: skip
@@ -83,8 +120,6 @@ def test_build_takes_accepted_prefix_completions(tiny_model_dir, tmp_path):
     assert all(r["source"] == "prefix" for r in built.values())
     # a continuation changed after judging: its verdict is stale, the example goes to gold
     cont["ex-000"] = " something else."
-    write_jsonl(RunDir(tmp_path).prefixes, [
-        GenerationRow(i, c, [], "stop", "hf", "m", "h").to_json() for i, c in cont.items()
-    ])  # fmt: skip
+    write_jsonl(RunDir(tmp_path).prefixes, [_row(tok, i, c).to_json() for i, c in cont.items()])
     run_build(cfg, tmp_path, examples)
     assert read_rows(RunDir(tmp_path).rehearsal)[0]["source"] == "gold"
