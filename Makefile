@@ -40,11 +40,13 @@ EXP_RUNS ?= sft ssr ssr-prefix ssr-options sft-lora ssr-lora
 ABLATIONS ?= ssr-f0.5 ssr-f0.1 ssr-llm-p0.15
 # Options against the rehearsal set's weak spots (README, "Options ..."): ssr-prefix (gold
 # decision in the model's own words), ssr-balanced (a third of G answerable hard negatives),
-# ssr-decision (the first 8 target tokens weigh 3x), ssr-options (all three).
-OPTIONS ?= ssr-prefix ssr-balanced ssr-decision ssr-options
+# ssr-decision (the first 8 target tokens weigh 3x), ssr-options (all three), ssr-gold3 (gold
+# targets weigh 3x: they carry the refusal decision).
+OPTIONS ?= ssr-prefix ssr-balanced ssr-decision ssr-options ssr-gold3
 OPT_prefix = --judge.prefix=true
 OPT_balanced = --judge.gold_answerable_share=0.33
 OPT_decision = --train.decision_tokens=8 --train.decision_weight=3
+OPT_gold3 = --train.loss_weight_gold=3
 DONE := $(EXP)/.done
 RUN_ENV := OMP_NUM_THREADS=$(EXP_THREADS)
 report_of = $(RUN_ENV) $(PY) -m ssrengine report $(EXP)/base $(addprefix $(EXP)/,$(1)) --out $(EXP)/$(2)
@@ -84,6 +86,7 @@ $(DONE)/%.trained: | $(DONE)/model
 	  ssr-balanced) a="configs/experiment_ssr.toml $(OPT_balanced)";; \
 	  ssr-decision) a="configs/experiment_ssr.toml $(OPT_decision)";; \
 	  ssr-options) a="configs/experiment_ssr.toml $(OPT_prefix) $(OPT_balanced) $(OPT_decision)";; \
+	  ssr-gold3) a="configs/experiment_ssr.toml $(OPT_gold3)";; \
 	  ssr-f*) a="configs/experiment_ssr.toml --judge.min_f1=$${r#ssr-f}";; \
 	  ssr-llm) a="configs/experiment_ssr_llm.toml";; \
 	  ssr-llm-p*) a="configs/experiment_ssr_llm.toml --judge.threshold=$${r#ssr-llm-p}";; \

@@ -52,6 +52,7 @@ def test_every_run_trains_with_its_config_and_flags(tmp_path):
         "ssr-decision": f"{ssr} --train.decision_tokens=8 --train.decision_weight=3",
         "ssr-options": f"{ssr} --judge.prefix=true --judge.gold_answerable_share=0.33 "
         "--train.decision_tokens=8 --train.decision_weight=3",
+        "ssr-gold3": f"{ssr} --train.loss_weight_gold=3",
         "ssr-f0.5": f"{ssr} --judge.min_f1=0.5",
         "ssr-f0.1": f"{ssr} --judge.min_f1=0.1",
         "ssr-llm-p0.15": "--config configs/experiment_ssr_llm.toml --judge.threshold=0.15",
@@ -73,8 +74,11 @@ def test_every_run_trains_with_its_config_and_flags(tmp_path):
     again = _commands(_make(exp, "experiment-options").stdout)  # finished work is kept
     assert again == [
         f"-m ssrengine report {exp}/base {exp}/sft {exp}/ssr "
-        + " ".join(f"{exp}/{r}" for r in ("ssr-prefix", "ssr-balanced", "ssr-decision"))
-        + f" {exp}/ssr-options --out {exp}/report-options"
+        + " ".join(
+            f"{exp}/{r}"
+            for r in ("ssr-prefix", "ssr-balanced", "ssr-decision", "ssr-options", "ssr-gold3")
+        )
+        + f" --out {exp}/report-options"
     ]
 
 
