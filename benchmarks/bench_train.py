@@ -292,7 +292,8 @@ def report(
     ceil_cpu = statistics.median(c["cpu_flops_per_s"] for c in every)
     best_cpu = max(c["cpu_flops_per_s"] for c in every)
     flops_per_token = sum(flops) / tokens
-    n_params = shape.dense_params + shape.head_params
+    dense_params, head_params = round(shape.per_token / 6), round(shape.per_supervised_token / 6)
+    n_params = dense_params + head_params
     state_bytes = 16 * n_params  # fp32 weights + grads + two AdamW moments (embedding incl.)
     step_peak = max(sampler.peak(f"step {i + 1}") for i in range(len(steps)))
     rss_before_steps = sampler.peak("setup")
@@ -318,8 +319,8 @@ def report(
             "wall_median": round(ceil_wall / 1e9, 2),
         },
         "flops_per_token_g": round(flops_per_token / 1e9, 4),
-        "dense_params": shape.dense_params,
-        "head_params": shape.head_params,
+        "dense_params": dense_params,
+        "head_params": head_params,
         "tokens_per_step_mean": round(tokens / len(steady), 1),
         "supervised_share": round(sum(s["supervised_tokens"] for s in steady) / tokens, 3),
         "tokens_per_s_wall": round(tokens / wall, 2),

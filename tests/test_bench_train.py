@@ -1,0 +1,29 @@
+"""benchmarks/bench_train.py runs end to end on the tiny model (a smoke test of the script's
+plumbing: the trainer hooks, FLOP count, RSS sampling and the JSON + PNG it writes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_writes_its_result(tiny_model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--model",
+           str(tiny_model_dir), "--steps", "2", "--examples", "8", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert len(r["steps"]) == 2 and r["settings"]["optimizer"] == "adamw"
+    assert r["dense_params"] > 0 and r["head_params"] > 0
+    assert r["pct_of_ceiling_cpu"] > 0 and r["memory_gb"]["peak_rss"] > 0
