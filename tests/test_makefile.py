@@ -5,6 +5,7 @@ nothing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,7 +31,9 @@ def _make(exp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     py.write_text(FAKE_PY)
     py.chmod(0o755)
     cmd = ["make", "-s", "-j1", f"EXP={exp}", f"PY={py}", "STAMP=Makefile", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Run under `make test`: not as a sub-make of it (no inherited flags or jobserver).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def _commands(out: str) -> list[str]:
