@@ -333,8 +333,9 @@ class TrainConfig:
         False,
         "torch.compile the norms and MLP of each decoder block (fused elementwise work, "
         "fewer saved activations; attention stays eager), dynamic in the token count so "
-        "packed lengths do not recompile. The first step pays the compile (README, training "
-        "benchmark).",
+        "packed lengths do not recompile. On CPU (SmolLM2, fp32) 6% faster per step after "
+        "about 21 s of compile in the first step, and it needs a C++ compiler there (README, "
+        "training benchmark).",
     )
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
     eval_every: int = _f(
