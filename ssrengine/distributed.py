@@ -107,9 +107,11 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes)."""
+    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes), also
+    once FSDP2 has sharded them: ``fully_shard`` swaps each one's class for a subclass named
+    ``FSDP<Class>``, so a block is matched by any class in its MRO."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
     return layers
