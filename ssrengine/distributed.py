@@ -106,15 +106,28 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes), also
-    once FSDP2 has sharded them: ``fully_shard`` swaps each one's class for a subclass named
-    ``FSDP<Class>``, so a block is matched by any class in its MRO."""
+def _blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes) in
+    module order, also once FSDP2 has sharded them: ``fully_shard`` swaps each one's class for
+    a subclass named ``FSDP<Class>``, so a block is matched by any class in its MRO."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    return (m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Every repeated block of a transformers model (see `_blocks`)."""
+    layers = list(_blocks(model))
     if not layers:
         raise ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
     return layers
+
+
+def first_decoder_layer(model: nn.Module) -> nn.Module:
+    """The first block, found without walking the rest of the model (per forward)."""
+    layer = next(_blocks(model), None)
+    if layer is None:
+        raise ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
+    return layer
 
 
 def no_buffer_sync_kwargs() -> dict[str, bool]:

@@ -28,7 +28,7 @@ import torch
 
 from ssrengine.attention import no_mask_building, pick_attn_implementation, skips_mask_building
 from ssrengine.cache import cache_dir
-from ssrengine.distributed import decoder_layers
+from ssrengine.distributed import first_decoder_layer
 from ssrengine.errors import InputError
 from ssrengine.modelfiles import check_model_files, check_tokenizer_files, load_error
 
@@ -266,7 +266,7 @@ def hidden_and_head(
     """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not, with
     hidden @ weight.T = the model's logits (a logit scale is folded into the hidden states)."""
     if skips_mask_building(model.config._attn_implementation, kwargs):
-        with no_mask_building(model, decoder_layers(model)[0]):
+        with no_mask_building(model, first_decoder_layer(model)):
             out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
     else:
         out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
