@@ -425,7 +425,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"SmolLM2-135M fp32 training, {res['torch_threads']} thread(s), {s['max_tokens']}-token "
         f"packed micro-batches, gradient checkpointing {s['gradient_checkpointing']}, "
-        f"compile {s['compile']}, {s.get('optimizer', 'adamw')} (load {res['loadavg_before_after']})"
+        f"compile {s['compile']}, {s['optimizer']} (load {res['loadavg_before_after']})"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -444,15 +444,13 @@ if __name__ == "__main__":
     ap.add_argument(
         "--warmup-steps",
         type=int,
-        default=None,
-        help="steps left out of the rates (default 1: the first allocates the AdamW state "
-        "and, with --compile, compiles)",
+        default=1,
+        help="steps left out of the rates (the first allocates the AdamW state and, with "
+        "--compile, compiles)",
     )
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if args.warmup_steps is None:
-        args.warmup_steps = 1
     r = main(args)
     r.pop("rss_timeline")
     r.pop("steps")
