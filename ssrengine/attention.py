@@ -15,6 +15,7 @@ CUDA, fp32 on the CPU (bf16 matmuls are slow on CPUs without AMX).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import itertools
 from collections.abc import Iterator
@@ -29,9 +30,16 @@ FLASH = "flash_attention_2"
 SDPA_VARLEN = "sdpa_varlen"
 # Forward kwarg with a packed row's example boundaries as host ints (packing.model_inputs).
 HOST_BOUNDS = "cu_seq_lens_host"
+# The boundaries as device tensors and max lengths (flash-attn's varlen kwargs, in
+# transformers' names): sdpa_varlen under `packed_bounds` needs none of them.
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # An attention name with no mask function: see `no_mask_building`.
 _NO_MASK = "ssrengine_packed_no_mask"
 SIXTEEN_BIT = ("bfloat16", "float16")
+# The packed row being run: its example boundaries, host ints (see `packed_bounds`).
+_ROW_BOUNDS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "ssrengine_row_bounds", default=None
+)
 
 
 def compute_dtype(train_dtype: str, device: torch.device) -> str:
@@ -105,7 +113,8 @@ def sdpa_varlen_attention(
     within its own (L, L) causal block, one SDPA call per example: the attention work is
     sum(L^2) instead of the T^2 of a masked SDPA over the whole packed row, and no (T, T) mask
     is built (on CUDA, flash-attn varlen does the same in one kernel). Boundaries come from
-    ``cu_seq_lens_host`` (host ints, what packed micro-batches pass: no device sync), else
+    ``cu_seq_lens_host`` (host ints, what packed micro-batches pass: no device sync) or the
+    enclosing `packed_bounds`, else
     ``cu_seq_lens_q`` or, like transformers' flash path, restarts in ``position_ids`` (each a
     device sync per layer on CUDA).
     Anything else (padded batches, a KV cache) is transformers' sdpa, mask included.
@@ -113,8 +122,9 @@ def sdpa_varlen_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = None
-    if cu_seq_lens_host is not None and query.shape[2] == cu_seq_lens_host[-1]:
-        bounds = cu_seq_lens_host  # host ints from the packing plan: no device sync
+    host = cu_seq_lens_host if cu_seq_lens_host is not None else _ROW_BOUNDS.get()
+    if host is not None and query.shape[2] == host[-1]:
+        bounds = host  # host ints from the packing plan: no device sync
     elif cu_seq_lens_q is not None:
         bounds = cu_seq_lens_q.tolist()  # a device sync in every layer: callers should not
     elif (
@@ -184,7 +194,9 @@ def register_sdpa_varlen() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+    # An eager island in a compiled decoder layer (train.compile): its per-example split would
+    # be guarded on the boundaries, one recompile per packing.
+    AttentionInterface.register(SDPA_VARLEN, torch.compiler.disable(sdpa_varlen_attention))
     AttentionMaskInterface.register(SDPA_VARLEN, _sdpa_varlen_mask)
     return SDPA_VARLEN
 
@@ -207,6 +219,19 @@ def skips_mask_building(attn_impl: str | None, kwargs: dict[str, Any]) -> bool:
         return False
     varlen = attn_impl == SDPA_VARLEN or "flash" in attn_impl
     return varlen and kwargs.get(HOST_BOUNDS) is not None
+
+
+@contextlib.contextmanager
+def packed_bounds(bounds: tuple[int, ...]) -> Iterator[None]:
+    """While active, ``sdpa_varlen`` takes the packed row's example boundaries from here when
+    the forward kwargs do not carry them (`HOST_BOUNDS`). `models.hidden_and_head` moves them
+    here: a compiled decoder layer (train.compile) would guard on host ints in its kwargs and
+    recompile for every packing."""
+    token = _ROW_BOUNDS.set(tuple(bounds))
+    try:
+        yield
+    finally:
+        _ROW_BOUNDS.reset(token)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,15 @@ from typing import Any
 
 import torch
 
-from ssrengine.attention import no_mask_building, pick_attn_implementation, skips_mask_building
+from ssrengine.attention import (
+    HOST_BOUNDS,
+    SDPA_VARLEN,
+    VARLEN_KWARGS,
+    no_mask_building,
+    packed_bounds,
+    pick_attn_implementation,
+    skips_mask_building,
+)
 from ssrengine.cache import cache_dir
 from ssrengine.distributed import first_decoder_layer
 from ssrengine.errors import InputError
@@ -266,7 +274,12 @@ def hidden_and_head(
     """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not, with
     hidden @ weight.T = the model's logits (a logit scale is folded into the hidden states)."""
     if skips_mask_building(model.config._attn_implementation, kwargs):
-        with no_mask_building(model, first_decoder_layer(model)):
+        # The boundaries reach the attention through a context, not the layers' kwargs: a
+        # compiled layer (train.compile) would guard on them, and on the tensors' lengths.
+        bounds = kwargs.pop(HOST_BOUNDS)
+        if model.config._attn_implementation == SDPA_VARLEN:
+            kwargs = {k: v for k, v in kwargs.items() if k not in VARLEN_KWARGS}
+        with no_mask_building(model, first_decoder_layer(model)), packed_bounds(bounds):
             out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
     else:
         out = model.base_model(input_ids=input_ids, use_cache=False, **kwargs)

@@ -101,12 +101,25 @@ class CausalLMLoss(nn.Module):
     lm_head) for it, DDP arms its gradient all-reduce — so the loss must run inside it; there
     `hidden_and_head` returns the full [V, H] lm_head weight, never a DTensor shard."""
 
-    def __init__(self, model: Any, impl: str = "auto", grad_filter: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        impl: str = "auto",
+        grad_filter: bool = False,
+        memory_budget: float | None = None,
+    ) -> None:
         super().__init__()
         self.model, self.impl, self.grad_filter = model, impl, grad_filter
+        self.memory_budget = memory_budget  # train.compile_memory_budget; None: not compiled
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
-        return loss_sum(self.model, mb, self.impl, self.grad_filter)
+        if self.memory_budget is None:
+            return loss_sum(self.model, mb, self.impl, self.grad_filter)
+        # Compiled layers are partitioned on their first forward, under this budget.
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(activation_memory_budget=self.memory_budget):
+            return loss_sum(self.model, mb, self.impl, self.grad_filter)
 
 
 def accumulate(
@@ -192,23 +205,19 @@ def _bf16(cfg: Config, world: distributed.World) -> tuple[torch.dtype | None, to
     return (torch.bfloat16, None) if _fsdp(cfg, world) else (None, torch.bfloat16)
 
 
-COMPILED_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp")
-
-
 def compile_blocks(model: Any) -> None:
-    """train.compile: `torch.compile` the parts of each decoder block that see only the hidden
-    states (its two norms and its MLP), with a dynamic token count.
+    """train.compile: `torch.compile` each decoder layer whole, with a dynamic token count.
 
-    Inductor fuses their elementwise work (RMSNorm, SiLU x up) around the matmuls, and its
-    partitioner recomputes cheap elementwise results in the backward instead of keeping them.
-    The attention stays eager: it receives the packed row's example boundaries as host ints,
-    which a compiled graph would guard on, one recompile per packing. All layers share the
-    parts' code, so each part compiles once (dynamic=True: no recompile per length)."""
+    Inductor fuses the layer's elementwise work (RMSNorms, RoPE, SiLU x up, the residual adds)
+    around the matmuls, and its partitioner recomputes cheap elementwise results in the
+    backward instead of keeping them (norm outputs, SiLU x up): less activation memory and
+    fewer passes over it. ``sdpa_varlen`` runs as an eager island (registered with
+    `torch.compiler.disable`) and takes the packed row's boundaries from a context
+    (`attention.packed_bounds`), not from the layer's kwargs, which the graph would guard on:
+    one recompile per packing. All layers share their code, so the layer compiles once
+    (dynamic=True: no recompile per length)."""
     for layer in distributed.decoder_layers(model):
-        for name in COMPILED_PARTS:
-            part = getattr(layer, name, None)
-            if isinstance(part, nn.Module):
-                part.compile(dynamic=True)
+        layer.compile(dynamic=True)
 
 
 def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Module]:
@@ -245,7 +254,12 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         compile_blocks(model)
     model.train()
     net = distributed.wrap(
-        CausalLMLoss(model, t.loss_impl, t.loss_grad_filter),
+        CausalLMLoss(
+            model,
+            t.loss_impl,
+            t.loss_grad_filter,
+            memory_budget=t.compile_memory_budget if t.compile else None,
+        ),
         world,
         t.parallel,
         layers=distributed.decoder_layers(model) if fsdp else [],

@@ -116,6 +116,27 @@ def test_skipping_mask_building_changes_nothing_but_the_sync(tiny_model_dir):
     assert not attention.skips_mask_building("sdpa_varlen", no_bounds)
 
 
+def test_packed_layers_see_no_boundaries(tiny_model_dir):
+    """Under sdpa_varlen the decoder layers get a packed row's boundaries from
+    `attention.packed_bounds`, not as kwargs: a compiled layer (train.compile) would guard on
+    host ints and on the lengths of cu_seq_lens, one recompile per packing."""
+    from ssrengine import attention
+    from ssrengine.distributed import decoder_layers
+
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    mb = _packed_micro_batch([7, 12, 5, 9])
+    seen: list[set[str]] = []
+    hook = decoder_layers(model)[1].register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(set(kw)), with_kwargs=True
+    )
+    hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
+    hook.remove()
+    assert attention.HOST_BOUNDS in mb.model_kwargs  # the batch carries them ...
+    assert set(attention.VARLEN_KWARGS) <= set(mb.model_kwargs)
+    assert len(seen) == 1 and "position_ids" in seen[0]  # ... the layers do not
+    assert not seen[0] & {attention.HOST_BOUNDS, *attention.VARLEN_KWARGS}, seen[0]
+
+
 def test_an_error_in_the_forward_restores_the_attention_implementation(tiny_model_dir):
     from ssrengine.attention import no_mask_building
     from ssrengine.distributed import decoder_layers
