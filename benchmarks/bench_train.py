@@ -140,7 +140,40 @@ class Phases:
         return inner
 
 
-def install(phases: Phases, sampler: RssSampler, shape_of: Callable[[Any], Any]) -> None:
+def count_saved(forward: Callable[..., Any], phases: Phases) -> Callable[..., Any]:
+    """Wrap CausalLMLoss.forward: record the bytes autograd keeps for the backward (distinct
+    storages packed through `saved_tensors_hooks`, parameters excluded) per token and layer.
+    Under gradient checkpointing the checkpoint's own hooks take over inside each layer, so
+    the count would miss what they keep: not recorded there."""
+
+    def inner(net: Any, mb: Any) -> Any:
+        if getattr(net.model, "is_gradient_checkpointing", False):
+            return forward(net, mb)
+        params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                kept[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward(net, mb)
+        layers = net.model.config.num_hidden_layers
+        phases.step["saved_bytes"] += sum(kept.values())  # type: ignore[operator]
+        phases.step["saved_tokens_layers"] += mb.input_ids.numel() * layers  # type: ignore[operator]
+        return out
+
+    return inner
+
+
+def install(
+    phases: Phases,
+    sampler: RssSampler,
+    shape_of: Callable[[Any], Any],
+    profile_step: int = 0,
+) -> None:
     """Time the trainer's pieces where they are looked up (module globals, class attributes)."""
     from ssrengine import trainer
 
@@ -158,7 +191,9 @@ def install(phases: Phases, sampler: RssSampler, shape_of: Callable[[Any], Any])
 
     trainer.rank_micro_batches = phases.wrap("data", rank_micro_batches)
     trainer._to = phases.wrap("data", trainer._to)
-    trainer.CausalLMLoss.forward = phases.wrap("forward", trainer.CausalLMLoss.forward)
+    trainer.CausalLMLoss.forward = phases.wrap(
+        "forward", count_saved(trainer.CausalLMLoss.forward, phases)
+    )
     orig_backward = torch.Tensor.backward
     torch.Tensor.backward = phases.wrap("backward", orig_backward)  # type: ignore[method-assign]
     torch.nn.utils.clip_grad_norm_ = phases.wrap("optimizer", torch.nn.utils.clip_grad_norm_)
@@ -176,8 +211,14 @@ def install(phases: Phases, sampler: RssSampler, shape_of: Callable[[Any], Any])
         shape_of(tr.hf_model)
         sampler.set_phase(f"step {len(phases.steps) + 1}")
         phases.step = defaultdict(float)  # type: ignore[arg-type]
+        profiling = len(phases.steps) + 1 == profile_step
         w0, c0 = time.perf_counter(), time.process_time()
-        s = orig_step(tr)
+        if profiling:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                s = orig_step(tr)
+            phases.profile = top_ops(prof, time.process_time() - c0)  # type: ignore[attr-defined]
+        else:
+            s = orig_step(tr)
         row = dict(phases.step)
         row["wall_s"] = time.perf_counter() - w0
         row["cpu_s"] = time.process_time() - c0
@@ -205,6 +246,20 @@ def install(phases: Phases, sampler: RssSampler, shape_of: Callable[[Any], Any])
 
 
 PHASES = ("data", "forward", "backward", "optimizer", "other")
+
+
+def top_ops(prof: Any, cpu_s: float, n: int = 15) -> list[dict[str, Any]]:
+    """The ``n`` ops with the most self CPU time in a profiled step, with their share of it."""
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {
+            "op": e.key,
+            "self_cpu_s": round(e.self_cpu_time_total / 1e6, 4),
+            "calls": e.count,
+            "share_of_step": round(e.self_cpu_time_total / 1e6 / cpu_s, 4),
+        }
+        for e in rows[:n]
+    ]
 
 
 # ------------------------------------------------------------------------------ run
@@ -237,7 +292,7 @@ def main(a: argparse.Namespace) -> dict[str, Any]:
             shape_box.append(ModelFlops.from_config(model.config))
         return shape_box[0]
 
-    install(phases, sampler, shape_of)
+    install(phases, sampler, shape_of, profile_step=a.steps if a.profile else 0)
     overrides = [
         f"--model.path={a.model}",
         "--model.device=cpu",
@@ -251,6 +306,8 @@ def main(a: argparse.Namespace) -> dict[str, Any]:
     ]
     if a.compile:
         overrides.append("--train.compile=true")
+    if a.compile_memory_budget is not None:
+        overrides.append(f"--train.compile_memory_budget={a.compile_memory_budget}")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         cfg = load_config(None, [*overrides, f"--run.dir={tmp}"])
         os.environ.setdefault("TQDM_DISABLE", "1")
@@ -311,6 +368,8 @@ def report(
             "gradient_checkpointing": a.gradient_checkpointing,
             "compile": a.compile,
             "optimizer": a.optimizer,
+            "compile_memory_budget": a.compile_memory_budget,
+            "profiled_step": a.steps if a.profile else None,
         },
         "matmul_2048_gflops": {
             "cpu_each": [round(c["cpu_flops_per_s"] / 1e9, 1) for c in every],
@@ -342,6 +401,9 @@ def report(
         "breakdown_cpu_s_per_step": {
             k: round(statistics.mean(s.get(k + "_cpu", 0.0) for s in steady), 4) for k in PHASES
         },
+        # Saved for the backward, per token and layer (fp32: floats), steady steps' mean.
+        "saved_activation_floats_per_token_layer": saved_per_token_layer(steady),
+        "profile_last_step": getattr(phases, "profile", None),
         "steps": [{k: round(v, 4) for k, v in s.items()} for s in steps],
         "save_s": round(getattr(phases, "save_s", 0.0), 2),
         "total_s": round(total_s, 1),
@@ -365,6 +427,8 @@ def report(
         + ("-gc" if a.gradient_checkpointing else "")
         + ("-compile" if a.compile else "")
         + ("-fused" if a.optimizer == "adamw_fused" else "")
+        + (f"-budget{a.compile_memory_budget}" if a.compile_memory_budget is not None else "")
+        + ("-profile" if a.profile else "")
         + ".json"
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +439,15 @@ def report(
     res["rss_timeline"] = timeline
     plot(res, out.with_suffix(".png"))
     return res
+
+
+def saved_per_token_layer(steps: list[dict[str, float]]) -> float | None:
+    rows = [s for s in steps if s.get("saved_tokens_layers")]
+    if not rows:
+        return None  # gradient checkpointing: not counted
+    return round(
+        sum(s["saved_bytes"] for s in rows) / 4 / sum(s["saved_tokens_layers"] for s in rows), 1
+    )
 
 
 def thin(samples: list[tuple[float, int, str]], n: int = 300) -> list[list[Any]]:
@@ -449,6 +522,15 @@ if __name__ == "__main__":
         "--compile, compiles)",
     )
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_fused"])
+    ap.add_argument(
+        "--compile-memory-budget", type=float, default=None,
+        help="train.compile_memory_budget (default: the config's)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--profile", action="store_true",
+        help="profile the last step (top ops by self CPU time into the JSON; that step runs "
+        "slower under the profiler, so take rates from a run without it)",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     r = main(args)
