@@ -333,8 +333,8 @@ class TrainConfig:
         False,
         "torch.compile each decoder layer (fused elementwise work: norms, RoPE, SiLU x up, "
         "residual adds; attention runs eager inside it), dynamic in the token count so packed "
-        "lengths do not recompile. On CPU (SmolLM2, fp32, 2,048-token rows) about 7% faster per "
-        "step and 1.3 GB less peak memory, after about 30 s of compile in the first step; it "
+        "lengths do not recompile. On CPU (SmolLM2, fp32, 2,048-token rows) about 10% faster per "
+        "step and 1.4 GB less peak memory, after about 30 s of compile in the first step; it "
         "needs a C++ compiler there (README, training benchmark).",
     )
     compile_memory_budget: float = _f(
@@ -342,7 +342,7 @@ class TrainConfig:
         "train.compile: the activation memory budget of the backward partitioner "
         "(torch._functorch.config.activation_memory_budget): 1.0 keeps what the min-cut keeps, "
         "lower recomputes more in the backward. 0.8 keeps the matmul outputs and recomputes "
-        "only elementwise work (SmolLM2: 23% fewer saved bytes, same step time); around 0.5 "
+        "only elementwise work (SmolLM2: 23% fewer saved bytes, no slower); around 0.5 "
         "it recomputes matmuls too.",
         gt=0,
         le=1,
