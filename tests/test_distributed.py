@@ -74,6 +74,12 @@ VARIANTS = {
     # LoRA under FSDP2 (frozen and trainable parameters in one unit), untied lm_head, packed
     # batches: each rank takes its own packed micro-batches of the global step.
     "fsdp-lora-packed": ("untied", "one:lora-packed", ["--train.parallel=fsdp", *LORA_PACKED]),
+    # The same with compiled decoder layers (train.compile) inside FSDP2's units.
+    "fsdp-lora-packed-compiled": (
+        "untied",
+        "one:lora-packed",
+        ["--train.parallel=fsdp", *LORA_PACKED, "--train.compile=true"],
+    ),
 }
 REFERENCES = {"one:full": ("tied", []), "one:lora-packed": ("untied", LORA_PACKED)}
 
