@@ -234,6 +234,15 @@ def packed_bounds(bounds: tuple[int, ...]) -> Iterator[None]:
         _ROW_BOUNDS.reset(token)
 
 
+def recompute_with_packed_bounds() -> tuple[Any, Any]:
+    """``context_fn`` for non-reentrant `torch.utils.checkpoint` (train.gradient_checkpointing):
+    called in the forward, it returns (forward context, recompute context); the recompute, run
+    in the backward outside the forward's `packed_bounds`, re-enters them."""
+    bounds = _ROW_BOUNDS.get()
+    again = packed_bounds(bounds) if bounds is not None else contextlib.nullcontext()
+    return contextlib.nullcontext(), again
+
+
 @contextlib.contextmanager
 def no_mask_building(model: Any, first_layer: torch.nn.Module) -> Iterator[None]:
     """Within the block, one forward of ``model`` builds no attention mask (call it only when

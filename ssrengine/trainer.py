@@ -46,7 +46,11 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ssrengine import IGNORE_INDEX, distributed, flops, reporting, validation
-from ssrengine.attention import compute_dtype, pick_attn_implementation
+from ssrengine.attention import (
+    compute_dtype,
+    pick_attn_implementation,
+    recompute_with_packed_bounds,
+)
 from ssrengine.batching import MicroBatch, encode_rows, micro_batches
 from ssrengine.checkpoint import (
     load_trainer_state,
@@ -220,6 +224,19 @@ def compile_blocks(model: Any) -> None:
         layer.compile(dynamic=True)
 
 
+def enable_checkpointing(model: Any) -> None:
+    """train.gradient_checkpointing: each decoder layer's activations recomputed in the backward.
+
+    Non-reentrant (works with frozen inputs, LoRA, and with FSDP2's unshard hooks), with a
+    ``context_fn`` whose recompute context re-enters the forward's `attention.packed_bounds`:
+    the recompute runs in the backward, outside the block that set them."""
+    kwargs = {"use_reentrant": False, "context_fn": recompute_with_packed_bounds}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Module]:
     """(transformers model, peft model or None, the trainable module: wrapped CausalLMLoss)."""
     t = cfg.train
@@ -244,12 +261,7 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         peft_model = lora.apply(model, t)
         model = peft_model.get_base_model()  # the same transformers model, adapters inside
     if t.gradient_checkpointing:
-        # Non-reentrant: works with frozen inputs (LoRA) and with FSDP2's unshard hooks.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model)
     if t.compile:
         compile_blocks(model)
     model.train()

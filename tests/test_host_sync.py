@@ -80,6 +80,29 @@ def test_packed_forward_backward_reads_nothing_back(tiny_model_dir):
     assert not syncs, f"host reads during packed forward+backward: {dict(syncs)}"
 
 
+def test_checkpointed_layers_recompute_with_the_packed_bounds(tiny_model_dir):
+    """Under gradient checkpointing the backward recomputes each layer outside the forward's
+    `packed_bounds`: `trainer.enable_checkpointing` re-enters it there (else the attention
+    would read the boundaries back from position_ids, a sync per layer on a GPU). Same
+    gradients as without checkpointing."""
+    from ssrengine.trainer import enable_checkpointing
+
+    mb = _packed_micro_batch([7, 12, 5, 9])
+    grads, counts = [], []
+    for checkpointing in (False, True):
+        model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+        model.train()
+        if checkpointing:
+            enable_checkpointing(model)
+        with sync_detector() as syncs:
+            hidden, _ = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
+            hidden.square().sum().backward()
+        counts.append(dict(syncs))
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert counts == [{}, {}]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
 def test_skipping_mask_building_changes_nothing_but_the_sync(tiny_model_dir):
     """The same packed row with transformers building its mask (and reading the packed
     detection back: the sync) gives bit-identical hidden states and gradients, and the model
