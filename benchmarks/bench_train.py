@@ -123,6 +123,8 @@ class Phases:
         self.flops: list[float] = []
         self.ceilings: list[dict[str, float]] = []
         self.depth = 0
+        self.save_s = 0.0  # the final checkpoint save
+        self.profile: list[dict[str, Any]] | None = None  # top ops of the --profile step
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def inner(*args: Any, **kwargs: Any) -> Any:
@@ -216,7 +218,7 @@ def install(
         if profiling:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 s = orig_step(tr)
-            phases.profile = top_ops(prof, time.process_time() - c0)  # type: ignore[attr-defined]
+            phases.profile = top_ops(prof, time.process_time() - c0)
         else:
             s = orig_step(tr)
         row = dict(phases.step)
@@ -238,7 +240,7 @@ def install(
         try:
             return orig_save(tr, **extra)
         finally:
-            phases.save_s = time.perf_counter() - t0  # type: ignore[attr-defined]
+            phases.save_s = time.perf_counter() - t0
             sampler.set_phase("end")
 
     trainer.train_step = train_step
@@ -403,9 +405,9 @@ def report(
         },
         # Saved for the backward, per token and layer (fp32: floats), steady steps' mean.
         "saved_activation_floats_per_token_layer": saved_per_token_layer(steady),
-        "profile_last_step": getattr(phases, "profile", None),
+        "profile_last_step": phases.profile,
         "steps": [{k: round(v, 4) for k, v in s.items()} for s in steps],
-        "save_s": round(getattr(phases, "save_s", 0.0), 2),
+        "save_s": round(phases.save_s, 2),
         "total_s": round(total_s, 1),
         "checkpoint_bytes": ckpt_bytes,
         "memory_gb": {

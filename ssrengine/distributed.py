@@ -114,11 +114,15 @@ def _blocks(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__))
 
 
+def _no_blocks(model: nn.Module) -> ValueError:
+    return ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """Every repeated block of a transformers model (see `_blocks`)."""
     layers = list(_blocks(model))
     if not layers:
-        raise ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
+        raise _no_blocks(model)
     return layers
 
 
@@ -126,7 +130,7 @@ def first_decoder_layer(model: nn.Module) -> nn.Module:
     """The first block, found without walking the rest of the model (per forward)."""
     layer = next(_blocks(model), None)
     if layer is None:
-        raise ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
+        raise _no_blocks(model)
     return layer
 
 

@@ -65,6 +65,12 @@ def continuation(tokenizer: Any, e: Example, row: GenerationRow) -> str:
     return " " + text if text[:1].isalnum() or text[:1] in '"(“[' else text
 
 
+def row_candidate(tokenizer: Any, e: Example, row: GenerationRow) -> str:
+    """The answer a continuation row makes (`candidate` of its `continuation`): what the judge
+    scores and what build rebuilds to check that the verdict is for this text."""
+    return candidate(e, continuation(tokenizer, e, row))
+
+
 def prompt_ids(tokenizer: Any, cfg: Config, e: Example) -> list[int]:
     """The chat prompt as the model answers it, then the forced prefix's tokens."""
     msgs = prompt_messages(e.messages, e.documents, cfg.data.system_prompt)

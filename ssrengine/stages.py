@@ -563,10 +563,7 @@ def run_prefix(cfg: Config, run_dir: Path, rejected: list[Example]) -> dict[str,
             path=rd.prefixes,
             ids_fn=lambda e: prefix_tier.prompt_ids(tok, cfg, e),
         )
-    cands = {
-        e.id: prefix_tier.candidate(e, prefix_tier.continuation(tok, e, rows[e.id]))
-        for e in rejected
-    }
+    cands = {e.id: prefix_tier.row_candidate(tok, e, rows[e.id]) for e in rejected}
     return _judge_with(
         cfg, lambda j: judge_rows(cfg, run_dir, rejected, cands, j, path=rd.prefix_verdicts)
     )
@@ -616,7 +613,7 @@ def run_build(cfg: Config, run_dir: Path, examples: list[Example] | None = None)
                 if targets[e.id][1] != "gold" or row is None or not row.response.strip():
                     continue
                 # the verdict counts only for the candidate rebuilt from this continuation
-                text = prefix_tier.candidate(e, prefix_tier.continuation(tok, e, row))
+                text = prefix_tier.row_candidate(tok, e, row)
                 if v is not None and v.accept and v.input_hash == verdict_input_hash(e, text):
                     targets[e.id] = (text, "prefix")
         if cfg.judge.gold_answerable_share:

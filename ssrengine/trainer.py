@@ -6,8 +6,8 @@ optimizer step; `train` is the loop around it (metrics, progress, checkpoints, i
 
 Interrupts (SIGINT, SIGTERM) only set a flag while training (`StopRequests`); the loop acts on
 it between steps, where step counter, data position, weights and optimizer state agree: it
-saves that step (unless just saved) and raises `errors.Stopped` (exit 128 + signal). A second signal stops at
-once, keeping the last complete checkpoint. Under torchrun the flag is summed over ranks in
+saves that step (unless just saved) and raises `errors.Stopped` (exit 128 + signal). A second
+signal stops at once, keeping the last complete checkpoint. Under torchrun the flag is summed over ranks in
 the step's one all-reduce of statistics, so every rank stops after the same step.
 
 Non-finite steps: the step's one host sync happens before the optimizer step, so a step whose
@@ -27,6 +27,7 @@ taking every W-th one from r. W ranks × A micro-batches thus train on exactly t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -117,12 +119,13 @@ class CausalLMLoss(nn.Module):
         self.memory_budget = memory_budget  # train.compile_memory_budget; None: not compiled
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
-        if self.memory_budget is None:
-            return loss_sum(self.model, mb, self.impl, self.grad_filter)
         # Compiled layers are partitioned on their first forward, under this budget.
-        import torch._functorch.config as functorch_config
-
-        with functorch_config.patch(activation_memory_budget=self.memory_budget):
+        budget = (
+            contextlib.nullcontext()
+            if self.memory_budget is None
+            else functorch_config.patch(activation_memory_budget=self.memory_budget)
+        )
+        with budget:
             return loss_sum(self.model, mb, self.impl, self.grad_filter)
 
 
@@ -463,9 +466,9 @@ def train_step(tr: Trainer) -> StepStats:
 
 class StopRequests:
     """While active, SIGINT and SIGTERM set ``tr.stop_signal`` instead of interrupting: the
-    loop stops between steps. A second signal raises `Stopped` (a KeyboardInterrupt) at once (during a save,
-    the checkpoint being written is dropped and the last complete one stays). The previous
-    handlers come back on exit. Outside the main thread signals cannot be caught: a no-op."""
+    loop stops between steps. A second signal raises `Stopped` (a KeyboardInterrupt) at once
+    (during a save, the checkpoint being written is dropped and the last complete one stays).
+    The previous handlers come back on exit. Outside the main thread signals cannot be caught: a no-op."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
