@@ -1,23 +1,44 @@
 # Two commands: `make demo` (an SSR run on the embedded defaults) and `make test`.
-# Both create .venv if missing and install the package; on a machine without CUDA the CPU
-# build torch==2.13.0 goes in first (an unpinned torch would pull a multi-GB CUDA build).
+# Both create .venv if missing and install the package with the exact versions of
+# constraints.txt (what the suite last passed with); on a machine without CUDA the CPU build of
+# the pinned torch goes in first (an unpinned torch would pull a multi-GB CUDA build).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.toml
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup demo test lint format bench experiment experiment-ablations experiment-options gpu-check clean
+.PHONY: setup demo test lint format bench experiment experiment-ablations experiment-options gpu-check upgrade-deps clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py CMakeLists.txt
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev]'
-	# Liger-Kernel is a test peer for the fused cross-entropy (its deps would pull a CUDA torch).
-	$(PY) -m pip install -q --no-deps liger-kernel==0.8.5
+# install_into(venv, constraints): torch (CPU build without nvidia-smi), the package with its dev
+# extra, and Liger-Kernel as a test peer for the fused cross-entropy (--no-deps: its own deps
+# would pull a CUDA torch); `-c` pins every one of them when a constraints file is given.
+define install_into
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(1)/bin/python -m pip install -q $(2) "torch==$$(sed -n 's/^torch==//p' $(CONSTRAINTS))"; fi
+	$(1)/bin/python -m pip install -q $(2) -e '.[dev]'
+	$(1)/bin/python -m pip install -q $(2) --no-deps "liger-kernel==$$(sed -n 's/^liger_kernel==//p' $(CONSTRAINTS))"
+endef
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(CONSTRAINTS)
+	$(call install_into,$(VENV),-c $(CONSTRAINTS))
 	touch $(STAMP)
+
+# Upgrading the pins is a deliberate commit, never part of CI: a fresh venv gets the newest
+# versions pyproject.toml allows (torch and Liger-Kernel stay at their lines in constraints.txt:
+# edit those by hand to move them), constraints.txt is rewritten from it, and the whole suite
+# runs there. Commit constraints.txt when it passes; `git checkout constraints.txt` otherwise.
+UPGRADE_VENV ?= .venv-upgrade
+upgrade-deps:
+	rm -rf $(UPGRADE_VENV)
+	$(call install_into,$(UPGRADE_VENV),)
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable \
+	  | sed 's/+cpu$$//'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	$(UPGRADE_VENV)/bin/ruff check . && $(UPGRADE_VENV)/bin/python -m pytest -q
 
 demo: $(STAMP)
 	$(PY) -m ssrengine.models fetch smollm2-135m
@@ -115,4 +136,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf build *.egg-info runs
+	rm -rf build *.egg-info runs $(UPGRADE_VENV)
