@@ -44,14 +44,14 @@ demo: $(STAMP)
 	$(PY) -m ssrengine.models fetch smollm2-135m
 	$(PY) -m ssrengine.train --config $(CONFIG)
 
-# The paper's experiment in miniature (README, "The experiment") on SmolLM2-135M with the
+# The paper's experiment in miniature (docs/experiment.md) on SmolLM2-135M with the
 # embedded data, on the CPU: base, SFT and SSR with full fine-tuning and LoRA, SSR with the
 # options, then one report with paired intervals. One file target per run, so `make -j2
 # experiment` runs two chains at once (one thread each: EXP_THREADS); finished runs and evals
 # are kept, so a rerun continues where a killed one stopped. Every SSR run reuses the `ssr`
 # run's generations (same base model, same prompts). EVAL_ARGS sizes the eval: 200 questions
 # per split (class-balanced; all of builtin:test and builtin:ood), the whole probe (200
-# prompts) and MC set (260 items); fewer cannot separate the runs (README).
+# prompts) and MC set (260 items); fewer cannot separate the runs (docs/experiment.md).
 EXP ?= runs/experiment
 EVAL_ARGS ?= --limit 200 --probe-limit 0 --mc-limit 0
 EXP_THREADS ?= 1
@@ -59,7 +59,7 @@ EXP_RUNS ?= sft ssr ssr-prefix ssr-options sft-lora ssr-lora
 # After `make experiment`: the rule judge at other token-F1 cuts (ssr-fX: judge.min_f1, 0.3 in
 # the experiment), the LLM judge at P(Yes) >= 0.5 (ssr-llm) or another cut (ssr-llm-pX).
 ABLATIONS ?= ssr-f0.5 ssr-f0.1 ssr-llm-p0.15
-# Options against the rehearsal set's weak spots (README, "Options ..."): ssr-prefix (gold
+# Options against the rehearsal set's weak spots (docs/experiment.md, "Options ..."): ssr-prefix (gold
 # decision in the model's own words), ssr-balanced (a third of G answerable hard negatives),
 # ssr-decision (the first 8 target tokens weigh 3x), ssr-options (all three), ssr-gold3 (gold
 # targets weigh 3x: they carry the refusal decision).

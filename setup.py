@@ -4,7 +4,7 @@
 why kernels/ has no __init__.py). The native packer in kernels/csrc is an optional extension,
 `ssrengine.kernels._packer`, built by the top-level CMakeLists.txt: when cmake, a C++17
 compiler, the Python headers or pybind11 is missing, or the build fails, the install prints a
-warning and still succeeds, and ssrengine.packing uses its pure-Python planner (same bins).
+warning and still succeeds, and ssrengine.models.packing uses its pure-Python planner (same bins).
 Set SSRENGINE_NO_NATIVE=1 to skip the native build on purpose.
 """
 

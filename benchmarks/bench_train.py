@@ -6,12 +6,12 @@
 
 1. The ceiling: a 2048³ fp32 matmul timed in the same process on the same --threads, before
    training, after every step and at the end (the median counts; the best one is reported
-   too: other jobs on a shared machine slow both the matmul and the training). Its FLOP rate divided by the FLOPs per trained token (`ssrengine.flops`: 6 × the
+   too: other jobs on a shared machine slow both the matmul and the training). Its FLOP rate divided by the FLOPs per trained token (`ssrengine.models.flops`: 6 × the
    non-embedding parameters per token, the lm_head only for supervised tokens, causal
    attention within each packed example) is the tokens/s no implementation can beat.
 2. Training: SmolLM2-135M, fp32, packed micro-batches of --max-tokens (2,048) from the
    embedded data (builtin:train with gold targets), through the real trainer
-   (`ssrengine.trainer.train`: setup, train_step, the loop, the final checkpoint save). Real
+   (`ssrengine.training.trainer.train`: setup, train_step, the loop, the final checkpoint save). Real
    tokens/s and % of the ceiling come from the steps after --warmup-steps (the first
    allocates the optimizer state; with --compile it also compiles), each both by wall
    clock and by process CPU time: with one thread, CPU time is what an unloaded core would
@@ -177,12 +177,12 @@ def install(
     profile_step: int = 0,
 ) -> None:
     """Time the trainer's pieces where they are looked up (module globals, class attributes)."""
-    from ssrengine import trainer
+    from ssrengine.training import loss, state, trainer
 
     orig_rank, orig_step, orig_save = (
         trainer.rank_micro_batches,
         trainer.train_step,
-        trainer.Trainer.save,
+        state.Trainer.save,
     )
 
     def rank_micro_batches(*args: Any, **kwargs: Any) -> Any:
@@ -192,9 +192,9 @@ def install(
         return mbs
 
     trainer.rank_micro_batches = phases.wrap("data", rank_micro_batches)
-    trainer._to = phases.wrap("data", trainer._to)
-    trainer.CausalLMLoss.forward = phases.wrap(
-        "forward", count_saved(trainer.CausalLMLoss.forward, phases)
+    loss.to_device = phases.wrap("data", loss.to_device)
+    loss.CausalLMLoss.forward = phases.wrap(
+        "forward", count_saved(loss.CausalLMLoss.forward, phases)
     )
     orig_backward = torch.Tensor.backward
     torch.Tensor.backward = phases.wrap("backward", orig_backward)  # type: ignore[method-assign]
@@ -244,7 +244,7 @@ def install(
             sampler.set_phase("end")
 
     trainer.train_step = train_step
-    trainer.Trainer.save = save  # type: ignore[method-assign]
+    state.Trainer.save = save  # type: ignore[method-assign]
 
 
 PHASES = ("data", "forward", "backward", "optimizer", "other")
@@ -268,18 +268,18 @@ def top_ops(prof: Any, cpu_s: float, n: int = 15) -> list[dict[str, Any]]:
 
 
 def rehearsal_rows(n: int) -> list[Any]:
-    from ssrengine.data import load_examples
-    from ssrengine.datasets import resolve_data_file
-    from ssrengine.rundir import RehearsalRow
+    from ssrengine.core.rundir import RehearsalRow
+    from ssrengine.data.builtin import resolve_data_file
+    from ssrengine.data.records import load_examples
 
     exs = load_examples(resolve_data_file("builtin:train"), max_examples=n)
     return [RehearsalRow.of(e) for e in exs]
 
 
 def main(a: argparse.Namespace) -> dict[str, Any]:
-    from ssrengine.config import load_config
-    from ssrengine.flops import ModelFlops
-    from ssrengine.trainer import train
+    from ssrengine.core.config_load import load_config
+    from ssrengine.models.flops import ModelFlops
+    from ssrengine.training.trainer import train
 
     torch.set_num_threads(a.threads)
     sampler = RssSampler()

@@ -9,7 +9,7 @@
    cut-cross-entropy when importable; every loss is checked against naive.
 3. A short SSR run on SmolLM2 in bf16 with FlashAttention-2, the Triton loss and packing
    (configs/demo.toml: generate, judge, build, 12 optimizer steps); its loss must be finite and
-   its metrics carry MFU where the GPU is in ssrengine.flops.PEAK_FLOPS.
+   its metrics carry MFU where the GPU is in ssrengine.models.flops.PEAK_FLOPS.
 
 Writes benchmarks/results/gpu_check.json and gpu_check.png and exits 1 if any step failed
 (each step runs in its own process with a time limit; a failed step does not stop the others).

@@ -22,15 +22,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ssrengine.config import Config, build_config, load_config
+from ssrengine.core.config import Config
+from ssrengine.core.config_load import build_config, load_config
+from ssrengine.data.records import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from ssrengine.judge import Verdict
-    from ssrengine.rundir import BuildStats, GenerationRow
+    from ssrengine.core.rundir import BuildStats, GenerationRow
+    from ssrengine.rehearsal.judge import Verdict
 
 __version__ = "0.1.0"
-
-IGNORE_INDEX = -100  # label of every token that is not supervised (prompt, padding)
 
 ConfigLike = Config | str | os.PathLike[str] | Mapping[str, Any]
 
@@ -107,9 +107,9 @@ def render(config: ConfigLike, n: int = 3, *, tokens: bool = False) -> str:
 
 class _Package(types.ModuleType):
     """Keeps the API functions bound on the package: importing a submodule of the same name
-    (ssrengine.judge, ssrengine.train, ssrengine.export, ssrengine.render) would otherwise
-    rebind ``ssrengine.judge`` to that module. The modules stay importable by their full
-    names (``from ssrengine.judge import RuleJudge``, ``python -m ssrengine.train``)."""
+    (ssrengine.train, ssrengine.export, ssrengine.render) would otherwise rebind
+    ``ssrengine.train`` to that module. The modules stay importable by their full names
+    (``from ssrengine.export import export``, ``python -m ssrengine.train``)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _API and isinstance(value, types.ModuleType):

@@ -17,12 +17,13 @@ import signal
 import sys
 import typing
 
-from ssrengine import rundir
-from ssrengine.config import SECTIONS, load_config, markdown_table
-from ssrengine.diskfull import disk_full_error
-from ssrengine.errors import InputError
+from ssrengine.core import rundir
+from ssrengine.core.config import SECTIONS
+from ssrengine.core.config_load import load_config, markdown_table
+from ssrengine.core.diskfull import disk_full_error
+from ssrengine.core.errors import InputError
+from ssrengine.core.runlock import lock_run_dir
 from ssrengine.generation import BackendError
-from ssrengine.runlock import lock_run_dir
 
 PROG = "python -m ssrengine"
 
@@ -41,7 +42,7 @@ COMMANDS = {
     "datasets": "write the embedded dataset or convert a public one (python -m ssrengine datasets -h)",
 }
 # Subcommands that are other modules' command lines, run with the rest of the arguments.
-DELEGATED = {"models": "ssrengine.models", "datasets": "ssrengine.datasets.__main__"}
+DELEGATED = {"models": "ssrengine.models.fetch", "datasets": "ssrengine.data.__main__"}
 # Commands configured by --config FILE and --section.field=value overrides.
 CONFIGURED = ("run", "generate", "judge", "build", "train", "eval", "render", "config")
 
@@ -50,7 +51,7 @@ OVERRIDES_HELP = f"""config overrides:
                          (e.g. --train.max_steps=50 --judge.min_f1=0.5)
   --section.field        a boolean key set to true (--no-section.field: false)
 
-Every key with its default, allowed values and meaning: README "Configuration", or
+Every key with its default, allowed values and meaning: docs/configuration.md, or
 `python -m ssrengine config --markdown`."""
 
 
@@ -78,7 +79,7 @@ def _add_arguments(s: argparse.ArgumentParser, name: str, command: str | None) -
         return
     if name == "report":
         if command == "report":
-            from ssrengine.report import add_arguments
+            from ssrengine.evaluation.report import add_arguments
 
             add_arguments(s)
         return
@@ -91,7 +92,7 @@ def _add_arguments(s: argparse.ArgumentParser, name: str, command: str | None) -
         return
     s.add_argument("--config", help="TOML run config (e.g. configs/demo.toml)")
     if name == "eval" and command == "eval":
-        from ssrengine.evaluate import add_arguments
+        from ssrengine.evaluation.evaluate import add_arguments
 
         add_arguments(s)
     if name in ("run", "train"):
@@ -209,11 +210,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: l
 
                 print(export(args.run, args.format, args.out))
                 return 0
-            from ssrengine.report import main as report_main
+            from ssrengine.evaluation.report import main as report_main
 
             return report_main(args)
         if args.command == "eval":
-            from ssrengine.evaluate import main as eval_main
+            from ssrengine.evaluation.evaluate import main as eval_main
 
             return eval_main(args, overrides)
         cfg = load_config(args.config, overrides)
@@ -225,11 +226,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: l
 
             print(render(cfg, args.n, tokens=args.tokens, color=sys.stdout.isatty()))
             return 0
-        from ssrengine import distributed
         from ssrengine.pipeline import run_all, run_stage
+        from ssrengine.training import distributed
 
         if args.command in ("run", "train"):
-            from ssrengine.reporting import check
+            from ssrengine.training.reporting import check
 
             check(cfg.train.report_to)  # a missing tracker stops before any stage, not after
         run_dir = cfg.run.dir

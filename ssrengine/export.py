@@ -16,11 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ssrengine.config import config_from_json
-from ssrengine.data import prompt_messages
-from ssrengine.errors import InputError
-from ssrengine.io import atomic_write_jsonl
-from ssrengine.rundir import RehearsalRow, RunDir, read_typed
+from ssrengine.core.config_load import config_from_json
+from ssrengine.core.errors import InputError
+from ssrengine.core.io import atomic_write_jsonl
+from ssrengine.core.rows import read_typed
+from ssrengine.core.rundir import RehearsalRow, RunDir
+from ssrengine.data.records import prompt_messages
 
 log = logging.getLogger(__name__)
 

@@ -16,27 +16,24 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ssrengine import stages
-from ssrengine.config import Config
-from ssrengine.data import Example
-from ssrengine.errors import InputError
-from ssrengine.rundir import (
+from ssrengine.core.config import Config
+from ssrengine.core.errors import InputError
+from ssrengine.core.provenance import (
     STAGES,
-    BuildStats,
-    MetricRow,
     Provenance,
-    RehearsalRow,
-    Row,
-    RunDir,
     config_changes,
-    content_hash,
     flat_config,
     read_provenance,
-    read_typed,
     stage_config,
     write_provenance,
 )
-from ssrengine.runlock import check_run_dir
+from ssrengine.core.rows import Row, content_hash, read_typed
+from ssrengine.core.rundir import BuildStats, MetricRow, RehearsalRow, RunDir
+from ssrengine.core.runlock import check_run_dir
+from ssrengine.data.records import Example
+from ssrengine.rehearsal import stages
+from ssrengine.rehearsal.build import format_stats, run_build
+from ssrengine.rehearsal.prepare import prepare
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +69,7 @@ def prepare_run_dir(cfg: Config) -> Path:
 def has_checkpoint(rd: RunDir) -> bool:
     if not rd.checkpoints.is_dir() or not any(rd.checkpoints.iterdir()):
         return False  # decided without importing torch
-    from ssrengine.checkpoint import latest_checkpoint
+    from ssrengine.training.checkpoint import latest_checkpoint
 
     return latest_checkpoint(rd.checkpoints) is not None
 
@@ -129,7 +126,7 @@ def _record(cfg: Config, rd: RunDir, stage: str, inputs: str, output: str = "") 
 def run_stage(
     cfg: Config, stage: str, *, resume: bool = False, examples: list[Example] | None = None
 ) -> Any:
-    """One stage into run.dir. ``examples``: the output of `stages.prepare` (read if omitted)."""
+    """One stage into run.dir. ``examples``: the output of `prepare` (read if omitted)."""
     if stage not in STAGES:
         raise InputError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     check_checkpoints_match(cfg, resume=resume)
@@ -138,7 +135,7 @@ def run_stage(
         return None
     if stage == "train":
         return _train(cfg, prepare_run_dir(cfg), resume)
-    examples = examples if examples is not None else stages.prepare(cfg)
+    examples = examples if examples is not None else prepare(cfg)
     run_dir = prepare_run_dir(cfg)
     rd = RunDir(run_dir)
     if stage == "generate":
@@ -157,11 +154,11 @@ def run_stage(
         output = content_hash([[i, v.accept, v.score] for i, v in sorted(verdicts.items())])
         _record(cfg, rd, stage, generated, output)
         return verdicts
-    stats = stages.run_build(cfg, run_dir, examples)
+    stats = run_build(cfg, run_dir, examples)
     upstream = read_provenance(rd).get("judge") if cfg.run.mode == "ssr" else None
     inputs = content_hash([[e.to_record() for e in examples], upstream and upstream.output])
     _record(cfg, rd, stage, inputs, rows_hash(read_typed(rd.rehearsal, RehearsalRow)))
-    print(f"rehearsal set ({cfg.run.mode}):\n{stages.format_stats(stats)}")
+    print(f"rehearsal set ({cfg.run.mode}):\n{format_stats(stats)}")
     return stats
 
 
@@ -190,8 +187,8 @@ def check_rehearsal(cfg: Config, rd: RunDir) -> str:
 
 def _train(cfg: Config, run_dir: Path, resume: bool) -> Path:
     # The trainer (torch.distributed, the kernels) is imported by the train stage only.
-    from ssrengine import distributed
-    from ssrengine.trainer import train
+    from ssrengine.training import distributed
+    from ssrengine.training.trainer import train
 
     rd = RunDir(run_dir)
     inputs = check_rehearsal(cfg, rd)
@@ -211,7 +208,7 @@ def run_all(cfg: Config, *, resume: bool = False) -> Path:
     """Every stage in order into run.dir; finished work is skipped. Returns the final checkpoint.
 
     Under torchrun the data stages run on rank 0 while the other ranks wait; all ranks train."""
-    from ssrengine import distributed
+    from ssrengine.training import distributed
 
     check_checkpoints_match(cfg, resume=resume)
     if cfg.run.mode == "ssr":  # a judge that cannot be built (spec, rubric, pattern) stops first
@@ -220,7 +217,7 @@ def run_all(cfg: Config, *, resume: bool = False) -> Path:
     if world.is_main:
         # Validated and fitted to data.max_seq_len once, before generate: a bad or over-long
         # record stops the run here, naming its file and line.
-        examples = stages.prepare(cfg)
+        examples = prepare(cfg)
         for stage in STAGES[:-1]:
             run_stage(cfg, stage, examples=examples)
     distributed.barrier()

@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from ssrengine import IGNORE_INDEX
-from ssrengine.config import Config
-from ssrengine.data import encode, prompt_messages
-from ssrengine.errors import InputError
+from ssrengine.core.config import Config
+from ssrengine.core.errors import InputError
+from ssrengine.data.records import IGNORE_INDEX, encode, prompt_messages
 
 OPEN, CLOSE = "⟦", "⟧"
 GREEN, RED, RESET = "\x1b[32m", "\x1b[31m", "\x1b[0m"
@@ -24,8 +23,8 @@ GREEN, RED, RESET = "\x1b[32m", "\x1b[31m", "\x1b[0m"
 
 def render(cfg: Config, n: int = 3, *, tokens: bool = False, color: bool = False) -> str:
     """The rendering of the first ``n`` training examples as one printable string."""
-    from ssrengine.models import load_tokenizer
-    from ssrengine.stages import prepare, train_examples
+    from ssrengine.models.loading import load_tokenizer
+    from ssrengine.rehearsal.prepare import prepare, train_examples
 
     if n < 1:
         raise InputError(f"expected at least 1 record, got {n}", field="--n")

@@ -48,6 +48,6 @@ def tiny_untied_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted once into the cache outside the repo."""
-    from ssrengine.models import fetch
+    from ssrengine.models.fetch import fetch
 
     return fetch("smollm2-135m")

@@ -20,14 +20,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from ssrengine import distributed
-from ssrengine.models import load_model
-from ssrengine.trainer import CausalLMLoss, accumulate
+from ssrengine.models.layers import decoder_layers
+from ssrengine.models.loading import load_model
+from ssrengine.training import distributed
+from ssrengine.training.loss import CausalLMLoss, accumulate
 
 
 def micro_batches_for_probe(n: int):
     """n padded micro-batches of 2 rows each, fixed by a seed (labels on the second half)."""
-    from ssrengine.batching import Encoded, padded_batch
+    from ssrengine.training.batching import Encoded, padded_batch
 
     g = torch.Generator().manual_seed(1)
     out = []
@@ -56,7 +57,7 @@ def main(model_dir: str, parallel: str, accum: int, out_dir: Path, impl: str = "
     torch.manual_seed(0)
     model = load_model(model_dir, dtype="float32", device="cpu", attn_implementation="sdpa")
     model.train()
-    layers = distributed.decoder_layers(model) if parallel == "fsdp" else []
+    layers = decoder_layers(model) if parallel == "fsdp" else []
     net = distributed.wrap(CausalLMLoss(model, impl), world, parallel, layers=layers)
     calls = {"n": 0}
     if parallel == "fsdp":

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from ssrengine.config import GenerationConfig, ModelConfig
+from ssrengine.core.config import GenerationConfig, ModelConfig
 from ssrengine.generation.base import Request, SamplingParams
 from ssrengine.generation.hf import HFGenerator
 

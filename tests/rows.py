@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from ssrengine.config import Config
-from ssrengine.data import Example
-from ssrengine.rundir import GenerationRow, VerdictRow
-from ssrengine.stages import generation_keys, make_judge, open_generator, verdict_input_hash
+from ssrengine.core.config import Config
+from ssrengine.core.rundir import GenerationRow, VerdictRow
+from ssrengine.data.records import Example
+from ssrengine.rehearsal.stages import (
+    generation_keys,
+    make_judge,
+    open_generator,
+    verdict_input_hash,
+)
 
 
 def generations(cfg: Config, examples: list[Example], responses: dict[str, str]) -> list[dict]:

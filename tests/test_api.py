@@ -9,10 +9,11 @@ from transformers import AutoTokenizer
 
 import ssrengine
 from ssrengine.cli import main as cli_main
-from ssrengine.config import config_from_json
-from ssrengine.data import prompt_messages, render_prompt
-from ssrengine.errors import InputError
-from ssrengine.rundir import SOURCES, RehearsalRow, RunDir, read_typed
+from ssrengine.core.config_load import config_from_json
+from ssrengine.core.errors import InputError
+from ssrengine.core.rows import read_typed
+from ssrengine.core.rundir import SOURCES, RehearsalRow, RunDir
+from ssrengine.data.records import prompt_messages, render_prompt
 from tests.tiny import records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssrengine.config import GenerationConfig, ModelConfig, build_config
-from ssrengine.data import Example
-from ssrengine.errors import InputError
+from ssrengine.core.config import GenerationConfig, ModelConfig
+from ssrengine.core.config_load import build_config
+from ssrengine.core.errors import InputError
+from ssrengine.core.io import read_rows
+from ssrengine.core.rundir import GENERATIONS, VERDICTS
+from ssrengine.data.records import Example
 from ssrengine.generation import (
     BackendError,
     Request,
@@ -25,10 +28,8 @@ from ssrengine.generation.hf import HFGenerator
 from ssrengine.generation.http import MalformedReply, parse_urls
 from ssrengine.generation.launch import free_port
 from ssrengine.generation.sglang_http import parse_sglang_outputs
-from ssrengine.io import read_rows
-from ssrengine.judge import LLMJudge
-from ssrengine.rundir import GENERATIONS, VERDICTS
-from ssrengine.stages import generate_rows, judge_rows
+from ssrengine.rehearsal.judge import LLMJudge
+from ssrengine.rehearsal.stages import generate_rows, judge_rows
 from tests.loopback import Faults, LoopbackServer, build_chatty
 
 REMOTE = ["sglang-http", "openai"]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from ssrengine.config import DataConfig, GenerationConfig, ModelConfig
-from ssrengine.data import Example, load_examples, prompt_messages
-from ssrengine.datasets import resolve_data_file
+from ssrengine.core.config import DataConfig, GenerationConfig, ModelConfig
+from ssrengine.data.builtin import resolve_data_file
+from ssrengine.data.records import Example, load_examples, prompt_messages
 from ssrengine.generation import Completion, Request, SamplingParams, make_generator
-from ssrengine.judge import LLMJudge
+from ssrengine.rehearsal.judge import LLMJudge
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("sglang")

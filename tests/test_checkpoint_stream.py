@@ -9,8 +9,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from transformers import AutoModelForCausalLM
 
-from ssrengine.checkpoint import _flat_state, _save_train_tensors, _stream_dcp_shard
-from ssrengine.trainer import CausalLMLoss
+from ssrengine.training.checkpoint import _flat_state, _save_train_tensors, _stream_dcp_shard
+from ssrengine.training.loss import CausalLMLoss
 
 
 def _split(raw: bytes) -> tuple[dict, bytes]:

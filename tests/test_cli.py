@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ssrengine.cli import main
-from ssrengine.config import load_config
+from ssrengine.core.config_load import load_config
 
 
 def test_bare_boolean_overrides():

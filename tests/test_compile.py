@@ -5,8 +5,8 @@ an eager island) and on a GPU (bf16 autocast, sdpa_varlen or FlashAttention-2 tr
 import pytest
 import torch
 
-from ssrengine import trainer
-from ssrengine.io import read_rows
+from ssrengine.core.io import read_rows
+from ssrengine.training import trainer
 from tests.test_trainer import _cfg, rehearsal
 
 

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from ssrengine.config import Config, load_config, markdown_table
-from ssrengine.errors import InputError
+from ssrengine.core.config import Config
+from ssrengine.core.config_load import load_config, markdown_table
+from ssrengine.core.errors import InputError
 
 
 def test_toml_and_overrides(tmp_path):
@@ -52,7 +53,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    from ssrengine.config import config_from_json
+    from ssrengine.core.config_load import config_from_json
 
     cfg = load_config(None, ["--train.max_steps=5"])
     cfg.save(tmp_path / "config.json")
@@ -69,18 +70,19 @@ def test_demo_config_loads_and_every_key_is_documented():
             assert f"`{sec}.{key}`" in table
 
 
-def test_readme_config_table_is_current():
-    """The README's config reference is the generated table, verbatim."""
+def test_docs_config_table_is_current():
+    """docs/configuration.md's reference is the generated table, verbatim."""
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate it: python -m ssrengine config --markdown"
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert markdown_table() in page, "regenerate it: python -m ssrengine config --markdown"
 
 
 def _bounded_fields():
     import dataclasses
 
-    from ssrengine.config import SECTIONS, range_text
+    from ssrengine.core.config import SECTIONS
+    from ssrengine.core.config_load import range_text
 
     for sec, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
@@ -91,7 +93,7 @@ def _bounded_fields():
 @pytest.mark.parametrize(("sec", "f"), list(_bounded_fields()), ids=lambda x: getattr(x, "name", x))
 def test_every_range_is_checked_and_documented(sec, f):
     """Each bound rejects the value just past it, naming the field; the docs state the range."""
-    from ssrengine.config import range_text
+    from ssrengine.core.config_load import range_text
 
     key = f"{sec}.{f.name}"
     assert f"| `{key}` |" in markdown_table()
@@ -122,7 +124,7 @@ def test_range_error_names_the_file_or_the_command_line(tmp_path):
 def test_choices_come_from_literal_types():
     import typing
 
-    from ssrengine.config import TrainConfig
+    from ssrengine.core.config import TrainConfig
 
     hint = typing.get_type_hints(TrainConfig)["parallel"]
     assert typing.get_args(hint) == ("fsdp", "ddp")
@@ -177,7 +179,7 @@ def test_list_key_from_toml_list_or_commas(tmp_path):
         load_config(None, ["--train.report_to=mlflow"])
     path = tmp_path / "config.json"
     cfg.save(path)
-    from ssrengine.config import config_from_json
+    from ssrengine.core.config_load import config_from_json
 
     assert config_from_json(path) == cfg
 

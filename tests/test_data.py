@@ -7,12 +7,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from ssrengine import IGNORE_INDEX
-from ssrengine.batching import encode_rows
-from ssrengine.config import DataConfig
-from ssrengine.data import encode, load_examples, prompt_messages, render_prompt
-from ssrengine.errors import InputError
-from ssrengine.models import resolve_model_path
-from ssrengine.rundir import RehearsalRow
+from ssrengine.core.config import DataConfig
+from ssrengine.core.errors import InputError
+from ssrengine.core.rundir import RehearsalRow
+from ssrengine.data.records import encode, load_examples, prompt_messages, render_prompt
+from ssrengine.models.fetch import resolve_model_path
+from ssrengine.training.batching import encode_rows
 from tests.tiny import records, write_jsonl
 
 

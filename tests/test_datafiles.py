@@ -13,8 +13,8 @@ import sys
 import datasets
 import pytest
 
-from ssrengine.data import load_examples
-from ssrengine.errors import InputError
+from ssrengine.core.errors import InputError
+from ssrengine.data.records import load_examples
 
 RECORDS = [
     {

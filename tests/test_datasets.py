@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from ssrengine.data import load_examples, parse_record
-from ssrengine.datasets import builtin, loaders, resolve_data_file
-from ssrengine.datasets.__main__ import main
-from ssrengine.datasets.builtin import GOLD_REFUSAL, SIZES, SPLITS, generate
-from ssrengine.errors import InputError
-from ssrengine.io import iter_jsonl
+from ssrengine.core.errors import InputError
+from ssrengine.core.io import iter_jsonl
+from ssrengine.data import builtin, loaders
+from ssrengine.data.__main__ import main
+from ssrengine.data.builtin import GOLD_REFUSAL, SIZES, SPLITS, generate, resolve_data_file
+from ssrengine.data.records import load_examples, parse_record
 
 ASSETS = Path(__file__).parent / "assets"
 MD2D_DIAL = ASSETS / "multidoc2dial" / "multidoc2dial_dial_train.json"
@@ -299,15 +299,15 @@ def test_cli_round_trip(tmp_path, capsys):
 
 
 def test_data_side_imports_neither_torch_nor_upward(tmp_path):
-    """Reading data and materializing a builtin split need no torch; `ssrengine.data` (the
-    record format) does not import `ssrengine.datasets`, which builds on it."""
+    """Reading data and materializing a builtin split need no torch; `ssrengine.data.records` (the
+    record format) imports neither the generator nor the loaders, which build on it."""
     code = (
         "import sys\n"
-        "import ssrengine.data\n"
-        "assert not any(m.startswith('ssrengine.datasets') for m in sys.modules), 'data->datasets'\n"
-        "from ssrengine.datasets import resolve_data_file\n"
-        "from ssrengine.datasets import loaders\n"
-        "ssrengine.data.load_examples(resolve_data_file('builtin:validation', seed=3))\n"
+        "import ssrengine.data.records\n"
+        "assert not {'ssrengine.data.builtin', 'ssrengine.data.loaders'} & set(sys.modules)\n"
+        "from ssrengine.data.builtin import resolve_data_file\n"
+        "from ssrengine.data import loaders\n"
+        "ssrengine.data.records.load_examples(resolve_data_file('builtin:validation', seed=3))\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     env = {**os.environ, "SSRENGINE_CACHE": str(tmp_path)}

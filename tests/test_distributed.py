@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ssrengine.config import load_config
-from ssrengine.distributed import World
-from ssrengine.io import read_rows
+from ssrengine.core.config_load import load_config
+from ssrengine.core.io import read_rows
 from ssrengine.pipeline import run_all
-from ssrengine.trainer import rank_micro_batches, train
+from ssrengine.training.distributed import World
+from ssrengine.training.state import rank_micro_batches
+from ssrengine.training.trainer import train
 from tests.test_checkpoint import pickled_files
 from tests.tiny import records, write_jsonl
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssrengine.io import read_rows
+from ssrengine.core.io import read_rows
 
 
 @pytest.mark.slow

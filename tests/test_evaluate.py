@@ -6,12 +6,13 @@ import torch
 
 from ssrengine import IGNORE_INDEX
 from ssrengine.cli import main as cli_main
-from ssrengine.data import Example, encode, load_examples
-from ssrengine.evaluate import resolve_target
-from ssrengine.io import read_rows
-from ssrengine.metrics import confusion_matrix, task_metrics, unanswerable_prf
-from ssrengine.models import load_model, load_tokenizer
-from ssrengine.retention import (
+from ssrengine.core.io import read_rows
+from ssrengine.core.rundir import EVAL as EVAL_DIR
+from ssrengine.core.rundir import GenerationRow, VerdictRow
+from ssrengine.data.records import Example, encode, load_examples
+from ssrengine.evaluation.evaluate import resolve_target
+from ssrengine.evaluation.metrics import confusion_matrix, task_metrics, unanswerable_prf
+from ssrengine.evaluation.retention import (
     MC_FILE,
     answer_token_sequences,
     asset_path,
@@ -24,8 +25,7 @@ from ssrengine.retention import (
     run_lm_eval,
     score_sequences,
 )
-from ssrengine.rundir import EVAL as EVAL_DIR
-from ssrengine.rundir import GenerationRow, VerdictRow
+from ssrengine.models.loading import load_model, load_tokenizer
 from tests.tiny import records, write_jsonl
 
 REFUSAL = "The documents do not say."
@@ -155,8 +155,8 @@ def test_packed_scores_equal_unpacked_forward(tiny):
 
 
 def test_own_answers_are_scored_on_their_exact_generated_tokens(tiny):
-    from ssrengine.config import GenerationConfig, ModelConfig
-    from ssrengine.data import encode_prompt
+    from ssrengine.core.config import GenerationConfig, ModelConfig
+    from ssrengine.data.records import encode_prompt
     from ssrengine.generation import Request, SamplingParams
     from ssrengine.generation.hf import HFGenerator
 
@@ -243,7 +243,7 @@ def test_eval_base_model_writes_json_and_resumes(tiny_model_dir, tmp_path):
 
 def _fake_run(run, tiny_model_dir, train_file, *, perturb: bool):
     """A run dir as the pipeline leaves it: config.json, a checkpoint, generations, verdicts."""
-    from ssrengine.config import load_config
+    from ssrengine.core.config_load import load_config
 
     cfg = load_config(
         None,
@@ -327,8 +327,8 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
 
 
 def test_retention_metrics_count_the_shipped_mc_set_once():
-    from ssrengine.metrics import retention_metrics
-    from ssrengine.retention import MC_TASK
+    from ssrengine.evaluation.metrics import retention_metrics
+    from ssrengine.evaluation.retention import MC_TASK
 
     ret = {
         "probe": {"accuracy": 0.5},
@@ -350,7 +350,7 @@ def test_retention_metrics_count_the_shipped_mc_set_once():
 
 def test_task_metrics_and_judge_share_the_gold_class():
     """An answerable example whose gold text reads as a refusal is answerable in both."""
-    from ssrengine.judge import gold_declines
+    from ssrengine.rehearsal.judge import gold_declines
 
     hedged = ex(0, "The documents do not mention the fee, but the deadline is 5 May.", True)
     metrics, (d,) = task_metrics([hedged], {"e0": "The deadline is 5 May."})
@@ -381,9 +381,9 @@ def test_limit_bounds_every_part_of_eval(tiny_model_dir, tmp_path):
 
 
 def test_decision_probe_scores_the_refusal_after_the_eval_prompt(tiny, tmp_path):
-    from ssrengine.config import load_config
-    from ssrengine.data import prompt_messages
-    from ssrengine.evaluate import Loaded, refusal_scores
+    from ssrengine.core.config_load import load_config
+    from ssrengine.data.records import prompt_messages
+    from ssrengine.evaluation.evaluate import Loaded, refusal_scores
 
     model, tok = tiny
     cfg = load_config(None, [])

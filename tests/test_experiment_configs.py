@@ -3,8 +3,8 @@ config only in the LoRA settings, the learning rate and the run directory."""
 
 import pytest
 
-from ssrengine.config import load_config
-from ssrengine.rundir import flat_config
+from ssrengine.core.config_load import load_config
+from ssrengine.core.provenance import flat_config
 
 
 @pytest.mark.parametrize("name", ["sft", "ssr"])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from ssrengine.io import read_rows
+from ssrengine.core.io import read_rows
 from tests.tiny import records, write_jsonl
 
 BASE_TOML = """\
@@ -215,7 +215,7 @@ def full_disk_for_checkpoint(ctx: Ctx) -> None:
 def hold_lock(ctx: Ctx) -> None:
     """Another process holds the run directory, as a running command does."""
     code = (
-        "import sys; from ssrengine.runlock import lock_run_dir\n"
+        "import sys; from ssrengine.core.runlock import lock_run_dir\n"
         "with lock_run_dir(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()"
     )
     holder = subprocess.Popen(

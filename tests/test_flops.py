@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig
 
-from ssrengine import flops
-from ssrengine.batching import Encoded, packed_micro_batch, padded_batch
-from ssrengine.packing import pack
+from ssrengine.models import flops
+from ssrengine.models.packing import pack
+from ssrengine.training.batching import Encoded, packed_micro_batch, padded_batch
 
 
 def test_tiny_model_flops_by_hand(tiny_model_dir):
@@ -64,7 +64,7 @@ def test_mfu():
 def test_metrics_row_carries_mfu_where_the_peak_is_known(tiny_model_dir, tmp_path, monkeypatch):
     """None on the CPU; with a known peak (pretended here), the step's model FLOPs over its
     global micro-batches / (step time x peak)."""
-    from ssrengine.trainer import _metrics_row, setup, train_step
+    from ssrengine.training.trainer import _metrics_row, setup, train_step
     from tests.test_trainer import _cfg, rehearsal
 
     cfg = _cfg(tiny_model_dir, tmp_path, "--train.grad_accum=2", "--train.packing=true",
@@ -86,9 +86,9 @@ def test_matmul_flops_match_torch_flop_counter(tiny_model_dir):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ssrengine.batching import encode_rows, micro_batches
-    from ssrengine.config import load_config
-    from ssrengine.trainer import loss_sum
+    from ssrengine.core.config_load import load_config
+    from ssrengine.training.batching import encode_rows, micro_batches
+    from ssrengine.training.loss import loss_sum
     from tests.test_trainer import rehearsal
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")

@@ -10,11 +10,12 @@ import pytest
 import torch
 from ssrengine.kernels.triton_cross_entropy import KernelConfig, OutOfResources
 
-from ssrengine import attention, distributed
-from ssrengine.config import Config
-from ssrengine.errors import InputError
+from ssrengine.core.config import Config
+from ssrengine.core.errors import InputError
 from ssrengine.kernels import fused_linear_cross_entropy
 from ssrengine.kernels import triton_cross_entropy as tce
+from ssrengine.models import attention
+from ssrengine.training import distributed
 from tests.conftest import default_triton_interpret
 
 CUDA = torch.device("cuda")
@@ -84,8 +85,8 @@ def test_fused_loss_follows_autocast(impl):
 def test_retention_scores_in_the_model_dtype(tiny_model_dir, monkeypatch):
     """The scorer gets the model's bf16 hidden states and lm_head, not fp32 copies."""
     import ssrengine.kernels as K
-    from ssrengine.models import load_model
-    from ssrengine.retention import score_sequences
+    from ssrengine.evaluation.retention import score_sequences
+    from ssrengine.models.loading import load_model
 
     seen = []
     real = K.sequence_log_likelihood
@@ -186,7 +187,7 @@ def test_triton_interpret_only_without_a_gpu():
 
 # ----------------------------------------------------------------------------- on a GPU
 def _packed(examples: list[list[int]]):
-    from ssrengine.packing import pack
+    from ssrengine.models.packing import pack
 
     seqs = [(ids, [-100] * 2 + ids[2:]) for ids in examples]
     [batch] = pack(seqs, sum(len(s) for s, _ in seqs))
@@ -199,8 +200,8 @@ def test_fp32_weights_train_under_bf16_autocast_with_flash_attention(tiny_model_
     runs forward and backward through it and the Triton loss; without autocast (generation,
     scoring) the same weights get sdpa_varlen instead of a flash-attn dtype error."""
     pytest.importorskip("flash_attn")
-    from ssrengine.models import hidden_and_head, load_model
-    from ssrengine.packing import model_inputs
+    from ssrengine.models.loading import hidden_and_head, load_model
+    from ssrengine.models.packing import model_inputs
 
     auto = attention.compute_dtype("auto", CUDA)
     model = load_model(str(tiny_model_dir), dtype="float32", device="cuda", autocast=auto)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssrengine.models import load_model
-from ssrengine.trainer import CausalLMLoss, accumulate
+from ssrengine.models.loading import load_model
+from ssrengine.training.loss import CausalLMLoss, accumulate
 from tests.grad_sync_probe import micro_batches_for_probe
 
 ROOT = Path(__file__).resolve().parents[1]

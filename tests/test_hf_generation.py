@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssrengine.config import GenerationConfig, ModelConfig
+from ssrengine.core.config import GenerationConfig, ModelConfig
 from ssrengine.generation import Request, SamplingParams
 from ssrengine.generation.hf import HFGenerator
 from tests.loopback import build_chatty

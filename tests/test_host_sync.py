@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssrengine.batching import packed_micro_batch
 from ssrengine.kernels import fused_linear_cross_entropy
-from ssrengine.models import hidden_and_head, load_model
-from ssrengine.packing import pack
+from ssrengine.models.loading import hidden_and_head, load_model
+from ssrengine.models.packing import pack
+from ssrengine.training.batching import packed_micro_batch
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 HERE = Path(__file__).resolve()
@@ -85,7 +85,7 @@ def test_checkpointed_layers_recompute_with_the_packed_bounds(tiny_model_dir):
     `packed_bounds`: `trainer.enable_checkpointing` re-enters it there (else the attention
     would read the boundaries back from position_ids, a sync per layer on a GPU). Same
     gradients as without checkpointing."""
-    from ssrengine.trainer import enable_checkpointing
+    from ssrengine.training.net import enable_checkpointing
 
     mb = _packed_micro_batch([7, 12, 5, 9])
     grads, counts = [], []
@@ -107,7 +107,7 @@ def test_skipping_mask_building_changes_nothing_but_the_sync(tiny_model_dir):
     """The same packed row with transformers building its mask (and reading the packed
     detection back: the sync) gives bit-identical hidden states and gradients, and the model
     keeps its attention implementation afterwards."""
-    from ssrengine import attention
+    from ssrengine.models import attention
 
     model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     mb = _packed_micro_batch([7, 12, 5, 9])
@@ -143,8 +143,8 @@ def test_packed_layers_see_no_boundaries(tiny_model_dir):
     """Under sdpa_varlen the decoder layers get a packed row's boundaries from
     `attention.packed_bounds`, not as kwargs: a compiled layer (train.compile) would guard on
     host ints and on the lengths of cu_seq_lens, one recompile per packing."""
-    from ssrengine import attention
-    from ssrengine.distributed import decoder_layers
+    from ssrengine.models import attention
+    from ssrengine.models.layers import decoder_layers
 
     model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     mb = _packed_micro_batch([7, 12, 5, 9])
@@ -161,8 +161,8 @@ def test_packed_layers_see_no_boundaries(tiny_model_dir):
 
 
 def test_an_error_in_the_forward_restores_the_attention_implementation(tiny_model_dir):
-    from ssrengine.attention import no_mask_building
-    from ssrengine.distributed import decoder_layers
+    from ssrengine.models.attention import no_mask_building
+    from ssrengine.models.layers import decoder_layers
 
     model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     with (
@@ -177,7 +177,7 @@ def test_an_error_in_the_forward_restores_the_attention_implementation(tiny_mode
 def test_sync_detector_sees_a_tolist_in_a_layer(tiny_model_dir):
     """The detector catches what it is meant to: boundaries read back from the device tensor
     (`cu_seq_lens_q.tolist()`) in every layer when no host boundaries are passed."""
-    from ssrengine.attention import HOST_BOUNDS
+    from ssrengine.models.attention import HOST_BOUNDS
 
     model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     mb = _packed_micro_batch([7, 12, 5])
@@ -195,14 +195,14 @@ def test_packed_step_on_cuda_never_syncs(tiny_model_dir, attn):
     trainer runs it (validate=False)."""
     import warnings
 
-    from ssrengine.trainer import _to
+    from ssrengine.training.loss import to_device
 
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn")
     autocast = "bfloat16" if attn == "flash_attention_2" else "float32"
     model = load_model(str(tiny_model_dir), dtype="float32", device="cuda", autocast=autocast,
                        attn_implementation=attn)  # fmt: skip
-    mb = _to(_packed_micro_batch([70, 120, 50, 90]), torch.device("cuda"))
+    mb = to_device(_packed_micro_batch([70, 120, 50, 90]), torch.device("cuda"))
     dtype = torch.bfloat16 if autocast == "bfloat16" else torch.float32
     forwards = 3
     torch.cuda.synchronize()

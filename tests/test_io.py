@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from ssrengine.errors import DiskFullError, InputError
-from ssrengine.io import (
+from ssrengine.core.errors import DiskFullError, InputError
+from ssrengine.core.io import (
     RowWriter,
     atomic_write_jsonl,
     atomic_write_text,
@@ -121,11 +121,13 @@ def test_generated_text_with_separators_round_trips_through_the_stages(tiny_mode
     back on resume (the old splitlines() reader failed: 'corrupt row ... delete the file')."""
     from dataclasses import replace
 
-    from ssrengine.config import GenerationConfig, ModelConfig, load_config
-    from ssrengine.data import load_examples
+    from ssrengine.core.config import GenerationConfig, ModelConfig
+    from ssrengine.core.config_load import load_config
+    from ssrengine.data.records import load_examples
     from ssrengine.generation.hf import HFGenerator
-    from ssrengine.judge import RuleJudge
-    from ssrengine.stages import generate_rows, judge_rows, run_build
+    from ssrengine.rehearsal.build import run_build
+    from ssrengine.rehearsal.judge import RuleJudge
+    from ssrengine.rehearsal.stages import generate_rows, judge_rows
     from tests.tiny import records, write_jsonl
 
     data = write_jsonl(tmp_path / "train.jsonl", records(4))

@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssrengine.config import Config, JudgeConfig, ModelConfig, build_config
-from ssrengine.data import Example
-from ssrengine.errors import InputError
+from ssrengine.core.config import Config, JudgeConfig, ModelConfig
+from ssrengine.core.config_load import build_config
+from ssrengine.core.errors import InputError
+from ssrengine.data.records import Example
 from ssrengine.generation.base import Completion
 from ssrengine.generation.hf import HFGenerator
-from ssrengine.judge import (
+from ssrengine.rehearsal.judge import (
     LLMJudge,
     ParaphraseFilter,
     RuleJudge,
@@ -26,7 +27,7 @@ from ssrengine.judge import (
     paraphrase_judge,
     token_f1,
 )
-from ssrengine.stages import paraphrase_messages
+from ssrengine.rehearsal.stages import paraphrase_messages
 
 
 def ex(response, answerable=True):
@@ -179,7 +180,7 @@ def test_missing_rubric_file_is_one_line(tmp_path):
 
 
 USER_JUDGES = """
-from ssrengine.judge import Verdict
+from ssrengine.rehearsal.judge import Verdict
 
 
 def exact(example, candidate):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from ssrengine.errors import InputError
-from ssrengine.models import hidden_and_head
+from ssrengine.core.errors import InputError
+from ssrengine.models.loading import hidden_and_head
 
 TINY = dict(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

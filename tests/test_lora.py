@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from transformers import AutoModelForCausalLM
 
-from ssrengine.config import load_config
-from ssrengine.io import read_rows
-from ssrengine.lora import lora_config
-from ssrengine.trainer import train
+from ssrengine.core.config_load import load_config
+from ssrengine.core.io import read_rows
+from ssrengine.models.lora import lora_config
+from ssrengine.training.trainer import train
 from tests.test_checkpoint import pickled_files
 from tests.tiny import records, write_jsonl
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssrengine.batching import encode_rows, padded_batch
-from ssrengine.config import load_config
-from ssrengine.rundir import RehearsalRow
-from ssrengine.trainer import accumulate
+from ssrengine.core.config_load import load_config
+from ssrengine.core.rundir import RehearsalRow
+from ssrengine.training.batching import encode_rows, padded_batch
+from ssrengine.training.loss import accumulate
 from tests.tiny import records
 
 

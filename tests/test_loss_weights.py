@@ -4,12 +4,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ssrengine import IGNORE_INDEX
-from ssrengine.batching import encode_rows, micro_batches
-from ssrengine.config import load_config
-from ssrengine.errors import InputError
-from ssrengine.loss_weights import example_weights, weighted
-from ssrengine.rundir import RehearsalRow
-from ssrengine.trainer import accumulate
+from ssrengine.core.config_load import load_config
+from ssrengine.core.errors import InputError
+from ssrengine.core.rundir import RehearsalRow
+from ssrengine.training.batching import encode_rows, micro_batches
+from ssrengine.training.loss import accumulate
+from ssrengine.training.loss_weights import example_weights, weighted
 from tests.tiny import records
 
 SOURCES = ("self", "paraphrase", "prefix", "gold")

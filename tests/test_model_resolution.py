@@ -12,11 +12,12 @@ import pytest
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from ssrengine.config import ModelConfig
-from ssrengine.data import render_prompt
-from ssrengine.errors import InputError
+from ssrengine.core.config import ModelConfig
+from ssrengine.core.errors import InputError
+from ssrengine.data.records import render_prompt
 from ssrengine.generation.hf import HFGenerator
-from ssrengine.models import load_model, load_tokenizer, resolve_model_path
+from ssrengine.models.fetch import resolve_model_path
+from ssrengine.models.loading import load_model, load_tokenizer
 
 REPO = "tiny-org/Tiny-Chat"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

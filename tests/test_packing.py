@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssrengine import IGNORE_INDEX
-from ssrengine import attention as A
-from ssrengine import packing as P
-from ssrengine.models import hidden_and_head
+from ssrengine.models import attention as A
+from ssrengine.models import packing as P
+from ssrengine.models.loading import hidden_and_head
 
 ROOT = Path(__file__).resolve().parents[1]
 JUNK = shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "build", "*.egg-info")
@@ -243,7 +243,7 @@ def test_install_without_a_compiler_falls_back(tmp_path):
     # The checkout's editable install also serves ssrengine.kernels.*; take it off the path.
     probe = (
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
-        f"sys.path.insert(0, {str(target)!r}); import ssrengine.packing as p; "
+        f"sys.path.insert(0, {str(target)!r}); import ssrengine.models.packing as p; "
         f"assert p.__file__.startswith({str(target)!r}), p.__file__; "
         "from ssrengine.kernels import cross_entropy as c, fused_linear_cross_entropy; "
         f"assert c.__file__.startswith({str(target)!r}), c.__file__; "
@@ -485,9 +485,9 @@ def test_any_packing_gives_the_same_step_gradient(tiny_model_dir):
 def test_trainer_micro_batches_packed_equal_padded(tiny_model_dir):
     """train.packing = true through batching.micro_batches and trainer.loss_sum: one epoch has
     the same examples, loss and gradient as padded micro-batches."""
-    from ssrengine.batching import Encoded, micro_batches
-    from ssrengine.config import TrainConfig
-    from ssrengine.trainer import loss_sum
+    from ssrengine.core.config import TrainConfig
+    from ssrengine.training.batching import Encoded, micro_batches
+    from ssrengine.training.loss import loss_sum
 
     model = load(tiny_model_dir, "sdpa")
     seqs = make_examples([23, 1, 9, 40, 2, 17, 31, 5, 12, 27], seed=6)

@@ -2,18 +2,18 @@
 
 import pytest
 
-from ssrengine.config import load_config
-from ssrengine.data import load_examples
-from ssrengine.errors import InputError
-from ssrengine.io import read_rows
-from ssrengine.judge import RuleJudge, paraphrase_judge
-from ssrengine.rundir import GENERATIONS, GenerationRow, RunDir
-from ssrengine.stages import (
+from ssrengine.core.config_load import load_config
+from ssrengine.core.errors import InputError
+from ssrengine.core.io import read_rows
+from ssrengine.core.rundir import GENERATIONS, GenerationRow, RunDir
+from ssrengine.data.records import load_examples
+from ssrengine.rehearsal.build import run_build
+from ssrengine.rehearsal.judge import RuleJudge, paraphrase_judge
+from ssrengine.rehearsal.stages import (
     generation_keys,
     judge_rows,
     open_generator,
     paraphrase_messages,
-    run_build,
 )
 from tests import rows as stage_rows
 from tests.tiny import records, write_jsonl

@@ -1,19 +1,20 @@
 import torch
 
-from ssrengine.config import load_config
-from ssrengine.data import encode_prompt, load_examples, parse_record, prompt_messages
-from ssrengine.io import read_rows
-from ssrengine.judge import RuleJudge
-from ssrengine.models import load_model, load_tokenizer
-from ssrengine.prefix_tier import (
+from ssrengine.core.config_load import load_config
+from ssrengine.core.io import read_rows
+from ssrengine.core.rundir import GENERATIONS, GenerationRow, RunDir
+from ssrengine.data.records import encode_prompt, load_examples, parse_record, prompt_messages
+from ssrengine.models.loading import load_model, load_tokenizer
+from ssrengine.rehearsal.build import run_build
+from ssrengine.rehearsal.judge import RuleJudge
+from ssrengine.rehearsal.prefix_tier import (
     candidate,
     continuation,
     decision_prefix,
     first_sentence,
     prompt_ids,
 )
-from ssrengine.rundir import GENERATIONS, GenerationRow, RunDir
-from ssrengine.stages import judge_rows, run_build, run_prefix, verdict_input_hash
+from ssrengine.rehearsal.stages import judge_rows, run_prefix, verdict_input_hash
 from tests import rows
 from tests.tiny import records, write_jsonl
 

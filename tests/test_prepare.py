@@ -4,12 +4,14 @@ same prompt, an over-long record is named by its input file and line, skips are 
 import pytest
 from transformers import AutoTokenizer
 
-from ssrengine.batching import encode_rows
 from ssrengine.cli import main as cli_main
-from ssrengine.config import load_config
-from ssrengine.data import encode_prompt, prompt_messages
-from ssrengine.rundir import BuildStats, GenerationRow, RehearsalRow, RunDir, read_typed
-from ssrengine.stages import generation_keys, open_generator, prepare, train_examples
+from ssrengine.core.config_load import load_config
+from ssrengine.core.rows import read_typed
+from ssrengine.core.rundir import BuildStats, GenerationRow, RehearsalRow, RunDir
+from ssrengine.data.records import encode_prompt, prompt_messages
+from ssrengine.rehearsal.prepare import prepare, train_examples
+from ssrengine.rehearsal.stages import generation_keys, open_generator
+from ssrengine.training.batching import encode_rows
 from tests.tiny import records, write_jsonl
 
 LONG = {"title": "Filler", "text": "word " * 400}

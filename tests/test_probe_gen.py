@@ -1,8 +1,15 @@
 import json
 import re
 
-from ssrengine import probe_gen
-from ssrengine.retention import MC_FILE, PROBE_FILE, asset_path, load_mc, load_probe, probe_correct
+from ssrengine.evaluation import probe_gen
+from ssrengine.evaluation.retention import (
+    MC_FILE,
+    PROBE_FILE,
+    asset_path,
+    load_mc,
+    load_probe,
+    probe_correct,
+)
 
 
 def _shipped(name, prefix):

@@ -7,7 +7,9 @@ import shutil
 import pytest
 
 from ssrengine.cli import main as cli_main
-from ssrengine.rundir import GenerationRow, RehearsalRow, RunDir, read_provenance, read_typed
+from ssrengine.core.provenance import read_provenance
+from ssrengine.core.rows import read_typed
+from ssrengine.core.rundir import GenerationRow, RehearsalRow, RunDir
 from tests.tiny import records, write_jsonl
 
 
@@ -169,7 +171,7 @@ def test_unreadable_provenance_is_one_line(run_args, capsys):
 
 def test_fields_of_another_version_are_not_changes():
     """A record written before a config field existed (or was counted) refuses nothing."""
-    from ssrengine.rundir import config_changes
+    from ssrengine.core.provenance import config_changes
 
     old = {"train.lr": 1e-4, "train.loss_impl": "auto"}
     assert config_changes(old, {"train.lr": 1e-4, "train.epochs": 0}) == []

@@ -4,21 +4,21 @@ import math
 import pytest
 
 from ssrengine.cli import main as cli_main
-from ssrengine.report import (
-    average_drop,
-    build_table,
-    claim_check,
-    load_run,
-    relative_drops,
-    write_report,
-)
-from ssrengine.rundir import (
+from ssrengine.core.eval_rows import (
     Confusion,
     EvalResult,
     SelfVsGold,
     SelfVsGoldRow,
     SplitMetrics,
     UnanswerablePRF,
+)
+from ssrengine.evaluation.report import (
+    average_drop,
+    build_table,
+    claim_check,
+    load_run,
+    relative_drops,
+    write_report,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -174,7 +174,7 @@ def test_report_errors(tmp_path, capsys):
 def _details(run_dir, split, declined_answerable, declined_unanswerable, n=100, start=0):
     """Per-question details: n answerable then n unanswerable questions, ``declined_*`` of each
     class declined from index ``start`` on; answered answerable ones recall 1."""
-    from ssrengine.rundir import EvalDetail
+    from ssrengine.core.eval_rows import EvalDetail
 
     rows = [
         EvalDetail(f"q{i}", False, d, 0.0 if d else 1.0)
@@ -186,7 +186,7 @@ def _details(run_dir, split, declined_answerable, declined_unanswerable, n=100, 
 
 
 def test_paired_comparison_flags_significant_differences(three_runs, tmp_path):
-    from ssrengine.report import comparison_pairs, paired_comparison
+    from ssrengine.evaluation.report import comparison_pairs, paired_comparison
 
     base, sft, ssr = three_runs
     _details(base, "in_domain", 0, 0)

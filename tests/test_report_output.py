@@ -4,7 +4,7 @@ import json
 import sys
 
 from ssrengine.cli import main as cli_main
-from ssrengine.report import load_run, md_blocks, plot_loss_curves, write_report
+from ssrengine.evaluation.report import load_run, md_blocks, plot_loss_curves, write_report
 from tests.test_report import _write_run, three_runs  # noqa: F401  (a fixture)
 
 

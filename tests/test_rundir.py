@@ -4,21 +4,22 @@ from dataclasses import replace
 import pytest
 
 from ssrengine.cli import main as cli_main
-from ssrengine.config import load_config
-from ssrengine.data import load_examples
-from ssrengine.errors import InputError
-from ssrengine.judge import RuleJudge
-from ssrengine.rundir import (
+from ssrengine.core.config_load import load_config
+from ssrengine.core.errors import InputError
+from ssrengine.core.eval_rows import EvalDetail
+from ssrengine.core.rows import read_typed
+from ssrengine.core.rundir import (
     BuildStats,
-    EvalDetail,
     GenerationRow,
     MetricRow,
     RehearsalRow,
     RunDir,
     VerdictRow,
-    read_typed,
 )
-from ssrengine.stages import judge_rows, run_build
+from ssrengine.data.records import load_examples
+from ssrengine.rehearsal.build import run_build
+from ssrengine.rehearsal.judge import RuleJudge
+from ssrengine.rehearsal.stages import judge_rows
 from tests import rows as rows_for
 from tests.tiny import records, write_jsonl
 

@@ -5,27 +5,21 @@ from dataclasses import replace
 
 import pytest
 
-from ssrengine.config import load_config
-from ssrengine.data import load_examples
-from ssrengine.errors import InputError
+from ssrengine.core.config_load import load_config
+from ssrengine.core.errors import InputError
+from ssrengine.core.io import read_rows
+from ssrengine.core.provenance import read_provenance, stage_config
+from ssrengine.core.rundir import GENERATIONS, VERDICTS, GenerationRow, RunDir
+from ssrengine.data.records import load_examples
 from ssrengine.generation.hf import HFGenerator
-from ssrengine.io import read_rows
-from ssrengine.judge import RuleJudge
 from ssrengine.pipeline import rows_hash, run_stage
-from ssrengine.rundir import (
-    GENERATIONS,
-    VERDICTS,
-    GenerationRow,
-    RunDir,
-    read_provenance,
-    stage_config,
-)
-from ssrengine.stages import (
+from ssrengine.rehearsal.build import run_build
+from ssrengine.rehearsal.judge import RuleJudge
+from ssrengine.rehearsal.stages import (
     current_samples,
     generate_rows,
     open_generator,
     prompt_hashes,
-    run_build,
     run_judge,
 )
 from tests.tiny import records, write_jsonl
@@ -145,7 +139,7 @@ def test_first_accepted_sample_becomes_the_target(tmp_path):
 
 
 def test_hf_sample_depends_on_seed_and_prompt_not_on_its_batch(tiny_model_dir):
-    from ssrengine.config import GenerationConfig, ModelConfig
+    from ssrengine.core.config import GenerationConfig, ModelConfig
     from ssrengine.generation.base import Request, SamplingParams
 
     gen = HFGenerator(ModelConfig(path=str(tiny_model_dir)), GenerationConfig(batch_size=8))

@@ -1,13 +1,14 @@
 import pytest
 
-from ssrengine.config import load_config
-from ssrengine.data import Example, load_examples
-from ssrengine.errors import InputError
-from ssrengine.io import read_rows
-from ssrengine.judge import RuleJudge
-from ssrengine.rundir import GENERATIONS
-from ssrengine.selection import answerable_gold
-from ssrengine.stages import judge_rows, run_build
+from ssrengine.core.config_load import load_config
+from ssrengine.core.errors import InputError
+from ssrengine.core.io import read_rows
+from ssrengine.core.rundir import GENERATIONS
+from ssrengine.data.records import Example, load_examples
+from ssrengine.rehearsal.build import run_build
+from ssrengine.rehearsal.judge import RuleJudge
+from ssrengine.rehearsal.selection import answerable_gold
+from ssrengine.rehearsal.stages import judge_rows
 from tests import rows as stage_rows
 from tests.tiny import records, write_jsonl
 

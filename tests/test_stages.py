@@ -4,13 +4,14 @@ from dataclasses import replace
 
 import pytest
 
-from ssrengine.config import load_config
-from ssrengine.data import load_examples
+from ssrengine.core.config_load import load_config
+from ssrengine.core.io import read_rows
+from ssrengine.core.rundir import GENERATIONS, VERDICTS, BuildStats, RehearsalRow
+from ssrengine.data.records import load_examples
 from ssrengine.generation.hf import HFGenerator
-from ssrengine.io import read_rows
-from ssrengine.judge import RuleJudge
-from ssrengine.rundir import GENERATIONS, VERDICTS, BuildStats, RehearsalRow
-from ssrengine.stages import generate_rows, judge_rows, run_build
+from ssrengine.rehearsal.build import run_build
+from ssrengine.rehearsal.judge import RuleJudge
+from ssrengine.rehearsal.stages import generate_rows, judge_rows
 from tests import rows as rows_for
 from tests.tiny import records, write_jsonl
 

@@ -4,9 +4,9 @@ import random
 import numpy as np
 import pytest
 
-from ssrengine import stats
-from ssrengine.metrics import DECISION_AUC, PAPER_METRICS, paper_metrics, task_metrics
-from ssrengine.rundir import EvalDetail
+from ssrengine.core.eval_rows import EvalDetail
+from ssrengine.evaluation import stats
+from ssrengine.evaluation.metrics import DECISION_AUC, PAPER_METRICS, paper_metrics, task_metrics
 
 
 def _pairwise_auc(scores, positive):
@@ -126,7 +126,7 @@ def test_paper_metrics_hand_computed():
 
 
 def test_paper_metrics_agree_with_the_confusion_matrix_metrics():
-    from ssrengine.data import Example
+    from ssrengine.data.records import Example
 
     exs = [
         Example(id=f"e{i}", messages=[{"role": "user", "content": "q?"}],

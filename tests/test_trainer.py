@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssrengine.batching import encode_rows, padded_batch
-from ssrengine.config import load_config
-from ssrengine.io import read_rows
-from ssrengine.rundir import RehearsalRow
-from ssrengine.trainer import accumulate, setup, train, train_step
+from ssrengine.core.config_load import load_config
+from ssrengine.core.io import read_rows
+from ssrengine.core.rundir import RehearsalRow
+from ssrengine.training.batching import encode_rows, padded_batch
+from ssrengine.training.loss import accumulate
+from ssrengine.training.trainer import setup, train, train_step
 from tests.test_checkpoint import pickled_files
 from tests.tiny import records, write_jsonl
 
@@ -147,7 +148,7 @@ def test_killed_training_resumes_to_identical_weights(tiny_model_dir, tmp_path):
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_model_dir, tmp_path):
-    from ssrengine.errors import InputError
+    from ssrengine.core.errors import InputError
 
     with pytest.raises(InputError, match="no checkpoint to resume from"):
         train(_cfg(tiny_model_dir, tmp_path), tmp_path, rows=rehearsal(), require_resume=True)
@@ -167,7 +168,7 @@ def test_epochs_derive_steps_and_max_steps_wins(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
 def test_lr_schedules_warm_up_then_follow_their_shape(kind):
-    from ssrengine.optim import lr_factor
+    from ssrengine.training.optim import lr_factor
 
     t = load_config(
         None, [f"--train.lr_scheduler={kind}", "--train.warmup_steps=2", "--train.min_lr_ratio=0.1"]
@@ -195,7 +196,7 @@ def test_fused_adamw_matches_adamw(tiny_model_dir, tmp_path):
 
 
 def test_validation_loss_logged_and_best_kept(tiny_model_dir, tmp_path):
-    from ssrengine.validation import held_out
+    from ssrengine.training.validation import held_out
 
     rows = rehearsal()
     cfg = _cfg(
@@ -246,7 +247,7 @@ def test_tensorboard_gets_the_metrics_rows(tiny_model_dir, tmp_path):
 
 
 def test_missing_tracker_is_one_line_before_training(tiny_model_dir, tmp_path, monkeypatch):
-    from ssrengine.errors import InputError
+    from ssrengine.core.errors import InputError
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec: None, as when not installed
     cfg = _cfg(tiny_model_dir, tmp_path, "--train.report_to=wandb")
@@ -262,7 +263,7 @@ def test_checkpoint_save_shows_no_transformers_bar(capfd, caplog, tiny_model_dir
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "plain")
     assert "Writing model shards" in capfd.readouterr().err  # the bar we keep out
     cfg = _cfg(tiny_model_dir, tmp_path, "--train.max_steps=1", "--train.loss_impl=naive")
-    with caplog.at_level("INFO", logger="ssrengine.trainer"):
+    with caplog.at_level("INFO", logger="ssrengine.training.trainer"):
         train(cfg, tmp_path / "run", rows=rehearsal())
     assert "Writing model shards" not in capfd.readouterr().err
     assert "saving checkpoint step-1 ..." in caplog.text

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssrengine.checkpoint import checkpoint_damage
-from ssrengine.config import load_config
-from ssrengine.errors import InputError
-from ssrengine.io import read_rows
-from ssrengine.trainer import train
+from ssrengine.core.config_load import load_config
+from ssrengine.core.errors import InputError
+from ssrengine.core.io import read_rows
+from ssrengine.training.checkpoint import checkpoint_damage
+from ssrengine.training.trainer import train
 from tests.test_trainer import rehearsal
 from tests.tiny import records, write_jsonl
 
@@ -69,8 +69,8 @@ elif where == "in_write":
         return write_data(self, plan, planner)
 
     HuggingFaceStorageWriter.write_data = wrapped
-    # One process writes its shard itself (ssrengine.checkpoint._stream_dcp_shard), not via DCP.
-    import ssrengine.checkpoint as ck
+    # One process writes its shard itself (ssrengine.training.checkpoint._stream_dcp_shard), not via DCP.
+    import ssrengine.training.checkpoint as ck
 
     stream = ck._stream_dcp_shard
 
@@ -306,10 +306,10 @@ def test_no_undamaged_checkpoint_exits_2_through_the_cli(tiny_model_dir, tmp_pat
 def poison(monkeypatch):
     """poison({n, ...}): from now on, the loss of the n-th micro-batch computed (1-based)
     becomes NaN."""
-    import ssrengine.trainer as trainer_mod
+    import ssrengine.training.loss as loss_mod
 
     calls, bad = [0], set()
-    real = trainer_mod.loss_sum
+    real = loss_mod.loss_sum
 
     def loss_sum(*a, **kw):
         calls[0] += 1
@@ -321,7 +321,7 @@ def poison(monkeypatch):
         bad.clear()
         bad.update(ns)
 
-    monkeypatch.setattr(trainer_mod, "loss_sum", loss_sum)
+    monkeypatch.setattr(loss_mod, "loss_sum", loss_sum)
     return arm
 
 

@@ -83,7 +83,7 @@ def build_tiny(out: Path, *, tie: bool = True) -> Path:
 
 
 def records(n: int = 12) -> list[dict]:
-    """Small content-grounded QA records in the record format (README); every third is unanswerable."""
+    """Small content-grounded QA records in the record format (docs/data.md); every third is unanswerable."""
     out = []
     for i in range(n):
         answerable = i % 3 != 0

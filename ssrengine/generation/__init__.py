@@ -6,8 +6,8 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from ssrengine.config import Config, GenerationConfig, ModelConfig
-from ssrengine.errors import InputError
+from ssrengine.core.config import Config, GenerationConfig, ModelConfig
+from ssrengine.core.errors import InputError
 from ssrengine.generation.base import (
     BackendError,
     Completion,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ssrengine.config import GenerationConfig, ModelConfig
+from ssrengine.core.config import GenerationConfig, ModelConfig
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ssrengine.config import GenerationConfig, ModelConfig
-from ssrengine.data import encode_prompt
+from ssrengine.core.config import GenerationConfig, ModelConfig
+from ssrengine.data.records import encode_prompt
 from ssrengine.generation.base import (
     Completion,
     Generator,
@@ -27,7 +27,7 @@ from ssrengine.generation.base import (
     eos_ids,
     model_name,
 )
-from ssrengine.models import load_model, load_tokenizer
+from ssrengine.models.loading import load_model, load_tokenizer
 
 
 @dataclass

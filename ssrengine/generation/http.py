@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ssrengine.config import ModelConfig
-from ssrengine.data import encode_prompt
-from ssrengine.errors import InputError
+from ssrengine.core.config import ModelConfig
+from ssrengine.core.errors import InputError
+from ssrengine.data.records import encode_prompt
 from ssrengine.generation.base import BackendError, Request, eos_ids
-from ssrengine.models import load_tokenizer, resolve_model_path
+from ssrengine.models.fetch import resolve_model_path
+from ssrengine.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from ssrengine.errors import InputError
+from ssrengine.core.errors import InputError
 from ssrengine.generation.base import BackendError
-from ssrengine.models import resolve_model_path
+from ssrengine.models.fetch import resolve_model_path
 
 log = logging.getLogger(__name__)
 

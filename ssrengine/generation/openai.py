@@ -28,8 +28,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ssrengine.config import GenerationConfig, ModelConfig
-from ssrengine.errors import InputError
+from ssrengine.core.config import GenerationConfig, ModelConfig
+from ssrengine.core.errors import InputError
 from ssrengine.generation.base import (
     BackendError,
     Completion,

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ssrengine.config import GenerationConfig, ModelConfig
-from ssrengine.errors import InputError
+from ssrengine.core.config import GenerationConfig, ModelConfig
+from ssrengine.core.errors import InputError
 from ssrengine.generation.base import (
     BackendError,
     Completion,
@@ -29,7 +29,7 @@ from ssrengine.generation.sglang_http import (
     sglang_logprob_args,
     sglang_sampling,
 )
-from ssrengine.models import resolve_model_path
+from ssrengine.models.fetch import resolve_model_path
 
 
 class SGLangEngineGenerator(Generator):
@@ -49,7 +49,7 @@ class SGLangEngineGenerator(Generator):
         except ImportError as e:
             raise InputError(
                 "generation.backend = sglang needs SGLang in this environment (GPU only): pip install "
-                "'ssrengine[sglang]' where its torch/transformers pins agree (README, Environments)"
+                "'ssrengine[sglang]' where its torch/transformers pins agree (docs/generation.md, Environments)"
                 f" ({e})",
                 field="generation.backend",
             ) from None

@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ssrengine.config import GenerationConfig, ModelConfig
-from ssrengine.errors import InputError
+from ssrengine.core.config import GenerationConfig, ModelConfig
+from ssrengine.core.errors import InputError
 from ssrengine.generation.base import Completion, Generator, Request, SamplingParams, model_name
 from ssrengine.generation.http import BACKOFF_S, HTTPClient, MalformedReply, PromptEncoder
 
