@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.toml
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup demo test lint format bench experiment experiment-ablations experiment-options gpu-check upgrade-deps clean
+.PHONY: setup demo test lint format bench experiment experiment-tune experiment-ablations experiment-options gpu-check upgrade-deps clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,24 @@ DONE := $(EXP)/.done
 RUN_ENV := OMP_NUM_THREADS=$(EXP_THREADS)
 report_of = $(RUN_ENV) $(PY) -m ssrengine report $(EXP)/base $(addprefix $(EXP)/,$(1)) --out $(EXP)/$(2)
 
+# Fair tuning (docs/experiment.md): each arm picks train.epochs and train.lr on
+# builtin:validation (never on test), seed 0; the chosen settings then train every seed on test.
+# A tuning run is $(EXP)/tune/ARM-eEPOCHS-lrLR; its eval scores the validation split only.
+TUNE_ARMS ?= sft ssr
+TUNE_EPOCHS ?= 1 2 3
+TUNE_LRS ?= 5e-5 1e-4 2e-4
+TUNE_RUNS := $(foreach a,$(TUNE_ARMS),$(foreach e,$(TUNE_EPOCHS),$(foreach l,$(TUNE_LRS),tune/$(a)-e$(e)-lr$(l))))
+TUNE_EVAL_ARGS ?= --split in_domain=builtin:validation --limit 0 --probe-limit 1 --mc-limit 1 \
+	--self-vs-gold-limit 1 --lm-eval off
+
+experiment-tune: $(TUNE_RUNS:%=$(EXP)/%/eval/eval.json)
+	$(PY) benchmarks/experiment.py select $(EXP)/tune
+
+$(EXP)/tune/%/eval/eval.json: $(DONE)/tune/%.trained
+	$(RUN_ENV) $(PY) -m ssrengine eval $(EXP)/tune/$* $(TUNE_EVAL_ARGS)
+
+$(addprefix $(DONE)/,$(addsuffix .trained,$(filter tune/ssr%,$(TUNE_RUNS)))): $(DONE)/ssr.generated
+
 experiment: $(EXP)/base/eval/eval.json $(EXP_RUNS:%=$(EXP)/%/eval/eval.json)
 	$(call report_of,$(EXP_RUNS),report)
 
@@ -111,11 +129,13 @@ $(DONE)/%.trained: | $(DONE)/model
 	  ssr-f*) a="configs/experiment_ssr.toml --judge.min_f1=$${r#ssr-f}";; \
 	  ssr-llm) a="configs/experiment_ssr_llm.toml";; \
 	  ssr-llm-p*) a="configs/experiment_ssr_llm.toml --judge.threshold=$${r#ssr-llm-p}";; \
+	  tune/sft-e*-lr* | tune/ssr-e*-lr*) n=$${r#tune/}; e=$${n#*-e}; \
+	    a="configs/experiment_$${n%%-e*}.toml --train.epochs=$${e%%-lr*} --train.lr=$${e#*-lr}";; \
 	  *) echo "unknown experiment run $*" >&2; exit 2;; esac; \
 	mkdir -p $(EXP)/$*; \
-	case $* in ssr?*) cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$*/;; esac; \
+	case $$(basename $*) in ssr?*) cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$*/;; esac; \
 	$(RUN_ENV) $(PY) -m ssrengine.train --config $$a --run.dir=$(EXP)/$*
-	touch $@
+	mkdir -p $(@D) && touch $@
 
 # On a CUDA GPU node (under 8 minutes): pytest -m gpu, the bf16 cross-entropy benchmark and a
 # short bf16 SSR run with FlashAttention-2 + Triton loss + packing; one JSON + PNG in

@@ -89,3 +89,34 @@ def test_an_unknown_run_name_stops_with_its_name(tmp_path):
     res = _make(tmp_path / "exp", "experiment", "EXP_RUNS=sft ssr-nonsense")
     assert res.returncode == 2
     assert "unknown experiment run ssr-nonsense" in res.stderr
+
+
+def test_tuning_trains_the_grid_on_validation_and_selects(tmp_path):
+    exp = tmp_path / "exp"
+    res = _make(exp, "experiment-tune", "TUNE_EPOCHS=1 3", "TUNE_LRS=5e-5 2e-4")
+    assert res.returncode == 0, res.stderr
+    cmds = _commands(res.stdout)
+    train = {c.rsplit("--run.dir=", 1)[1]: c for c in cmds if "ssrengine.train" in c}
+    assert {Path(k).name for k in train} == {
+        f"{arm}-e{e}-lr{lr}" for arm in ("sft", "ssr") for e in (1, 3) for lr in ("5e-5", "2e-4")
+    }
+    for run_dir, cmd in train.items():
+        arm, rest = Path(run_dir).name.split("-e")
+        epochs, lr = rest.split("-lr")
+        flags = f"--train.epochs={epochs} --train.lr={lr}"
+        assert cmd == f"-m ssrengine.train --config configs/experiment_{arm}.toml {flags} " + (
+            f"--run.dir={run_dir}"
+        )
+    evals = [c for c in cmds if c.startswith("-m ssrengine eval ")]
+    assert len(evals) == 8
+    assert all(
+        "--split in_domain=builtin:validation" in c and "--base-eval" not in c for c in evals
+    )
+    gens = [i for i, c in enumerate(cmds) if c.startswith("-m ssrengine generate")]
+    assert len(gens) == 1
+    for i, c in enumerate(cmds):
+        if "ssrengine.train" in c and "/tune/ssr" in c:
+            assert i > gens[0], c
+    assert [line for line in res.stdout.splitlines() if "experiment.py select" in line] == [
+        f"benchmarks/experiment.py select {exp}/tune"
+    ]

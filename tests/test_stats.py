@@ -142,3 +142,39 @@ def test_paper_metrics_agree_with_the_confusion_matrix_metrics():
     assert m.paper["answer_recall"]["value"] == pytest.approx(m.answer_recall)
     assert m.paper["accuracy"]["value"] == pytest.approx(m.unanswerable.accuracy)
     assert m.paper["score"]["value"] == pytest.approx(m.score)
+
+
+def test_pooled_paired_difference_over_seeds():
+    rng = np.random.default_rng(1)
+    n = 120
+    a = [rng.random(n) < 0.5 for _ in range(3)]
+    b = [rng.random(n) < 0.7 for _ in range(3)]
+    sa, sb = [stats.mean_stat(x) for x in a], [stats.mean_stat(x) for x in b]
+    d = stats.pooled_paired_difference(sa, sb, n)
+    expected = np.mean([x.mean() for x in b]) - np.mean([x.mean() for x in a])
+    assert d["value"] == pytest.approx(expected)
+    assert d["lo"] < d["value"] < d["hi"] and d["significant"]
+    # one seed per arm: the same point value as the paired difference
+    one = stats.pooled_paired_difference(sa[:1], sb[:1], n)
+    assert one["value"] == pytest.approx(stats.paired_difference(sa[0], sb[0], n)["value"])
+    # the same run under every seed adds no training noise: no wider than one seed
+    same = stats.pooled_paired_difference(sa[:1] * 3, sb[:1] * 3, n)
+    assert same["hi"] - same["lo"] == pytest.approx(one["hi"] - one["lo"], rel=0.15)
+
+
+def test_pooled_interval_grows_with_seed_noise():
+    """Seeds that disagree widen the interval beyond what resampling questions gives."""
+    n = 200
+    base = np.zeros(n)
+    base[: n // 2] = 1.0
+    a = [stats.mean_stat(base)] * 3
+    noisy = []
+    for shift in (0, 30, 60):  # seeds answer 50%, 65%, 80% correctly
+        v = np.zeros(n)
+        v[: n // 2 + shift] = 1.0
+        noisy.append(stats.mean_stat(v))
+    calm = [noisy[1]] * 3
+    wide = stats.pooled_paired_difference(a, noisy, n)
+    narrow = stats.pooled_paired_difference(a, calm, n)
+    assert wide["value"] == pytest.approx(narrow["value"]) == pytest.approx(0.15)
+    assert wide["hi"] - wide["lo"] > 1.5 * (narrow["hi"] - narrow["lo"])

@@ -88,6 +88,35 @@ def paired_difference(
     }
 
 
+def pooled_paired_difference(
+    stats_a: Sequence[Stat],
+    stats_b: Sequence[Stat],
+    n: int,
+    *,
+    strata: Sequence[int] | None = None,
+    reps: int = REPS,
+    seed: int = SEED,
+) -> dict[str, float | bool]:
+    """Mean over B's seeds − mean over A's seeds, each ``stats_x[s]`` one training seed's
+    statistic on the same n items. The 95% interval resamples both sources of noise: the items
+    (the same indices for every run: paired) and, independently per arm, the seeds (with
+    replacement), so training noise widens it where one seed alone would hide it."""
+    idx = resample_indices(n, strata=strata, reps=reps, seed=seed)
+    full = np.arange(n)[None, :]
+    rng = np.random.default_rng(seed + 1)
+
+    def pooled(stats_x: Sequence[Stat]) -> tuple[float, np.ndarray]:
+        per_seed = np.stack([st(idx) for st in stats_x])  # (S, reps)
+        draw = rng.integers(0, len(stats_x), size=(len(stats_x), reps))  # (S, reps)
+        value = float(np.mean([st(full)[0] for st in stats_x]))
+        return value, np.take_along_axis(per_seed, draw, axis=0).mean(axis=0)
+
+    va, ra = pooled(stats_a)
+    vb, rb = pooled(stats_b)
+    lo, hi = interval(rb - ra)
+    return {"value": vb - va, "lo": lo, "hi": hi, "significant": bool(lo > 0 or hi < 0)}
+
+
 def mean_stat(values: Sequence[float]) -> Stat:
     """Mean of per-item values (accuracy of 0/1 values, mean recall, ...)."""
     v = np.asarray(values, dtype=np.float64)
