@@ -327,6 +327,38 @@ class TrainConfig:
         "lengths do not recompile. On CPU (SmolLM2, fp32, 2,048-token rows) about 10% faster per "
         "step and 1.4 GB less peak memory, after about 30 s of compile in the first step; it "
         "needs a C++ compiler there (docs/benchmarks.md, training).",
+    loss_weight_gold_answerable: float = _f(
+        1.0,
+        "Multiplies train.loss_weight_gold for gold targets of answerable examples (they carry "
+        "the decision to answer).",
+        ge=0,
+    )
+    loss_weight_gold_unanswerable: float = _f(
+        1.0,
+        "Multiplies train.loss_weight_gold for gold targets of unanswerable examples (the "
+        "refusals).",
+        ge=0,
+    )
+    gold_balance: Literal["off", "sft"] = _f(
+        "off",
+        "`sft`: answerable gold targets weigh n_answerable / n_answerable_gold more, so they "
+        "carry the answer decision with the weight all answerable examples carry under SFT "
+        "(SSR trains most answerable examples on own answers the model already produces); "
+        "computed over the whole rehearsal set, on top of the other weights.",
+    )
+    unlikelihood_weight: float = _f(
+        0.0,
+        "Unlikelihood on the refusal for accepted own answers of answerable examples: adds "
+        "weight × −log(1 − p(refusal token)) at the first target token where the own answer "
+        "departs from train.unlikelihood_text (Welleck et al. 2019), normalized like the loss; "
+        "0 = off.",
+        ge=0,
+    )
+    unlikelihood_text: str = _f(
+        "The documents do not say.",
+        "The refusal whose first distinguishing token train.unlikelihood_weight penalizes.",
+        nonempty=True,
+    )
     )
     compile_memory_budget: float = _f(
         0.8,

@@ -22,7 +22,12 @@ from ssrengine.core.errors import InputError
 from ssrengine.core.rundir import REHEARSAL, RehearsalRow
 from ssrengine.data.records import IGNORE_INDEX, encode, prompt_messages
 from ssrengine.models.packing import PackedBatch, model_inputs, pack, shift_labels
-from ssrengine.training.loss_weights import example_weights, shift_weights, weighted
+from ssrengine.training.loss_weights import (
+    example_weights,
+    gold_balance_factor,
+    shift_weights,
+    weighted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,10 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # unshifted: IGNORE_INDEX on prompt tokens, the token itself on targets
     source: str = "gold"
+    answerable: bool | None = None
+    # train.unlikelihood_weight: (position, token): the logits at this position get the
+    # unlikelihood of the refusal's token (`unlikely_target`); None = no term for this example
+    unlikely: tuple[int, int] | None = None
 
 
 @dataclass
@@ -47,6 +56,10 @@ class MicroBatch:
     # (B, T) per-token loss weights aligned with labels (`ssrengine.training.loss_weights`); None = all 1
     token_weights: torch.Tensor | None = None
     supervised_weight: float | None = None  # their sum, on the host; None = supervised_tokens
+    # train.unlikelihood_weight: flat indices into the (B·T) positions and the refusal token
+    # each one penalizes, (K,) each; None = no unlikelihood term in this micro-batch
+    unlikely_positions: torch.Tensor | None = None
+    unlikely_tokens: torch.Tensor | None = None
 
     @property
     def normalizer(self) -> float:
@@ -54,10 +67,36 @@ class MicroBatch:
         return self.supervised_tokens if self.supervised_weight is None else self.supervised_weight
 
 
+def unlikely_target(
+    tokenizer: Any, messages: list[dict[str, str]], labels: list[int], refusal: str
+) -> tuple[int, int] | None:
+    """Where an own answer departs from ``refusal``: (the position whose logits predict that
+    target token, the refusal's token there). Both are tokenized after the same prompt, so a
+    shared opening ("The ...") is skipped and only the refusal's first distinguishing token is
+    penalized, never a token the own answer itself trains on. None when the answer starts with
+    the whole refusal."""
+    target = [t for t in labels if t != IGNORE_INDEX]
+    start = len(labels) - len(target)
+    _, ref_labels = encode(tokenizer, messages, refusal)
+    ref = [t for t in ref_labels if t != IGNORE_INDEX]
+    j = next((k for k, (a, b) in enumerate(zip(target, ref)) if a != b), None)
+    if j is None:
+        return None
+    return start + j - 1, ref[j]
+
+
 def encode_rows(
-    rows: Sequence[RehearsalRow], tokenizer: Any, data: DataConfig, *, file: str = REHEARSAL
+    rows: Sequence[RehearsalRow],
+    tokenizer: Any,
+    data: DataConfig,
+    *,
+    file: str = REHEARSAL,
+    train: TrainConfig | None = None,
 ) -> list[Encoded]:
-    """Tokenize rehearsal rows; over-long examples follow data.on_overlong (targets are never cut)."""
+    """Tokenize rehearsal rows; over-long examples follow data.on_overlong (targets are never cut).
+    With ``train`` and train.unlikelihood_weight > 0, accepted own answers of answerable
+    examples also get their unlikelihood target (`unlikely_target`)."""
+    ul = train is not None and train.unlikelihood_weight > 0
     out, dropped, trimmed = [], 0, 0
     for lineno, r in enumerate(rows, 1):
         docs = list(r.documents)
@@ -82,7 +121,10 @@ def encode_rows(
             dropped += 1
             continue
         trimmed += len(docs) < len(r.documents)
-        out.append(Encoded(r.id, ids, labels, r.source))
+        unlikely = None
+        if ul and r.source == "self" and r.answerable:
+            unlikely = unlikely_target(tokenizer, msgs, labels, train.unlikelihood_text)
+        out.append(Encoded(r.id, ids, labels, r.source, r.answerable, unlikely))
     if trimmed:
         log.warning(
             "trimmed documents of %d over-long example(s) to fit data.max_seq_len=%d",
@@ -98,11 +140,25 @@ def encode_rows(
     return out
 
 
-def _weights(items: Sequence[Encoded], train: TrainConfig | None) -> list[list[float]] | None:
-    """Shifted per-token weights of each item, or None when the config weighs every token 1."""
+def _weights(
+    items: Sequence[Encoded], train: TrainConfig | None, balance: float = 1.0
+) -> list[list[float]] | None:
+    """Shifted per-token weights of each item, or None when the config weighs every token 1.
+    ``balance``: the whole set's `gold_balance_factor`."""
     if train is None or not weighted(train):
         return None
-    return [shift_weights(example_weights(e.labels, e.source, train)) for e in items]
+    return [
+        shift_weights(example_weights(e.labels, e.source, train, e.answerable, balance))
+        for e in items
+    ]
+
+
+def _with_unlikely(mb: MicroBatch, flat: list[tuple[int, int]]) -> MicroBatch:
+    """``flat``: (index into the flattened (B·T) positions, refusal token) per example."""
+    if flat:
+        mb.unlikely_positions = torch.tensor([p for p, _ in flat], dtype=torch.long)
+        mb.unlikely_tokens = torch.tensor([t for _, t in flat], dtype=torch.long)
+    return mb
 
 
 def _with_weights(mb: MicroBatch, rows: list[list[float]] | None) -> MicroBatch:
@@ -116,7 +172,9 @@ def _with_weights(mb: MicroBatch, rows: list[list[float]] | None) -> MicroBatch:
     return mb
 
 
-def padded_batch(items: list[Encoded], pad_id: int, train: TrainConfig | None = None) -> MicroBatch:
+def padded_batch(
+    items: list[Encoded], pad_id: int, train: TrainConfig | None = None, balance: float = 1.0
+) -> MicroBatch:
     width = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
@@ -135,14 +193,18 @@ def padded_batch(items: list[Encoded], pad_id: int, train: TrainConfig | None = 
         ids=[e.id for e in items],
         seq_lens=tuple(len(e.input_ids) for e in items),
     )
-    return _with_weights(mb, _weights(items, train))
+    flat = [(i * width + e.unlikely[0], e.unlikely[1]) for i, e in enumerate(items) if e.unlikely]
+    return _with_unlikely(_with_weights(mb, _weights(items, train, balance)), flat)
 
 
 def packed_micro_batch(
-    batch: PackedBatch, weights: dict[str, list[float]] | None = None
+    batch: PackedBatch,
+    weights: dict[str, list[float]] | None = None,
+    unlikely: dict[str, tuple[int, int]] | None = None,
 ) -> MicroBatch:
     """One packed row (1, T): position_ids + varlen boundaries, right for any attention impl.
-    ``weights``: shifted token weights by example id, concatenated in packed order."""
+    ``weights``: shifted token weights by example id, concatenated in packed order;
+    ``unlikely``: each example's unlikelihood target (position within the example, token)."""
     kwargs = model_inputs(batch, None)
     mb = MicroBatch(
         input_ids=kwargs.pop("input_ids"),
@@ -153,6 +215,11 @@ def packed_micro_batch(
         ids=batch.ids,
         seq_lens=tuple(b - a for a, b in itertools.pairwise(batch.bounds)),
     )
+    if unlikely:
+        starts = dict(zip(batch.ids, batch.bounds, strict=False))
+        _with_unlikely(
+            mb, [(starts[i] + unlikely[i][0], unlikely[i][1]) for i in batch.ids if i in unlikely]
+        )
     if weights is None:
         return mb
     return _with_weights(mb, [[w for i in batch.ids for w in weights[i]]])
@@ -165,6 +232,9 @@ def micro_batches(
 
     train.packing: best-fit-decreasing bins of train.max_tokens (the shuffle decides only which
     equal-length examples share a bin), in a seeded bin order; else padded micro_batch_size."""
+    balance = gold_balance_factor(
+        [e.source for e in encoded], [e.answerable for e in encoded], train
+    )
     rng = random.Random(train.seed * 1_000_003 + epoch)
     order = list(range(len(encoded)))
     rng.shuffle(order)
@@ -174,8 +244,11 @@ def micro_batches(
             [(e.input_ids, e.labels) for e in items], train.max_tokens, ids=[e.id for e in items]
         )
         rng.shuffle(bins)
-        w = _weights(items, train)
+        w = _weights(items, train, balance)
         by_id = None if w is None else {e.id: x for e, x in zip(items, w)}
-        return [packed_micro_batch(b, by_id) for b in bins]
+        unlikely = {e.id: e.unlikely for e in items if e.unlikely}
+        return [packed_micro_batch(b, by_id, unlikely) for b in bins]
     bs = train.micro_batch_size
-    return [padded_batch(items[i : i + bs], pad_id, train) for i in range(0, len(items), bs)]
+    return [
+        padded_batch(items[i : i + bs], pad_id, train, balance) for i in range(0, len(items), bs)
+    ]

@@ -26,16 +26,45 @@ from ssrengine.training.batching import MicroBatch
 
 
 def loss_sum(
-    model: Any, mb: MicroBatch, impl: str = "auto", grad_filter: bool = False
+    model: Any,
+    mb: MicroBatch,
+    impl: str = "auto",
+    grad_filter: bool = False,
+    unlikelihood: float = 0.0,
 ) -> torch.Tensor:
     """Summed cross-entropy over the supervised tokens of one micro-batch, each token times its
-    `MicroBatch.token_weights` where the batch has them (`ssrengine.training.loss_weights`).
+    `MicroBatch.token_weights` where the batch has them (`ssrengine.training.loss_weights`),
+    plus ``unlikelihood`` × `unlikelihood_sum` where the batch has unlikelihood targets.
 
     The one place the loss is computed: ``impl`` selects the fused kernel (never builds the
     [tokens, vocab] logits) or ``naive`` (full logits + F.cross_entropy, the reference);
     ``grad_filter``: the fused kernel's gradient filtering (train.loss_grad_filter)."""
     hidden, weight = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    loss = _cross_entropy_sum(hidden, weight, mb, impl, grad_filter)
+    if unlikelihood and mb.unlikely_positions is not None:
+        loss = loss + unlikelihood * unlikelihood_sum(
+            hidden, weight, mb.unlikely_positions, mb.unlikely_tokens
+        )
+    return loss
+
+
+def unlikelihood_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Σ −log(1 − p(token | position)) (Welleck et al. 2019, "Neural text generation with
+    unlikelihood training"): pushes probability away from the refusal's token after an
+    answerable prompt whose own answer was accepted. Only the K penalized positions get logits,
+    (K, V): never the whole row's."""
+    logits = (hidden[positions] @ weight.T).float()  # (K, V)
+    logp = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)  # (K,)
+    # log(1 - p) = log(-expm1(log p)); clamped below 0 so p → 1 stays finite
+    return -torch.log(-torch.expm1(logp.clamp(max=-1e-6))).sum()
+
+
+def _cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, mb: MicroBatch, impl: str, grad_filter: bool
+) -> torch.Tensor:
     labels = mb.labels.reshape(-1)  # (N,)
     tw = None if mb.token_weights is None else mb.token_weights.reshape(-1)
     if impl == "naive":
@@ -68,10 +97,12 @@ class CausalLMLoss(nn.Module):
         impl: str = "auto",
         grad_filter: bool = False,
         memory_budget: float | None = None,
+        unlikelihood: float = 0.0,
     ) -> None:
         super().__init__()
         self.model, self.impl, self.grad_filter = model, impl, grad_filter
         self.memory_budget = memory_budget  # train.compile_memory_budget; None: not compiled
+        self.unlikelihood = unlikelihood  # train.unlikelihood_weight
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         # Compiled layers are partitioned on their first forward, under this budget.
@@ -81,7 +112,7 @@ class CausalLMLoss(nn.Module):
             else functorch_config.patch(activation_memory_budget=self.memory_budget)
         )
         with budget:
-            return loss_sum(self.model, mb, self.impl, self.grad_filter)
+            return loss_sum(self.model, mb, self.impl, self.grad_filter, self.unlikelihood)
 
 
 def accumulate(
@@ -119,11 +150,16 @@ def accumulate(
 
 def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mb.model_kwargs.items()}
-    tw = None if mb.token_weights is None else mb.token_weights.to(device)
+
+    def to(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
     return dataclasses.replace(
         mb,
         input_ids=mb.input_ids.to(device),
         labels=mb.labels.to(device),
         model_kwargs=kw,
-        token_weights=tw,
+        token_weights=to(mb.token_weights),
+        unlikely_positions=to(mb.unlikely_positions),
+        unlikely_tokens=to(mb.unlikely_tokens),
     )

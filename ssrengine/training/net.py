@@ -9,11 +9,7 @@ import torch
 from torch import nn
 
 from ssrengine.core.config import Config
-from ssrengine.models.attention import (
-    compute_dtype,
-    pick_attn_implementation,
-    recompute_with_packed_bounds,
-)
+from ssrengine.models.attention import compute_dtype, recompute_with_packed_bounds
 from ssrengine.models.layers import decoder_layers
 from ssrengine.models.loading import load_model
 from ssrengine.training import distributed
@@ -72,11 +68,10 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
         dtype=cfg.model.dtype,
         # FSDP2: load on the CPU; fully_shard moves only this rank's shards to the device.
         device="cpu" if fsdp else str(world.device),
-        # Chosen for the training device (an FSDP2 model is loaded on the CPU first).
-        attn_implementation=pick_attn_implementation(
-            cfg.model.attn_implementation, world.device, weights=cfg.model.dtype, autocast=compute
-        ),
+        attn_implementation=cfg.model.attn_implementation,
         autocast=compute,
+        # Chosen for the training device (an FSDP2 model is loaded on the CPU first).
+        attn_device=str(world.device),
         trust_remote_code=cfg.model.trust_remote_code,
     )
     peft_model = None
@@ -96,6 +91,7 @@ def build_model(cfg: Config, world: distributed.World) -> tuple[Any, Any, nn.Mod
             t.loss_impl,
             t.loss_grad_filter,
             memory_budget=t.compile_memory_budget if t.compile else None,
+            unlikelihood=t.unlikelihood_weight,
         ),
         world,
         t.parallel,

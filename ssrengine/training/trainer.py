@@ -95,7 +95,7 @@ def setup(
         chat_template=cfg.model.chat_template,
     )
     model, peft_model, net = build_model(cfg, world)
-    encoded = encode_rows(rows, tokenizer, cfg.data, file=str(rd.rehearsal))
+    encoded = encode_rows(rows, tokenizer, cfg.data, file=str(rd.rehearsal), train=cfg.train)
     stream = MicroBatchStream(encoded, cfg, tokenizer.pad_token_id)
     cfg = resolve_steps(cfg, stream.per_epoch, world.size)
     opt, sched = build_optimizer(cfg.train, net, world.device, cfg.train.max_steps)
