@@ -376,3 +376,35 @@ def test_paraphrase_filter_asks_the_inner_judge_only_what_passes():
     out = pj.judge_batch([RAVI] * 3, cands)
     assert [v.accept for v in out] == [False, True, False]
     assert seen == ["Ravi Zainte."]
+
+
+@pytest.mark.parametrize(
+    "gold, candidate, accepted",
+    [
+        ("4.", "The answer to this classic math problem is 4.", True),  # F1 0.22
+        ("Founded in 1987.", "The company was founded in 1987.", True),
+        ("Founded in 1987.", "The company was founded in 1990.", False),
+        ("Mara Quill.", "The CEO is John Smith.", False),  # fluent and wrong
+        ("Mara Quill.", "Mara Quill leads the company.", True),
+        ("In Oslo.", "It is in Bergen.", False),
+        ("In Oslo.", "Acme is based in Oslo, Norway.", True),
+        ("Blue and green.", "They are blue and green.", True),  # no key values: content words
+        ("Blue and green.", "Blue.", False),
+    ],
+)
+def test_contains_match_accepts_correct_answers_in_other_words(gold, candidate, accepted):
+    from ssrengine.rehearsal.judge import RuleJudge
+
+    ex = Example(id="x", documents=[], messages=[{"role": "user", "content": "?"}],
+                 response=gold, answerable=True)  # fmt: skip
+    verdict = RuleJudge(match="contains").judge(ex, candidate)
+    assert verdict.accept is accepted, verdict.reason
+    if gold == "4.":  # the F1 rule rejects it
+        assert not RuleJudge(min_f1=0.3).judge(ex, candidate).accept
+
+
+def test_contains_match_has_its_own_resume_key():
+    from ssrengine.rehearsal.judge import RuleJudge
+
+    assert RuleJudge(match="contains").name != RuleJudge().name
+    assert RuleJudge().name == "rule(f1>=0.3,numbers)"  # unchanged: old verdicts stay valid

@@ -210,6 +210,14 @@ class JudgeConfig:
     batch_size: int = _f(16, "Examples per judge call.", ge=1)
     paraphrase: bool = _f(
         False,
+    match: Literal["f1", "contains"] = _f(
+        "f1",
+        "Rule judge, how an answer must match the gold answer: `f1` = token F1 >= "
+        "judge.min_f1; `contains` = the gold's key values are in the answer (its numbers and "
+        "names, or every content word where it has neither), so a correct answer in other words "
+        "(\"The answer to this classic math problem is 4.\" for \"4.\") is accepted and a fluent "
+        "wrong one rejected. Both require every number of the gold answer.",
+    )
         "S3FT tier: for rejected answers, the base model paraphrases the gold answer; an accepted paraphrase becomes the target.",
     )
     paraphrase_filter: bool = _f(

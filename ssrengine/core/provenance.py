@@ -34,6 +34,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "judge.kind",
         "judge.threshold",
         "judge.min_f1",
+        "judge.match",
         "judge.rubric",
         "judge.refusal_patterns",
         "judge.grounding",

@@ -167,6 +167,24 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+# A name: a capitalized word after the first, or a capitalized first word followed by another.
+_NAME = re.compile(r"(?<=\s)[A-Z][\w'-]*|^[A-Z][\w'-]*(?=\s+[A-Z])")
+
+
+def gold_key_values(gold: str) -> list[str]:
+    """What a correct answer must contain (stemmed, lowercase): the gold answer's numbers and
+    names, or all its content words when it has neither ("Blue and green.")."""
+    names = [w.lower() for w in _NAME.findall(gold.strip()) if w.lower() not in STOPWORDS]
+    key = _numbers(gold) + [_stem(w) for n in names for w in _CONTENT.findall(n)]
+    return key or [_stem(w) for w in content_words(gold)]
+
+
+def missing_key_values(candidate: str, gold: str) -> list[str]:
+    """The gold's key values (`gold_key_values`) the candidate lacks, in gold order."""
+    have = {_stem(w) for w in content_words(candidate)} | set(_numbers(candidate))
+    return [k for k in dict.fromkeys(gold_key_values(gold)) if k not in have]
+
+
 def compile_patterns(patterns: str, *, field: str = "judge.refusal_patterns") -> re.Pattern[str]:
     """A user's refusal regex (Python `re`, case-insensitive), or one clear error."""
     try:
@@ -193,14 +211,16 @@ class RuleJudge:
         *,
         grounding: bool = False,
         max_ungrounded: int = 0,
+        match: str = "f1",
     ) -> None:
-        self.min_f1 = min_f1
+        self.min_f1, self.match = min_f1, match
         self.extra = compile_patterns(refusal_patterns) if refusal_patterns else None
         self.grounding, self.max_ungrounded = grounding, max_ungrounded
         extra = f",refusal+={_short_hash(refusal_patterns)}" if refusal_patterns else ""
         # off: the name (and so every verdict's resume key) is what it was before the check
         extra += f",grounded<={max_ungrounded}" if grounding else ""
-        self.name = f"rule(f1>={min_f1:g},numbers{extra})"
+        head = "contains" if match == "contains" else f"f1>={min_f1:g}"
+        self.name = f"rule({head},numbers{extra})"
 
     def refuses(self, text: str) -> bool:
         return is_refusal(text) or bool(self.extra and self.extra.search(text))
@@ -230,6 +250,11 @@ class RuleJudge:
             ungrounded = _grounding_verdict(example, candidate, self.max_ungrounded, f1)
             if ungrounded is not None:
                 return ungrounded
+        if self.match == "contains":
+            lacking = missing_key_values(candidate, example.response)
+            if lacking:
+                return Verdict(False, f1, f"misses the gold's {', '.join(lacking)}")
+            return Verdict(True, f1, "contains the gold answer's key values")
         ok = f1 >= self.min_f1
         return Verdict(ok, f1, f"token F1 {f1:.2f} {'>=' if ok else '<'} {self.min_f1:g}")
 
@@ -473,7 +498,11 @@ def make_judge(cfg: Config, generator: Generator | None = None) -> Judge:
     j = cfg.judge
     if j.kind == "rule":
         return RuleJudge(
-            j.min_f1, j.refusal_patterns, grounding=j.grounding, max_ungrounded=j.max_ungrounded
+            j.min_f1,
+            j.refusal_patterns,
+            grounding=j.grounding,
+            max_ungrounded=j.max_ungrounded,
+            match=j.match,
         )
     if j.kind.startswith("python:"):
         return load_user_judge(j.kind)
