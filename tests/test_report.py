@@ -104,6 +104,7 @@ def test_relative_drop_hand_computed():
     d = relative_drops(base, run, ["a", "b", "c", "z"])
     assert d == pytest.approx({"a": 20.0, "b": 25.0, "c": 50.0})  # zero base skipped
     assert average_drop(d) == pytest.approx(95 / 3)
+    assert average_drop({**d, "own_answer_prob": 90.0}) == pytest.approx(95 / 3)
     assert math.isnan(average_drop({}))
 
 
@@ -113,8 +114,10 @@ def test_table_and_claim(three_runs):
     rows = {r["run"]: r for r in table["rows"]}
     assert table["splits"] == ["in_domain", "out_of_domain"]
     assert rows["base"]["avg_drop"] == pytest.approx(0.0)
-    assert rows["sft"]["avg_drop"] == pytest.approx((20 + 25 + 50) / 3)
-    assert rows["ssr"]["avg_drop"] == pytest.approx((0 + 5 + 5) / 3)
+    # own-answer p/token: a column and a drop, but not in the headline (favours SSR by design)
+    assert rows["sft"]["drops"]["own_answer_prob"] == pytest.approx(50)
+    assert rows["sft"]["avg_drop"] == pytest.approx((20 + 25) / 2)
+    assert rows["ssr"]["avg_drop"] == pytest.approx((0 + 5) / 2)
     assert rows["sft"]["in_domain/score"] == pytest.approx(75.0)
     assert rows["ssr"]["R_share"] == 0.4 and rows["base"]["R_share"] is None
     [c] = claim_check(table)

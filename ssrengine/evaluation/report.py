@@ -3,7 +3,8 @@
 Each RUN is a directory with eval/eval.json (`python -m ssrengine eval`); metrics.jsonl and
 build_stats.json are used where present. The base is the run evaluated as a model (mode
 "base") or --base. Per retention metric the relative drop vs base is 100 * (base - run) / base;
-"avg drop" is its mean over the metrics every compared run has: the paper's headline number.
+"avg drop" is its mean over the metrics every compared run has, own-answer p/token left out
+(it favours SSR by construction): the paper's headline number.
 
 Task metrics are the paper's, separately (answerable/unanswerable accuracy and F1, token recall
 on answerable questions, decline rates, the decision probe's AUC), each with its 95% bootstrap
@@ -64,8 +65,15 @@ def relative_drops(
     return {k: 100 * (base[k] - run[k]) / base[k] for k in keys if base.get(k)}
 
 
+# Shown as a column, left out of the headline average: the base model's log-probability of its
+# own answers is what SSR trains on (its own accepted answers), so it favours SSR by construction.
+NOT_IN_HEADLINE = ("own_answer_prob",)
+
+
 def average_drop(drops: dict[str, float]) -> float:
-    return sum(drops.values()) / len(drops) if drops else math.nan
+    """The headline: mean relative drop over the retention metrics, NOT_IN_HEADLINE left out."""
+    kept = [v for k, v in drops.items() if k not in NOT_IN_HEADLINE]
+    return sum(kept) / len(kept) if kept else math.nan
 
 
 def build_table(runs: list[RunData], base: RunData | None) -> dict[str, Any]:
@@ -212,8 +220,9 @@ runs. Retention (higher is better): *probe acc*,
 greedy answers to general prompts outside the task judged against reference aliases;
 *MC acc*, log-likelihood multiple choice on general questions (lm-eval's `acc`);
 *own-answer p/token*, exp(mean log-probability per token) of the base model's own answers to
-the probe under the evaluated model; lm-eval metrics where run. *avg drop*: mean relative drop
-of the retention metrics vs base, in percent (the paper's headline number)."""
+the probe under the evaluated model (a column only: SSR trains on exactly such answers, so it
+favours SSR by construction); lm-eval metrics where run. *avg drop*: mean relative drop of the
+other retention metrics vs base, in percent (the paper's headline number)."""
 
 
 # Config keys shown per run: what tells runs apart.
