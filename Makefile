@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/demo.toml
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup demo test lint format bench experiment experiment-tune experiment-ablations experiment-options gpu-check upgrade-deps clean
+.PHONY: setup demo test lint format bench experiment experiment-tune experiment-seeds experiment-ablations experiment-options gpu-check upgrade-deps clean
 
 setup: $(STAMP)
 
@@ -82,8 +82,34 @@ TUNE_RUNS := $(foreach a,$(TUNE_ARMS),$(foreach e,$(TUNE_EPOCHS),$(foreach l,$(T
 TUNE_EVAL_ARGS ?= --split in_domain=builtin:validation --limit 0 --probe-limit 1 --mc-limit 1 \
 	--self-vs-gold-limit 1 --lm-eval off
 
-experiment-tune: $(TUNE_RUNS:%=$(EXP)/%/eval/eval.json)
+experiment-tune: $(EXP)/tune/selected.json
+
+$(EXP)/tune/selected.json: $(TUNE_RUNS:%=$(EXP)/%/eval/eval.json)
 	$(PY) benchmarks/experiment.py select $(EXP)/tune
+
+# Seeds (docs/experiment.md): every arm at its tuned epochs and lr with train.seed 0, 1, 2 on
+# test, as $(EXP)/seedS/ARM; the SSR levers on the answer decision train at the SSR arm's
+# settings. Then one report over all of them, the evidence copied into
+# benchmarks/results/experiment/ (EVIDENCE) with summary.json (pooled over seeds), and the
+# results table in README.md and docs/experiment.md regenerated from those files.
+SEEDS ?= 0 1 2
+ARMS ?= sft ssr ssr-balance ssr-ul ssr-contains ssr-perex
+OPT_balance = --train.gold_balance=sft
+OPT_ul = --train.unlikelihood_weight=1
+OPT_contains = --judge.match=contains
+OPT_perex = --train.loss_per_example=true
+SEED_RUNS := $(foreach s,$(SEEDS),$(foreach a,$(ARMS),seed$(s)/$(a)))
+EVIDENCE ?= benchmarks/results/experiment
+
+experiment-seeds: $(EXP)/base/eval/eval.json $(SEED_RUNS:%=$(EXP)/%/eval/eval.json)
+	$(call report_of,$(SEED_RUNS),report-seeds)
+	$(PY) benchmarks/experiment.py collect $(EXP) $(EVIDENCE) --runs base $(SEED_RUNS) \
+	  --report $(EXP)/report-seeds
+	$(PY) benchmarks/experiment.py summary $(EVIDENCE)
+	$(PY) benchmarks/experiment.py table $(EVIDENCE) --write README.md docs/experiment.md
+
+$(addprefix $(DONE)/,$(addsuffix .trained,$(SEED_RUNS))): $(EXP)/tune/selected.json
+$(addprefix $(DONE)/,$(addsuffix .trained,$(filter seed%/ssr,$(SEED_RUNS)) $(filter seed%/ssr-%,$(SEED_RUNS)))): $(DONE)/ssr.generated
 
 $(EXP)/tune/%/eval/eval.json: $(DONE)/tune/%.trained
 	$(RUN_ENV) $(PY) -m ssrengine eval $(EXP)/tune/$* $(TUNE_EVAL_ARGS)
@@ -118,7 +144,8 @@ $(addprefix $(DONE)/,$(addsuffix .trained,$(filter ssr%,$(EXP_RUNS) $(ABLATIONS)
 
 .PRECIOUS: $(DONE)/%.trained
 $(DONE)/%.trained: | $(DONE)/model
-	r=$*; case $$r in \
+	r=$*; s=; case $$r in seed*/*) s=$${r%%/*}; s=$${s#seed}; r=$${r#*/};; esac; \
+	case $$r in \
 	  sft) a="configs/experiment_sft.toml";; sft-lora) a="configs/experiment_sft_lora.toml";; \
 	  ssr) a="configs/experiment_ssr.toml";; ssr-lora) a="configs/experiment_ssr_lora.toml";; \
 	  ssr-prefix) a="configs/experiment_ssr.toml $(OPT_prefix)";; \
@@ -126,14 +153,21 @@ $(DONE)/%.trained: | $(DONE)/model
 	  ssr-decision) a="configs/experiment_ssr.toml $(OPT_decision)";; \
 	  ssr-options) a="configs/experiment_ssr.toml $(OPT_prefix) $(OPT_balanced) $(OPT_decision)";; \
 	  ssr-gold3) a="configs/experiment_ssr.toml $(OPT_gold3)";; \
+	  ssr-balance) a="configs/experiment_ssr.toml $(OPT_balance)";; \
+	  ssr-ul) a="configs/experiment_ssr.toml $(OPT_ul)";; \
+	  ssr-contains) a="configs/experiment_ssr.toml $(OPT_contains)";; \
+	  ssr-perex) a="configs/experiment_ssr.toml $(OPT_perex)";; \
 	  ssr-f*) a="configs/experiment_ssr.toml --judge.min_f1=$${r#ssr-f}";; \
 	  ssr-llm) a="configs/experiment_ssr_llm.toml";; \
 	  ssr-llm-p*) a="configs/experiment_ssr_llm.toml --judge.threshold=$${r#ssr-llm-p}";; \
 	  tune/sft-e*-lr* | tune/ssr-e*-lr*) n=$${r#tune/}; e=$${n#*-e}; \
 	    a="configs/experiment_$${n%%-e*}.toml --train.epochs=$${e%%-lr*} --train.lr=$${e#*-lr}";; \
 	  *) echo "unknown experiment run $*" >&2; exit 2;; esac; \
+	if [ -n "$$s" ]; then \
+	  f=$$($(PY) benchmarks/experiment.py args $$r $(EXP)/tune/selected.json) || exit 2; \
+	  a="$$a $$f --train.seed=$$s"; fi; \
 	mkdir -p $(EXP)/$*; \
-	case $$(basename $*) in ssr?*) cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$*/;; esac; \
+	case $* in ssr) ;; *) case $${r##*/} in ssr*) cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$*/;; esac;; esac; \
 	$(RUN_ENV) $(PY) -m ssrengine.train --config $$a --run.dir=$(EXP)/$*
 	mkdir -p $(@D) && touch $@
 

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU 
 
 # `ssrengine eval RUN ...` writes RUN/eval/eval.json; `eval MODEL ... --out OUT` OUT/eval/.
 FAKE_PY = """#!/bin/sh
+if [ "$2" = args ]; then echo "--train.epochs=2 --train.lr=5e-5"; exit 0; fi
 echo "$@"
 if [ "$3" = eval ]; then
   out=$4; prev=; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
@@ -120,3 +121,37 @@ def test_tuning_trains_the_grid_on_validation_and_selects(tmp_path):
     assert [line for line in res.stdout.splitlines() if "experiment.py select" in line] == [
         f"benchmarks/experiment.py select {exp}/tune"
     ]
+
+
+def test_seeded_runs_train_each_arm_at_its_tuned_settings(tmp_path):
+    exp = tmp_path / "exp"
+    res = _make(
+        exp, "experiment-seeds", "SEEDS=0 2", "ARMS=sft ssr ssr-ul ssr-contains",
+        "TUNE_EPOCHS=1", "TUNE_LRS=1e-4",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    cmds = _commands(res.stdout)
+    train = {c.rsplit("--run.dir=", 1)[1]: c for c in cmds if "ssrengine.train" in c}
+    seeded = {k: v for k, v in train.items() if "/seed" in k}
+    assert {str(Path(k).relative_to(exp)) for k in seeded} == {
+        f"seed{s}/{a}" for s in (0, 2) for a in ("sft", "ssr", "ssr-ul", "ssr-contains")
+    }
+    tuned = "--train.epochs=2 --train.lr=5e-5"  # what `experiment.py args` printed
+    ssr = "--config configs/experiment_ssr.toml"
+    for run_dir, cmd in seeded.items():
+        seed, arm = Path(run_dir).parent.name.removeprefix("seed"), Path(run_dir).name
+        head = {
+            "sft": "--config configs/experiment_sft.toml",
+            "ssr": ssr,
+            "ssr-ul": f"{ssr} --train.unlikelihood_weight=1",
+            "ssr-contains": f"{ssr} --judge.match=contains",
+        }[arm]
+        assert cmd == f"-m ssrengine.train {head} {tuned} --train.seed={seed} --run.dir={run_dir}"
+    # the tuning grid and the selection come first; every seeded run is evaluated against base
+    first_seeded = min(i for i, c in enumerate(cmds) if "/seed" in c and "ssrengine.train" in c)
+    assert all(i < first_seeded for i, c in enumerate(cmds) if "/tune/" in c)
+    evals = [c for c in cmds if c.startswith("-m ssrengine eval ") and "/seed" in c]
+    assert len(evals) == 8 and all(f"--base-eval {exp}/base" in c for c in evals)
+    tail = [line for line in res.stdout.splitlines() if line.startswith("benchmarks/experiment.py")]
+    assert [t.split()[1] for t in tail] == ["select", "collect", "summary", "table"]
+    assert "--write README.md docs/experiment.md" in tail[-1]
