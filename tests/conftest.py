@@ -17,7 +17,7 @@ def default_triton_interpret(env: MutableMapping[str, str], cuda: bool) -> None:
 default_triton_interpret(os.environ, torch.cuda.is_available())
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.tiny import build_tiny  # noqa: E402  (after TRITON_INTERPRET is decided)
+from tests.tiny import build_tiny, build_tiny_gemma3  # noqa: E402  (after TRITON_INTERPRET is decided)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,6 +38,13 @@ def pytest_collection_modifyitems(config, items):
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (tied embeddings) + BPE tokenizer with a ChatML template."""
     return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    """A tiny random Gemma-3 (sliding window of 4 tokens on three of four layers) + the BPE
+    tokenizer with Gemma's special tokens and chat template."""
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,12 @@ FlashAttention-2 (varlen for packed batches) needs a CUDA device, the flash-attn
 casts q/k/v to the autocast dtype (integrations/flash_attention.py, get_target_dtype); flash-attn
 itself rejects fp32 ("FlashAttention only support fp16 and bf16 data type"). Everything else
 gets ``sdpa_varlen``: packed rows as one SDPA call per example (no T×T mask), padded batches
-and generation as transformers' plain sdpa.
+and generation as transformers' plain sdpa. Both apply a layer's sliding window (Gemma-3,
+Mistral): sdpa_varlen as a per-example causal band, FlashAttention-2 through transformers'
+``window_size``. `auto` reads the model's config so that it never picks a path that cannot run
+the model: attention logit softcapping (Gemma-2) runs in FlashAttention-2 where the installed
+flash-attn takes ``softcap``, else in ``eager`` (SDPA has no softcap); a model class without
+SDPA support gets ``eager`` too.
 
 `compute_dtype` resolves ``train.dtype = "auto"``: bf16 autocast over fp32 master weights on
 CUDA, fp32 on the CPU (bf16 matmuls are slow on CPUs without AMX).
@@ -57,18 +62,91 @@ def _flash_attn_installed() -> bool:
     return True
 
 
+def _flash_varlen_params() -> frozenset[str]:
+    """The keyword arguments of the installed ``flash_attn.flash_attn_varlen_func``: transformers
+    passes ``window_size`` and ``softcap`` only where they are in it and silently drops the
+    window otherwise (modeling_flash_attention_utils._lazy_define_process_function and
+    _process_flash_attention_kwargs), so a model that needs them must not get FA2 without."""
+    import inspect
+
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(flash_attn_varlen_func).parameters)
+
+
+def attention_softcap(config: Any) -> float | None:
+    """The model's attention logit softcapping (Gemma-2: 50.0), or None."""
+    cap = getattr(config, "attn_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def sliding_window(config: Any) -> int | None:
+    """The sliding window of the model's local-attention layers, or None when no layer has one
+    (``layer_types`` without "sliding_attention", Qwen2's ``use_sliding_window = False``)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def _model_class(config: Any) -> Any:
+    """The transformers class AutoModelForCausalLM builds for ``config`` (None for remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def _flash_cannot_run(config: Any) -> str | None:
+    """Why FlashAttention-2 cannot run this model (None: it can, as far as the config tells)."""
+    if config is None:
+        return None
+    cls = _model_class(config)
+    if cls is not None and not getattr(cls, "_supports_flash_attn", False):
+        return f"{cls.__name__} has no FlashAttention-2 path in transformers"
+    heads = getattr(config, "num_attention_heads", 0) or 1
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+    # flash-attn 2 (csrc/flash_attn/flash_api.cpp): "FlashAttention forward only supports head
+    # dimension at most 256"
+    if head_dim > 256:
+        return f"head_dim {head_dim} > 256, FlashAttention-2's largest"
+    needs = {"window_size": sliding_window(config), "softcap": attention_softcap(config)}
+    missing = [k for k, v in needs.items() if v is not None and k not in _flash_varlen_params()]
+    if missing:
+        return f"the installed flash-attn takes no {' or '.join(missing)}, which this model needs"
+    return None
+
+
 def pick_attn_implementation(
     requested: str,
     device: torch.device,
     *,
     weights: str = "float32",
     autocast: str = "float32",
+    config: Any = None,
 ) -> str:
     """The attention implementation for a model with `weights` dtype on `device`, run under
-    `autocast` ("bfloat16"/"float16", or "float32" for none). ``auto``: FlashAttention-2 where
-    it can run (see the module doc), else ``sdpa_varlen``. An explicit ``flash_attention_2``
-    with fp32 compute is refused here rather than failing inside flash-attn."""
+    `autocast` ("bfloat16"/"float16", or "float32" for none); ``config`` (the model's
+    transformers config) tells what the model needs. ``auto``: FlashAttention-2 where it can
+    run (see the module doc), else ``sdpa_varlen``, or ``eager`` for attention softcapping and
+    models without SDPA. An explicit choice that cannot run the model is refused in one line
+    rather than failing inside transformers or flash-attn."""
     sixteen = weights in SIXTEEN_BIT or autocast in SIXTEEN_BIT
+    softcap = attention_softcap(config)
+    if requested in (SDPA_VARLEN, "sdpa") and softcap is not None:
+        raise InputError(
+            f"{requested} cannot run this model: it caps its attention logits "
+            f"(attn_logit_softcapping = {softcap:g}) and SDPA has no softcap; use 'auto' "
+            "(FlashAttention-2 where flash-attn takes softcap, else eager) or 'eager'",
+            field="model.attn_implementation",
+        )
     if requested == SDPA_VARLEN:
         return register_sdpa_varlen()
     if requested == FLASH and not sixteen:
@@ -79,10 +157,19 @@ def pick_attn_implementation(
             "'bfloat16'",
             field="model.attn_implementation",
         )
+    if requested == FLASH and (why := _flash_cannot_run(config)) is not None:
+        raise InputError(
+            f"flash_attention_2 cannot run this model: {why}; use 'auto'",
+            field="model.attn_implementation",
+        )
     if requested != "auto":
         return requested
-    if device.type == "cuda" and sixteen and _flash_attn_installed():
+    flash_ok = device.type == "cuda" and sixteen and _flash_attn_installed()
+    if flash_ok and _flash_cannot_run(config) is None:
         return FLASH
+    cls = _model_class(config) if config is not None else None
+    if softcap is not None or (cls is not None and not getattr(cls, "_supports_sdpa", True)):
+        return "eager"
     return register_sdpa_varlen()
 
 
@@ -116,8 +203,11 @@ def sdpa_varlen_attention(
     ``cu_seq_lens_host`` (host ints, what packed micro-batches pass: no device sync) or the
     enclosing `packed_bounds`, else
     ``cu_seq_lens_q`` or, like transformers' flash path, restarts in ``position_ids`` (each a
-    device sync per layer on CUDA).
-    Anything else (padded batches, a KV cache) is transformers' sdpa, mask included.
+    device sync per layer on CUDA). A layer's ``sliding_window`` (transformers passes it per
+    layer: None on full-attention layers) restricts each example to a causal band
+    (`causal_band`) wherever the example is longer than the window.
+    Anything else (padded batches, a KV cache) is transformers' sdpa, mask included (its
+    mask functions carry the window there).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -140,23 +230,48 @@ def sdpa_varlen_attention(
         )
     if query.shape[0] != 1:
         raise ValueError(f"packed rows have batch size 1, got {query.shape[0]}")
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("sdpa_varlen supports neither sliding windows nor softcap")
-    if kwargs.get("is_causal") is False:
+    if kwargs.get("softcap") is not None:  # pick_attn_implementation never picks it then
+        raise NotImplementedError("sdpa_varlen has no attention softcapping: use eager")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise NotImplementedError("sdpa_varlen is causal attention only")
+    window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
     # split, not a slice per example: each slice's backward zero-fills a full-size gradient
     # and adds it up (n examples x 3 tensors per layer); split's backward is one cat. Same
     # gradients bit for bit; SmolLM2 fp32, 9 examples of 180 tokens: 34 vs 51 ms per layer.
     sizes = [b - a for a, b in itertools.pairwise(bounds)]
     parts = zip(*(t.split(sizes, dim=2) for t in (query, key, value)), strict=True)
-    out = [
-        F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
-        )
-        for q, k, v in parts
-    ]
+    bands: dict[int, torch.Tensor] = {}  # one band per example length, shared within the call
+    out = []
+    for q, k, v in parts:
+        n = q.shape[2]
+        if window is None or n <= window:  # the window covers the whole example: plain causal
+            o = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+            )
+        else:
+            if n not in bands:
+                bands[n] = causal_band(n, window, q.device)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bands[n], dropout_p=dropout, scale=scaling, enable_gqa=gqa
+            )
+        out.append(o)
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def causal_band(n: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n, n) bool mask of sliding-window causal attention, True where query i sees key j:
+    ``j <= i`` and ``j > i - window``, so each token sees itself and the ``window - 1`` before
+    it. This is transformers' definition (masking_utils.sliding_window_causal_mask_function:
+    causal_mask_function ``kv_idx <= q_idx`` and sliding_window_overlay ``kv_idx > q_idx -
+    sliding_window``), the one its sdpa and eager paths mask with; flash-attn says the same as
+    ``window_size = (window - 1, 0)`` (keys ``[i - window_size[0], i + window_size[1]]``
+    inclusive, flash_attn_interface.flash_attn_varlen_func; transformers passes
+    ``(window - 1, window - 1)`` with ``causal=True``, modeling_flash_attention_utils.
+    _process_flash_attention_kwargs)."""
+    i = torch.arange(n, device=device)
+    offset = i[:, None] - i[None, :]  # query - key
+    return (offset >= 0) & (offset < window)
 
 
 def _sdpa_varlen_mask(

@@ -100,17 +100,25 @@ def load_model(
     attn_implementation: str = "auto",
     trust_remote_code: bool = False,
     autocast: str = "float32",
+    attn_device: str | None = None,
 ) -> Any:
     """A transformers causal LM with `dtype` weights on `device`; `autocast` is the dtype it
-    will run under ("float32": none), which decides whether FlashAttention-2 can be used."""
-    from transformers import AutoModelForCausalLM
+    will run under ("float32": none), which decides whether FlashAttention-2 can be used.
+    The attention is chosen for ``attn_device`` (default: `device`), where the model will run:
+    an FSDP2 model is loaded on the CPU and runs on a GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = pick_device(device)
     model_dir = resolve_model_path(path)
     check_model_files(model_dir)  # name a broken file before transformers reads it
-    attn = pick_attn_implementation(attn_implementation, dev, weights=dtype, autocast=autocast)
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    run_on = pick_device(attn_device) if attn_device is not None else dev
+    attn = pick_attn_implementation(
+        attn_implementation, run_on, weights=dtype, autocast=autocast, config=config
+    )
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
+        config=config,
         dtype=DTYPES[dtype],
         attn_implementation=attn,
         trust_remote_code=trust_remote_code,

@@ -71,7 +71,7 @@ def export_merged(adapter_dir: Path, cfg: Config, out: Path) -> None:
         cfg.model.path,
         dtype=cfg.model.dtype,
         device="cpu",
-        attn_implementation="sdpa",
+        attn_implementation="eager",  # merging runs no attention; eager loads every model
         trust_remote_code=cfg.model.trust_remote_code,
     )
     with _quiet():
