@@ -193,6 +193,10 @@ def compile_patterns(patterns: str, *, field: str = "judge.refusal_patterns") ->
         raise InputError(f"not a valid regular expression: {e}", field=field) from None
 
 
+# What the rule judge checks echoes of unless told (make_judge passes data.system_prompt).
+DEFAULT_SYSTEM_PROMPT = Config().data.system_prompt
+
+
 class RuleJudge:
     """Accept when candidate and gold agree on refusing, and an answer has token-F1 ≥ min_f1
     and contains every number of the gold answer (F1 alone accepts "founded in 1990" for
@@ -212,14 +216,18 @@ class RuleJudge:
         grounding: bool = False,
         max_ungrounded: int = 0,
         match: str = "f1",
+        echo_of: Sequence[str] = (DEFAULT_SYSTEM_PROMPT,),
     ) -> None:
         self.min_f1, self.match = min_f1, match
+        self.echo_of = tuple(t for t in echo_of if t.strip())  # see `echo_verdict`
         self.extra = compile_patterns(refusal_patterns) if refusal_patterns else None
         self.grounding, self.max_ungrounded = grounding, max_ungrounded
         extra = f",refusal+={_short_hash(refusal_patterns)}" if refusal_patterns else ""
         # off: the name (and so every verdict's resume key) is what it was before the check
         extra += f",grounded<={max_ungrounded}" if grounding else ""
         head = "contains" if match == "contains" else f"f1>={min_f1:g}"
+        # the echo check is always on: verdicts from before it are not reused
+        extra += f",no_echo={_short_hash(chr(10).join(self.echo_of))}"
         self.name = f"rule({head},numbers{extra})"
 
     def refuses(self, text: str) -> bool:
@@ -233,6 +241,8 @@ class RuleJudge:
     def judge(self, example: Example, candidate: str) -> Verdict:
         if not candidate.strip():
             return Verdict(False, 0.0, "empty answer")
+        if (echo := echo_verdict(example, candidate, self.echo_of)) is not None:
+            return echo  # before the refusal check: the instruction reads as a refusal
         cand_refuses = self.refuses(candidate)
         if self.gold_declines(example):
             if cand_refuses:
@@ -373,6 +383,47 @@ def echo_overlap(candidate: str, n: int = 3) -> float:
     return len(cand & inst) / len(cand)
 
 
+# An echo repeats at least this share of one instruction sentence's word trigrams.
+ECHO_SHARE = 0.8
+
+
+def _sentences(text: str) -> list[list[str]]:
+    """SQuAD-normalized words of each sentence (split at . ! ? ; : and line breaks)."""
+    return [w for part in re.split(r"[.!?;:\n]+", text) if (w := _normalize_tokens(part))]
+
+
+def instruction_echo(candidate: str, instruction: str, n: int = 3, *, gold: str = "") -> float:
+    """The largest share of one instruction sentence's word n-grams that the candidate repeats
+    (sentences of more than n words; SQuAD-normalized). A refusal in its own words shares a
+    few n-grams with "If the documents do not contain the answer, say so." ("The documents do
+    not contain the answer.": 3 of its 6); repeating the sentence shares them all. A sentence
+    the ``gold`` answer repeats as much (ECHO_SHARE) is not counted: the gold may say it."""
+    cand = _ngrams(_normalize_tokens(candidate), n)
+    ref = _ngrams(_normalize_tokens(gold), n)
+    shares = [
+        len(grams & cand) / len(grams)
+        for words in _sentences(instruction)
+        if len(words) > n
+        and (grams := _ngrams(words, n))
+        and len(grams & ref) / len(grams) < ECHO_SHARE
+    ]
+    return max(shares, default=0.0)
+
+
+def echo_verdict(example: Example, candidate: str, texts: Sequence[str] = ()) -> Verdict | None:
+    """A rejection when the candidate repeats an instruction the model was given (at least
+    ECHO_SHARE of one of its sentences, `instruction_echo`): ``texts`` (data.system_prompt),
+    the record's own system message and the paraphrase request's instruction. A base model
+    continuing its prompt echoes it, and "If the documents do not contain the answer, say so."
+    would pass as a refusal. Else None."""
+    own = [m["content"] for m in example.messages[:1] if m["role"] == "system"]
+    for text in (*texts, *own, f"{PARAPHRASE_INTRO} {PARAPHRASE_ASK}"):
+        share = instruction_echo(candidate, text, gold=example.response)
+        if share >= ECHO_SHARE:
+            return Verdict(False, 0.0, f"echoes the instruction: {share:.0%} of a sentence")
+    return None
+
+
 class ParaphraseFilter:
     """The paraphrase tier's judge: rejects echoes of the request (a candidate that starts
     "A correct answer is", or whose word trigrams are at least ``max_echo`` the request's
@@ -503,6 +554,7 @@ def make_judge(cfg: Config, generator: Generator | None = None) -> Judge:
             grounding=j.grounding,
             max_ungrounded=j.max_ungrounded,
             match=j.match,
+            echo_of=(cfg.data.system_prompt,),
         )
     if j.kind.startswith("python:"):
         return load_user_judge(j.kind)
