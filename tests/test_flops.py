@@ -52,6 +52,12 @@ def test_peak_table_lookup():
     assert flops.peak_flops_for("NVIDIA L40S", "bfloat16") == 362e12
     assert flops.peak_flops_for("NVIDIA L4", "bfloat16") == 121e12
     assert flops.peak_flops_for("NVIDIA A10G", "bfloat16") is None
+    # GA102 whitepaper: dense BF16 with FP32 accumulate 71, TF32 35.6, FP32 35.6
+    assert flops.peak_flops_for("NVIDIA GeForce RTX 3090", "bfloat16") == 71e12
+    assert flops.peak_flops_for("NVIDIA GeForce RTX 3090", "float32", tf32=True) == 35.6e12
+    assert flops.peak_flops_for("NVIDIA H200 NVL", "bfloat16") == 835e12  # not the SXM's 989
+    assert flops.peak_flops_for("NVIDIA H200", "bfloat16") == 989e12
+    assert flops.peak_flops_for("NVIDIA GH200 480GB", "float32") == 67e12
     assert flops.peak_flops_for("Some Future GPU", "bfloat16") is None
     assert flops.device_peak_flops(torch.device("cpu"), "float32") is None
 

@@ -30,8 +30,9 @@ PEAK_FLOPS: tuple[tuple[str, tuple[float, float, float] | None], ...] = (
     ("H100 PCIe", (756e12, 378e12, 51e12)),
     ("H100 NVL", (835e12, 418e12, 60e12)),
     ("H100", (989e12, 495e12, 67e12)),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("H200", (989e12, 495e12, 67e12)),
-    ("GH200", (989e12, 495e12, 67e12)),
+    ("GH200", (989e12, 495e12, 67e12)),  # before "H200", which its name contains
+    ("H200 NVL", (835e12, 418e12, 60e12)),  # data sheet: 1,671 / 835 sparse, 60 FP32
+    ("H200", (989e12, 495e12, 67e12)),  # SXM
     ("A100", (312e12, 156e12, 19.5e12)),
     ("A10G", None),  # AWS's A10 variant: no vendor data sheet for its tensor-core peak
     ("A10", (125e12, 62.5e12, 31.2e12)),
@@ -39,7 +40,10 @@ PEAK_FLOPS: tuple[tuple[str, tuple[float, float, float] | None], ...] = (
     ("L40", (181e12, 90.5e12, 90.5e12)),
     ("L4", (121e12, 60e12, 30.3e12)),
     ("RTX 4090", (165e12, 82.6e12, 82.6e12)),
-    ("RTX 3090", (35.6e12, 17.8e12, 35.6e12)),  # GeForce: half-rate fp32 accumulate
+    # "NVIDIA Ampere GA102 GPU Architecture" whitepaper, its RTX 3090 column: dense BF16 and
+    # FP16 tensor with FP32 accumulate 71 TFLOPS (GeForce runs it at half the 142 of FP16
+    # accumulate), TF32 tensor 35.6, FP32 35.6.
+    ("RTX 3090", (71e12, 35.6e12, 35.6e12)),
     ("RTX A6000", (155e12, 77.4e12, 38.7e12)),
 )
 
