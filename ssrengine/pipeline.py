@@ -81,6 +81,9 @@ def _retrain_hint(rd: RunDir) -> str:
     )
 
 
+RUN_LENGTH = ("train.max_steps", "train.epochs")
+
+
 def check_checkpoints_match(cfg: Config, *, resume: bool = False) -> None:
     """Refuse, before anything is computed or written, what cannot end well: ``--resume``
     without a checkpoint, or checkpoints trained under settings other than ``cfg``'s."""
@@ -100,6 +103,9 @@ def check_checkpoints_match(cfg: Config, *, resume: bool = False) -> None:
             file=str(rd.checkpoints),
         )
     changes = config_changes(record.config, stage_config(cfg.to_dict(), "train"))
+    # The run length may change: a longer train.max_steps or train.epochs extends the run
+    # from its last checkpoint (training.optim: the schedule of the new length).
+    changes = [c for c in changes if c.partition(":")[0] not in RUN_LENGTH]
     if changes:
         raise InputError(
             f"these checkpoints were trained with other settings ({'; '.join(changes)}); "

@@ -27,11 +27,14 @@ def _f(
     lt: float | None = None,
     nonempty: bool = False,
     pattern: str | None = None,
+    json_object: bool = False,
 ) -> Any:
     """A documented field. Choices come from a ``Literal`` annotation (or ``choices``); the
-    bounds, ``nonempty`` and ``pattern`` are checked by `validate` and printed in the docs."""
+    bounds, ``nonempty`` and ``pattern`` are checked by `validate` and printed in the docs.
+    ``json_object``: a str field holding a JSON object's text, given as a TOML table or JSON."""
     bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
     meta = {"doc": doc, "choices": choices, "nonempty": nonempty, "pattern": pattern}
+    meta["json_object"] = json_object
     return field(default=default, metadata={**meta, **bounds})
 
 
@@ -248,14 +251,15 @@ class JudgeConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     max_steps: int = _f(
-        20,
-        "Optimizer steps; 0 = as many as train.epochs takes.",
+        0,
+        "Optimizer steps; 0 (the default) = as many as train.epochs takes. Give train.max_steps "
+        "or train.epochs, not both.",
         ge=0,
     )
     epochs: float = _f(
         1.0,
-        "Passes over the rehearsal set when train.max_steps = 0: steps = ceil(epochs × "
-        "micro-batches per epoch / (train.grad_accum × ranks)).",
+        "Passes over the rehearsal set (the run length unless train.max_steps is above 0): "
+        "steps = ceil(epochs × micro-batches per epoch / (train.grad_accum × ranks)).",
         gt=0,
     )
     seed: int = _f(0, "Seed for data order and initialization of any new parameters.", ge=0)
@@ -264,17 +268,38 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = _f(0.95, "AdamW beta2.", ge=0, lt=1)
     adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
-    optimizer: Literal["adamw", "adamw_fused"] = _f(
+    optimizer: str = _f(
         "adamw",
-        "`adamw` (torch's foreach implementation on CUDA) or `adamw_fused` (torch's fused "
-        "kernel: one launch per step on CUDA).",
+        "`adamw` (torch's foreach implementation on CUDA), `adamw_fused` (torch's fused "
+        "kernel: one launch per step on CUDA), or any `torch.optim` class by name (`SGD`, "
+        "`Adam`, `Adafactor`, `RMSprop`, ...) built with train.lr, train.weight_decay on "
+        "matrices and train.optimizer_kwargs.",
+        pattern=r"adamw|adamw_fused|[A-Z]\w*",
+    )
+    optimizer_kwargs: str = _f(
+        "{}",
+        "Keyword arguments of the optimizer, a TOML table (`optimizer_kwargs = {momentum = "
+        "0.9}`) or JSON text; for AdamW they override train.adam_*.",
+        json_object=True,
     )
     lr_scheduler: Literal["cosine", "linear", "constant"] = _f(
         "cosine",
         "After train.warmup_steps of linear warmup: cosine or linear decay to "
         "train.min_lr_ratio × train.lr at the last step, or constant.",
     )
-    warmup_steps: int = _f(2, "Linear warmup steps, then train.lr_scheduler.", ge=0)
+    warmup_steps: int = _f(
+        2,
+        "Linear warmup steps (step s of W runs at s / W × train.lr: step W is the first at the "
+        "peak), then train.lr_scheduler.",
+        ge=0,
+    )
+    warmup_ratio: float = _f(
+        0.0,
+        "Warmup as a share of the run's optimizer steps (ceil(ratio × steps)), instead of "
+        "train.warmup_steps when above 0; give one of the two.",
+        ge=0,
+        le=1,
+    )
     min_lr_ratio: float = _f(
         0.1, "Floor of the cosine and linear decay as a fraction of train.lr.", ge=0, le=1
     )

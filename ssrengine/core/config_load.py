@@ -45,6 +45,8 @@ _BOOL_TEXT = ("true", "false", "1", "0", "yes", "no")
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     """Parse a command-line string into the field's type; `validate` checks the result."""
     want, _ = _field_type(cls, name)
+    if _field(cls, name).metadata.get("json_object") and isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)  # a TOML table: kept as its JSON text
     if want is tuple:  # a TOML list, or "a,b" on the command line
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -105,7 +107,35 @@ def _problem(cls: type, name: str, value: Any) -> str | None:
     pattern = f.metadata.get("pattern")
     if pattern and not re.fullmatch(pattern, value):
         return f"got {value!r}, expected a value matching {pattern}"
+    if f.metadata.get("json_object"):
+        return _json_object_problem(value)
     return None
+
+
+def _json_object_problem(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"expected a TOML table or a JSON object, got {text!r} ({e.msg})"
+    return None if isinstance(value, dict) else f"expected a JSON object, got {text!r}"
+
+
+# Keys that say one thing two ways: given both (the first above 0), one would be ignored.
+EITHER_OR = (("train.max_steps", "train.epochs"), ("train.warmup_steps", "train.warmup_ratio"))
+
+
+def _either_or(raw: dict[str, Any], cfg: Config, origins: dict[str, str], source: str) -> None:
+    """One line when the user gave both keys of an `EITHER_OR` pair with effect."""
+    for a, b in EITHER_OR:
+        given = [k for k in (a, b) if k.partition(".")[2] in raw.get(k.partition(".")[0], {})]
+        values = [getattr(getattr(cfg, k.partition(".")[0]), k.partition(".")[2]) for k in (a, b)]
+        if len(given) == 2 and values[0] > 0 and values[1] > 0:
+            where = sorted({origins.get(k, source) for k in given})
+            raise InputError(
+                f"{a} = {values[0]:g} and {b} = {values[1]:g} are both given and say the same "
+                f"thing two ways: keep one ({a} = 0 leaves it to {b})",
+                file=" + ".join(where),
+            )
 
 
 def validate(
@@ -164,8 +194,10 @@ def build_config(
     source: str = "<config>",
     origins: dict[str, str] | None = None,
     check: bool = True,
+    either_or: bool = True,
 ) -> Config:
-    """Build a Config from nested dicts, rejecting unknown sections/keys; ``check``: `validate`."""
+    """Build a Config from nested dicts, rejecting unknown sections/keys; ``check``: `validate`
+    and (``either_or``: ``raw`` holds only keys the user gave) no `EITHER_OR` pair given twice."""
     sections: dict[str, Any] = {}
     for sec, values in raw.items():
         if sec not in SECTIONS:
@@ -184,6 +216,8 @@ def build_config(
     cfg = Config(**sections)
     if check:
         validate(cfg, source=source, origins=origins)
+        if either_or:
+            _either_or(raw, cfg, origins or {}, source)
     return cfg
 
 
@@ -257,7 +291,8 @@ def config_from_json(path: str | Path) -> Config:
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise InputError("expected a JSON object of config sections", file=str(path))
-    return build_config(raw, source=str(path))
+    # A saved config holds every key: both of each EITHER_OR pair, as the run resolved them.
+    return build_config(raw, source=str(path), either_or=False)
 
 
 def markdown_table() -> str:

@@ -52,7 +52,7 @@ from ssrengine.training.checkpoint import (
 )
 from ssrengine.training.loss import accumulate, to_device
 from ssrengine.training.net import bf16_dtypes, build_model
-from ssrengine.training.optim import build_optimizer, planned_steps, resolve_steps
+from ssrengine.training.optim import build_optimizer, planned_steps, resolve_steps, sync_lr
 from ssrengine.training.state import MicroBatchStream, StepStats, Trainer, rank_micro_batches
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ def setup(
         tr.step = state["step"]
         tr.consumed = state.get("micro_batches", tr.step * cfg.train.grad_accum)
         tr.skipped = state.get("nonfinite_skipped", 0)
-        log.info("resuming from %s (step %d, %d ranks)", resume, tr.step, world.size)
+        sync_lr(sched)  # this run's schedule: an extended run's differs from the checkpoint's
+        ranks = f"{world.size} rank" + ("s" if world.size != 1 else "")
+        log.info("resuming from %s (step %d, %s)", resume, tr.step, ranks)
     return tr
 
 
@@ -270,10 +272,13 @@ def _train(
         raise InputError(
             "--resume given but there is no checkpoint to resume from", file=str(ckpt_root)
         )
-    if latest is not None and read_trainer_state(latest)["step"] >= planned_steps(cfg, latest):
-        log.info("training already finished: %s", latest)
-        return latest
+    done = read_trainer_state(latest)["step"] if latest is not None else 0
+    planned = planned_steps(cfg, latest) if latest is not None else None
+    if latest is not None and planned is not None and done >= planned:
+        return _finished(latest, done, planned)
     tr = setup(cfg, run_dir, rows=rows, resume=latest)
+    if latest is not None and done >= tr.cfg.train.max_steps:  # train.epochs, resolved
+        return _finished(latest, done, tr.cfg.train.max_steps)
     t = tr.cfg.train  # train.max_steps resolved
     main = tr.world.is_main
     reporters = reporting.Reporters(cfg, run_dir) if main else None
@@ -325,6 +330,19 @@ def _train(
                 reporters.close()
     assert final is not None
     return final
+
+
+def _finished(latest: Path, done: int, planned: int) -> Path:
+    """A run that reached its length: a no-op; one longer than asked for: one line (an
+    extension, a longer train.max_steps or train.epochs, resumes instead)."""
+    if done > planned:
+        raise InputError(
+            f"the checkpoints already reach step {done}, past the {planned} steps asked for: "
+            f"use an earlier checkpoint from {latest.parent}, or train into a new run.dir",
+            field="train.max_steps / train.epochs",
+        )
+    log.info("training already finished: %s", latest)
+    return latest
 
 
 def _nonfinite(tr: Trainer, s: StepStats) -> None:
