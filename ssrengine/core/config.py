@@ -416,6 +416,19 @@ class TrainConfig:
         "Keep the checkpoint of the lowest validation loss as checkpoints/best (a checkpoint "
         "is saved at each evaluation that improves it).",
     )
+    callbacks: tuple[str, ...] = _f(
+        (),
+        "Your training callbacks, `python:MODULE:NAME` each (a class built with no arguments, "
+        "or an object, with any of on_step_end, on_evaluate, on_checkpoint, on_train_end), "
+        "called on rank 0; see docs/training.md. Taken only from your own config file or "
+        "command line, never from a saved run directory's config.json.",
+    )
+    log_every: int = _f(
+        0,
+        "When stderr is not a terminal (a pipe or a log file): no progress bar, a plain log "
+        "line every N steps and at the last (0 = about 20 lines a run).",
+        ge=0,
+    )
     report_to: tuple[str, ...] = _f(
         (),
         "Metrics also to these trackers (metrics.jsonl is always written): a TOML list or "

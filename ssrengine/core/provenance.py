@@ -62,6 +62,8 @@ _OPERATIONAL = (
     "train.eval_every",
     "train.keep_best",
     "train.report_to",
+    "train.callbacks",
+    "train.log_every",
     "train.loss_grad_filter",
 )
 

@@ -48,7 +48,8 @@ def scalars(row: MetricRow) -> dict[str, float]:
 
 
 class Reporters:
-    """The trackers of train.report_to; ``log`` each metrics row, ``close`` at the end."""
+    """The trackers of train.report_to, a training callback (`ssrengine.training.callbacks`):
+    each metrics row on step end, closed at train end."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         names = cfg.train.report_to
@@ -74,6 +75,12 @@ class Reporters:
             self._tb.flush()  # a crashed run keeps its curves
         for mod in self._runs:
             mod.log(values, step=row.step)
+
+    def on_step_end(self, row: MetricRow) -> None:
+        self.log(row)
+
+    def on_train_end(self, final: Path | None) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._tb is not None:

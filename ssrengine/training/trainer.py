@@ -25,8 +25,10 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from ssrengine.models.attention import compute_dtype
 from ssrengine.models.loading import load_tokenizer
 from ssrengine.training import distributed, reporting, validation
 from ssrengine.training.batching import encode_rows
+from ssrengine.training.callbacks import Callbacks, ProgressLog, api_callbacks, load_callbacks
 from ssrengine.training.checkpoint import (
     load_trainer_state,
     read_trainer_state,
@@ -247,14 +250,18 @@ def train(
     *,
     rows: list[RehearsalRow] | None = None,
     require_resume: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> Path:
     """Train on ``rows`` (default: run_dir/rehearsal.jsonl); returns the final checkpoint dir.
+    ``callbacks`` (`ssrengine.training.callbacks`) run on rank 0 after train.callbacks'.
 
     Resumes from the newest complete checkpoint in run_dir/checkpoints; a finished run is a no-op.
     Under torchrun every rank calls it; metrics and progress come from rank 0. Log lines go
     above the progress bar."""
     with logging_redirect_tqdm():
-        return _train(cfg, run_dir, rows=rows, require_resume=require_resume)
+        return _train(
+            cfg, run_dir, rows=rows, require_resume=require_resume, callbacks=callbacks
+        )
 
 
 def _train(
@@ -263,9 +270,12 @@ def _train(
     *,
     rows: list[RehearsalRow] | None = None,
     require_resume: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> Path:
     t = cfg.train
     reporting.check(t.report_to)
+    # train.callbacks first (a bad spec stops here), then the Python API's and the caller's
+    user_callbacks = [*load_callbacks(t.callbacks), *api_callbacks(), *callbacks]
     ckpt_root = RunDir(run_dir).checkpoints
     latest = resumable_checkpoint(ckpt_root)
     if require_resume and latest is None:
@@ -282,6 +292,12 @@ def _train(
     t = tr.cfg.train  # train.max_steps resolved
     main = tr.world.is_main
     reporters = reporting.Reporters(cfg, run_dir) if main else None
+    # Piped or redirected stderr: no \r progress bar, a plain log line every few steps.
+    tty = sys.stderr.isatty()
+    plain = [] if tty else [ProgressLog(t.max_steps, t.log_every)]
+    cbs = Callbacks([reporters, *plain, *user_callbacks]) if main else None
+    if cbs is not None:
+        tr.save = _notify_checkpoint(tr.save, cbs)  # every save: step-N, interrupted, best
     metrics_path = RunDir(run_dir).metrics
     if main:
         _truncate_metrics(metrics_path, tr.step)
@@ -292,7 +308,7 @@ def _train(
         desc="train",
         unit="step",
         dynamic_ncols=True,
-        **({} if main else {"disable": True}),  # TQDM_DISABLE still works on rank 0
+        **({} if main and tty else {"disable": True}),  # TQDM_DISABLE still works on rank 0
     )
     with open(metrics_path, "a") if main else nullcontext() as mf, StopRequests(tr):
         try:
@@ -308,7 +324,9 @@ def _train(
                     row = _metrics_row(tr, s, dt, eval_loss)
                     mf.write(json.dumps(row.to_json()) + "\n")
                     mf.flush()
-                    reporters.log(row)
+                    cbs.on_step_end(row)
+                    if eval_loss is not None:
+                        cbs.on_evaluate(tr.step, {"eval_loss": eval_loss})
                 if s.applied:
                     bar.update(1)
                     bar.set_postfix(loss=f"{s.loss:.4f}", tok_s=f"{s.tokens / dt:.0f}")
@@ -326,10 +344,21 @@ def _train(
                     raise Stopped(tr.stop_signal or signal.SIGINT)  # another rank's signal: 0 here
         finally:
             bar.close()
-            if reporters is not None:
-                reporters.close()
+            if cbs is not None:
+                cbs.on_train_end(final if tr.step >= t.max_steps else None)
     assert final is not None
     return final
+
+
+def _notify_checkpoint(save: Callable[..., Path], cbs: Callbacks) -> Callable[..., Path]:
+    """``Trainer.save`` that tells the callbacks about each complete checkpoint."""
+
+    def notifying(**extra: Any) -> Path:
+        path = save(**extra)
+        cbs.on_checkpoint(path)
+        return path
+
+    return notifying
 
 
 def _finished(latest: Path, done: int, planned: int) -> Path:
