@@ -259,9 +259,7 @@ def train(
     Under torchrun every rank calls it; metrics and progress come from rank 0. Log lines go
     above the progress bar."""
     with logging_redirect_tqdm():
-        return _train(
-            cfg, run_dir, rows=rows, require_resume=require_resume, callbacks=callbacks
-        )
+        return _train(cfg, run_dir, rows=rows, require_resume=require_resume, callbacks=callbacks)
 
 
 def _train(
