@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ssrengine.core.config import SECTIONS, Config
+from ssrengine.core.config_paths import resolve_relative_paths
 from ssrengine.core.errors import InputError
 from ssrengine.core.io import read_json, read_text
 
@@ -276,6 +277,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = tomllib.loads(read_text(p))
         except tomllib.TOMLDecodeError as e:
             raise InputError(f"invalid TOML: {e}", file=source) from None
+        raw = resolve_relative_paths(raw, p)  # from the file's folder (core.config_paths)
     build_config(raw, source=source, check=False)  # unknown keys and types against the file
     origins = {f"{sec}.{key}": source for sec, values in raw.items() for key in values}
     cli = parse_overrides(overrides or [])
