@@ -63,7 +63,12 @@ def _one_bad(tmp_path, mutate):
 @pytest.mark.parametrize(
     ("mutate", "line", "field", "needle"),
     [
-        (lambda r: r[1].pop("response"), 2, "response", "missing"),
+        (
+            lambda r: r[1].pop("response"),
+            2,
+            "messages[2].role",
+            "must be the assistant's gold answer",
+        ),
         (lambda r: r[2].update(response="   "), 3, "response", "empty response"),
         (
             lambda r: r[1]["messages"][0].update(role="bot"),

@@ -101,7 +101,9 @@ class DataConfig:
     )
     system_prompt: str = _f(
         "Answer the question using only the documents. If the documents do not contain the answer, say so.",
-        "Instruction placed before the documents in the system message.",
+        "Instruction placed before the documents in the system message. This default, about "
+        "documents, only for records that carry documents (a record without gets no system "
+        "turn); any other value for every record.",
     )
     seed: int = _f(0, "Seed of the embedded dataset generator.", ge=0)
     eval_file: str = _f(

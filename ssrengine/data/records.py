@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ssrengine.core.config import DataConfig
 from ssrengine.core.errors import InputError
+from ssrengine.data import shapes
 from ssrengine.data.files import read_rows
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label of every token that is not supervised (prompt, padding)
 
 ROLES = ("system", "user", "assistant")
+# data.system_prompt's default, an instruction about documents.
+GROUNDED_QA_PROMPT: str = DataConfig.__dataclass_fields__["system_prompt"].default
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ def parse_record(
     def bad(msg: str, fld: str) -> InputError:
         return InputError(msg, file=file, line=line, field=fld)
 
+    obj = shapes.normalize(obj, bad, response_key)  # Alpaca, ShareGPT, content parts, tools
     rid = obj.get("id")
     if isinstance(rid, int) and not isinstance(rid, bool):
         rid = str(rid)
@@ -219,10 +224,13 @@ def prompt_messages(
     """Chat messages for the model: one system turn, then the dialog.
 
     The system turn is the record's own system message when it has one (its first message),
-    else ``system_prompt`` (data.system_prompt); the documents are appended to it after a
+    else ``system_prompt`` (data.system_prompt; its default, `GROUNDED_QA_PROMPT`, only for a
+    record with documents: a record without gets no system turn); the documents are appended to it after a
     blank line. Nothing of the record is dropped."""
     own = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
     system = system_prompt if own is None else own
+    if own is None and not documents and system_prompt == GROUNDED_QA_PROMPT:
+        system = ""  # the default instruction is about documents: not for a record without
     if documents:
         system = (
             f"{system}\n\n{render_documents(documents)}" if system else render_documents(documents)
