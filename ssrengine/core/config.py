@@ -456,6 +456,18 @@ class TrainConfig:
         "Comma-separated module names to adapt (e.g. `q_proj,v_proj`), or `all-linear` (every linear layer but the lm_head).",
         nonempty=True,
     )
+    lora_config: str = _f(
+        "{}",
+        "Any further peft LoraConfig fields, a TOML table or JSON text (`{use_dora = true, "
+        "use_rslora = true, modules_to_save = [\"embed_tokens\"], bias = \"lora_only\"}`), over "
+        "train.lora_config_file and the train.lora_* keys.",
+        json_object=True,
+    )
+    lora_config_file: str = _f(
+        "",
+        "A JSON file of peft LoraConfig fields (e.g. a peft adapter_config.json), over the "
+        "train.lora_* keys; train.lora_config goes over it.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

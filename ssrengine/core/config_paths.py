@@ -14,7 +14,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # Keys that always name a file or directory (a `builtin:SPLIT` data file excepted).
-FILE_KEYS = ("data.train_file", "data.eval_file", "judge.rubric")
+FILE_KEYS = ("data.train_file", "data.eval_file", "judge.rubric", "train.lora_config_file")
 # Keys that name a file or directory, or hold a name or text: a path only where it exists.
 MAYBE_PATH_KEYS = ("model.path", "model.chat_template", "judge.refusal_patterns")
 

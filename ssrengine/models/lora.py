@@ -11,6 +11,9 @@ adapter_config.json + adapter_model.safetensors) for `PeftModel.from_pretrained`
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,26 +23,63 @@ from typing import Any
 import torch
 
 from ssrengine.core.config import Config, TrainConfig
+from ssrengine.core.errors import InputError
 
 # The prefix peft puts in front of the wrapped transformers model's parameter names.
 PEFT_PREFIX = "base_model.model."
 
 
 def lora_config(t: TrainConfig) -> Any:
-    """A peft LoraConfig from the flat train.lora_* keys."""
+    """A peft LoraConfig: the flat train.lora_* keys, then train.lora_config_file's fields,
+    then train.lora_config's (any LoraConfig field: DoRA, rsLoRA, modules_to_save, bias...)."""
     from peft import LoraConfig
 
     targets = t.lora_target_modules.strip()
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=t.lora_r,
-        lora_alpha=t.lora_alpha,
-        lora_dropout=t.lora_dropout,
-        target_modules=targets
+    fields: dict[str, Any] = {
+        "r": t.lora_r,
+        "lora_alpha": t.lora_alpha,
+        "lora_dropout": t.lora_dropout,
+        "target_modules": targets
         if targets == "all-linear"
         else [m.strip() for m in targets.split(",") if m.strip()],
-        bias="none",
-    )
+        "bias": "none",
+    }
+    extra = {**_config_file(t.lora_config_file), **json.loads(t.lora_config or "{}")}
+    # What a saved adapter_config.json holds beside the fields: not settings of this run.
+    for key in ("base_model_name_or_path", "revision", "inference_mode", "peft_type"):
+        extra.pop(key, None)
+    if extra.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
+        raise InputError(
+            f"task_type {extra['task_type']!r}: ssrengine trains causal LMs (CAUSAL_LM)",
+            field="train.lora_config",
+        )
+    extra.pop("task_type", None)
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(
+            f"{unknown[0]!r} is not a peft LoraConfig field{hint}", field="train.lora_config"
+        )
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **{**fields, **extra})
+    except (TypeError, ValueError) as e:
+        raise InputError(f"peft refused it: {e}", field="train.lora_config") from None
+
+
+def _config_file(path: str) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise InputError(f"cannot read it: {e.strerror}", file=path) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"invalid JSON: {e.msg}", file=path, line=e.lineno) from None
+    if not isinstance(value, dict):
+        raise InputError("expected a JSON object of LoraConfig fields", file=path)
+    return value
 
 
 def apply(model: Any, t: TrainConfig) -> Any:
