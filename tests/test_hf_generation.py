@@ -129,7 +129,10 @@ def test_logprobs_match_a_forward_pass(chatty_dir):
         for j, d in enumerate(o.logprobs):
             assert set(d) == set(wanted)
             for t, v in d.items():
-                assert abs(v - float(lp[j, t])) < 1e-5, (tok.decode(p), j, t)
+                # A left-padded, KV-cached batched decode against one unpadded forward: the
+                # same math in other matmul shapes, so fp32 rounding (seen: 1.0e-5 at -4.67 on
+                # transformers 5.25), not a wrong token or position (those differ by > 0.1).
+                assert abs(v - float(lp[j, t])) < 5e-5, (tok.decode(p), j, t)
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(chatty_dir):
