@@ -18,7 +18,7 @@ import sys
 import typing
 
 from ssrengine.core import rundir
-from ssrengine.core.config import SECTIONS
+from ssrengine.core.config import SECTIONS, Config
 from ssrengine.core.config_load import load_config, markdown_table
 from ssrengine.core.diskfull import disk_full_error
 from ssrengine.core.errors import InputError
@@ -95,6 +95,13 @@ def _add_arguments(s: argparse.ArgumentParser, name: str, command: str | None) -
         from ssrengine.evaluation.evaluate import add_arguments
 
         add_arguments(s)
+    if name in ("run", "generate"):
+        s.add_argument(
+            "--reuse-generations",
+            metavar="OTHER_RUN",
+            help="first copy OTHER_RUN's generations made from this model and these prompts "
+            "(docs/generation.md)",
+        )
     if name in ("run", "train"):
         s.add_argument(
             "--resume",
@@ -193,6 +200,16 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         return _run(parser, args, overrides)
 
 
+def _reuse_generations(cfg: Config, other_run: str) -> None:
+    """``--reuse-generations OTHER_RUN`` (`ssrengine.rehearsal.reuse`), before the stages."""
+    from ssrengine.pipeline import check_run_config
+    from ssrengine.rehearsal.prepare import prepare
+    from ssrengine.rehearsal.reuse import reuse_generations
+
+    run_dir = check_run_config(cfg)  # a run dir made under another config is refused first
+    reuse_generations(cfg, run_dir, other_run, prepare(cfg))
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]) -> int:
     run_dir = "."
     try:
@@ -235,6 +252,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: l
             check(cfg.train.report_to)  # a missing tracker stops before any stage, not after
         run_dir = cfg.run.dir
         with lock_run_dir(run_dir):
+            if getattr(args, "reuse_generations", None):
+                _reuse_generations(cfg, args.reuse_generations)
             if args.command == "run":
                 run_all(cfg, resume=args.resume)
             else:
