@@ -138,3 +138,24 @@ def test_the_grounded_qa_instruction_only_where_records_carry_documents():
     ]
     own = [{"role": "system", "content": "Mine."}, *user]
     assert prompt_messages(own, [], default) == own
+
+
+def test_data_columns_map_your_column_names(tmp_path):
+    from ssrengine.core.config_load import load_config
+
+    p = tmp_path / "qa.jsonl"
+    rows = [{"question": Q, "answer": A, "uid": "q1"}, {"question": "Why?", "answer": "Because."}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+    toml = tmp_path / "c.toml"
+    toml.write_text('[data]\ncolumns = {prompt = "question", completion = "answer", id = "uid"}\n')
+    cfg = load_config(toml)
+    (ex,) = load_examples(p, columns=cfg.data.columns)
+    assert (ex.id, ex.messages, ex.response) == ("q1", [{"role": "user", "content": Q}], A)
+    # A row without a mapped column names it, with file and line.
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=r"column missing \(data.columns maps it to 'id'\)") as e:
+        load_examples(p, columns=cfg.data.columns)
+    assert (e.value.line, e.value.field) == (2, "uid")
+    with pytest.raises(InputError, match="'question' is not a record field") as e:
+        load_examples(p, columns='{"question": "q"}')
+    assert e.value.field == "data.columns"

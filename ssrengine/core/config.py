@@ -91,6 +91,14 @@ class DataConfig:
     )
     max_examples: int = _f(0, "Use only the first N training examples (0 = all).", ge=0)
     max_seq_len: int = _f(1024, "Longest prompt + target in tokens.", ge=1)
+    columns: str = _f(
+        "{}",
+        "Your data's column names for the record fields, a TOML table `{FIELD = \"column\"}` "
+        "or JSON: e.g. `{prompt = \"question\", completion = \"answer\"}`; fields: id, "
+        "documents, messages, response, answerable, prompt, completion, instruction, input, "
+        "output, system, conversations. Applies to data.train_file and data.eval_file.",
+        json_object=True,
+    )
     on_invalid: Literal["error", "skip"] = _f(
         "error",
         "A malformed record: stop with an error naming file, line and field, or skip it and count.",

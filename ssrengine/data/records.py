@@ -97,6 +97,10 @@ def _dialog_and_answer(obj: dict[str, Any], response_key: str, bad: Any) -> tupl
     return msgs, obj.get(response_key), response_key
 
 
+def _bad_at(file: str, line: int) -> shapes.Bad:
+    return lambda msg, fld: InputError(msg, file=file, line=line, field=fld)
+
+
 def content_id(rec: dict[str, Any]) -> str:
     """The id of a record without one: a hash of its content, stable across runs and formats."""
     blob = json.dumps(rec, sort_keys=True, ensure_ascii=False).encode()
@@ -169,16 +173,19 @@ def load_examples(
     split: str | None = None,
     on_invalid: str = "error",
     max_examples: int = 0,
+    columns: str = "{}",
 ) -> list[Example]:
     """Read and validate a data file or dataset directory (any format of
     `ssrengine.data.files`). Duplicate ids are an error (they break resume); records
     without an id that repeat one another's content get ``-2``, ``-3``... after their hash."""
     path = Path(path)
+    mapping = shapes.column_map(columns)
     out: list[Example] = []
     seen: dict[str, int] = {}
     skipped = 0
     for lineno, obj in read_rows(path, split):
         try:
+            obj = shapes.rename_columns(obj, mapping, _bad_at(str(path), lineno))
             ex = parse_record(obj, file=str(path), line=lineno)
         except InputError as e:
             if on_invalid != "skip":

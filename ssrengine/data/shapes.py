@@ -8,8 +8,11 @@ so they name file, line and field like every other record error."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
+
+from ssrengine.core.errors import InputError
 
 Bad = Callable[[str, str], Exception]
 
@@ -130,3 +133,51 @@ def _message(m: Any, where: str, bad: Bad) -> Any:
         texts.append(part["text"])
     # OpenAI-style parts are consecutive pieces of one text: joined as they are.
     return {**m, "content": "".join(texts)}
+
+
+# The record fields data.columns may map a column onto.
+FIELDS = (
+    "id",
+    "documents",
+    "messages",
+    "response",
+    "answerable",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "conversations",
+)
+
+
+def column_map(columns: str) -> dict[str, str]:
+    """data.columns (JSON text of ``{field: your column}``), checked against `FIELDS`."""
+    mapping = json.loads(columns or "{}")
+    for fld, col in mapping.items():
+        if fld not in FIELDS:
+            raise InputError(
+                f"{fld!r} is not a record field; known: {', '.join(FIELDS)}", field="data.columns"
+            )
+        if not isinstance(col, str) or not col:
+            raise InputError(f"{fld}: expected a column name, got {col!r}", field="data.columns")
+    return mapping
+
+
+def rename_columns(obj: dict[str, Any], mapping: dict[str, str], bad: Bad) -> dict[str, Any]:
+    """``obj`` with each mapped column under its field's name (data.columns)."""
+    if not mapping:
+        return obj
+    out = dict(obj)
+    for fld, col in mapping.items():
+        if col not in obj:
+            raise bad(f"column missing (data.columns maps it to {fld!r})", col)
+        if fld in obj and fld != col and fld not in mapping.values():
+            raise bad(
+                f"the record has both {fld!r} and {col!r} (data.columns maps it to {fld!r})", col
+            )
+        out[fld] = obj[col]
+        if col not in mapping:  # a column mapped away, unless it is itself a mapped field
+            out.pop(col, None)
+    return out

@@ -221,7 +221,7 @@ def _generate(
 def split_examples(spec: str, cfg: Config, opts: EvalOptions) -> list[Example]:
     """A split's questions under ``opts.limit``: class-balanced and seeded, in file order."""
     path = resolve_data_file(spec, cfg.data.seed)
-    examples = load_examples(path, on_invalid=cfg.data.on_invalid)
+    examples = load_examples(path, on_invalid=cfg.data.on_invalid, columns=cfg.data.columns)
     return stats.balanced_subset(
         examples, [gold_declines(e) for e in examples], opts.limit, opts.seed
     )

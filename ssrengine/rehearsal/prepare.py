@@ -23,6 +23,7 @@ def train_examples(cfg: Config) -> list[Example]:
         path,
         split=cfg.data.split,
         on_invalid=cfg.data.on_invalid,
+        columns=cfg.data.columns,
         max_examples=cfg.data.max_examples,
     )
 

@@ -60,7 +60,9 @@ def eval_file_rows(cfg: Config) -> list[RehearsalRow]:
     from ssrengine.data.records import load_examples
 
     path = resolve_data_file(cfg.data.eval_file, cfg.data.seed)
-    examples = load_examples(path, split=cfg.data.eval_split, on_invalid=cfg.data.on_invalid)
+    examples = load_examples(
+        path, split=cfg.data.eval_split, on_invalid=cfg.data.on_invalid, columns=cfg.data.columns
+    )
     return [RehearsalRow.of(e) for e in examples]
 
 
