@@ -131,20 +131,30 @@ def split_stats(details: Sequence[EvalDetail]) -> dict[str, stats.Stat]:
     dec = np.array([d.declined for d in details], dtype=bool)
     rec = np.array([d.recall or 0.0 for d in details], dtype=np.float64)
 
+    # A class the data does not have leaves its metrics undefined (NaN, "–" in the report),
+    # not 0: data without unanswerable questions (no answerability labels, no refusals as
+    # gold) defines neither unanswerable F1 nor the composite built on it.
+    has_u, has_a = bool(u.any()), bool((~u).any())
+
     def metric(name: str) -> stats.Stat:
         def stat(idx: np.ndarray) -> np.ndarray:
             gu, dd, rr = u[idx], dec[idx], rec[idx]
             ga = ~gu
+            undefined = np.full(idx.shape[0], np.nan)
             vals = {
                 "answerable_acc": lambda: _class_mean(~dd, ga),
                 "unanswerable_acc": lambda: _class_mean(dd, gu),
                 "accuracy": lambda: (gu == dd).mean(axis=1),
-                "answerable_f1": lambda: _f1(ga, ~dd),
-                "unanswerable_f1": lambda: _f1(gu, dd),
+                "answerable_f1": lambda: _f1(ga, ~dd) if has_a else undefined,
+                "unanswerable_f1": lambda: _f1(gu, dd) if has_u else undefined,
                 "answer_recall": lambda: _class_mean(rr, ga),
                 "decline_answerable": lambda: _class_mean(dd, ga),
                 "decline_unanswerable": lambda: _class_mean(dd, gu),
-                "score": lambda: 100 * (_f1(gu, dd) + np.nan_to_num(_class_mean(rr, ga))) / 2,
+                "score": lambda: (
+                    100 * (_f1(gu, dd) + np.nan_to_num(_class_mean(rr, ga))) / 2
+                    if has_u
+                    else undefined
+                ),
             }
             return vals[name]()
 
