@@ -42,7 +42,8 @@ def _f(
 class ModelConfig:
     path: str = _f(
         "smollm2-135m",
-        "Embedded model name (`smollm2-135m`, fetched on first use), a local Hugging Face model "
+        "Embedded model name (`smollm2-135m`, `gemma3-270m`: fetched on first use, "
+        "docs/models.md), a local Hugging Face model "
         "directory, or a Hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`) already in the Hugging "
         "Face cache (`HF_HUB_CACHE`; nothing is downloaded).",
         nonempty=True,
