@@ -94,8 +94,8 @@ class DataConfig:
     max_seq_len: int = _f(1024, "Longest prompt + target in tokens.", ge=1)
     columns: str = _f(
         "{}",
-        "Your data's column names for the record fields, a TOML table `{FIELD = \"column\"}` "
-        "or JSON: e.g. `{prompt = \"question\", completion = \"answer\"}`; fields: id, "
+        'Your data\'s column names for the record fields, a TOML table `{FIELD = "column"}` '
+        'or JSON: e.g. `{prompt = "question", completion = "answer"}`; fields: id, '
         "documents, messages, response, answerable, prompt, completion, instruction, input, "
         "output, system, conversations. Applies to data.train_file and data.eval_file.",
         json_object=True,
@@ -468,7 +468,7 @@ class TrainConfig:
     lora_config: str = _f(
         "{}",
         "Any further peft LoraConfig fields, a TOML table or JSON text (`{use_dora = true, "
-        "use_rslora = true, modules_to_save = [\"embed_tokens\"], bias = \"lora_only\"}`), over "
+        'use_rslora = true, modules_to_save = ["embed_tokens"], bias = "lora_only"}`), over '
         "train.lora_config_file and the train.lora_* keys.",
         json_object=True,
     )
