@@ -18,7 +18,7 @@ from typing import Any
 
 from ssrengine.core.config_load import config_from_json
 from ssrengine.core.errors import InputError
-from ssrengine.core.io import atomic_write_jsonl
+from ssrengine.core.io import atomic_write_jsonl, read_json
 from ssrengine.core.rows import read_typed
 from ssrengine.core.rundir import RehearsalRow, RunDir
 from ssrengine.data.records import prompt_messages
@@ -36,8 +36,10 @@ def trl_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     rd = RunDir(Path(run_dir))
     if not rd.config.is_file():
         raise InputError("not a run directory (no config.json)", file=str(rd.root))
-    cfg = config_from_json(rd.config)
-    check_rehearsal(cfg, rd)
+    # Export runs nothing a config names: its code settings are dropped without a word, and
+    # compared as recorded (data) with what the build stage was made under.
+    cfg = config_from_json(rd.config, warn=False)
+    check_rehearsal(cfg, rd, settings=read_json(rd.config))
     return [
         {
             "id": r.id,

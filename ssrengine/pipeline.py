@@ -10,7 +10,6 @@ written or computed.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from ssrengine.core.config import Config
 from ssrengine.core.errors import InputError
+from ssrengine.core.io import read_json
 from ssrengine.core.provenance import (
     STAGES,
     Provenance,
@@ -39,31 +39,42 @@ log = logging.getLogger(__name__)
 
 # Changing these under an existing run would silently mix artifacts of two different runs.
 _PINNED = ("model", "data", "run.mode")
+# ... but not these: a limit that changes no output when it does not stop the run.
+_UNPINNED = ("data.max_record_bytes",)
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """``key: old -> new`` for the keys under ``keys`` set on both sides that differ (a key of
+    one side only is one another ssrengine version added or removed, not the user's change)."""
     a, b = flat_config(old), flat_config(new)
     return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if any(k == p or k.startswith(p + ".") for p in keys) and a.get(k) != b.get(k)
+        f"{k}: {a[k]!r} -> {b[k]!r}"
+        for k in sorted(set(a) & set(b))
+        if any(k == p or k.startswith(p + ".") for p in keys)
+        and k not in _UNPINNED
+        and a[k] != b[k]
     ]
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create run.dir and save config.json; refuse a run dir made with another model/data/mode."""
+def check_run_config(cfg: Config) -> Path:
+    """The run directory, refused when it was made with another model/data/mode. Writes
+    nothing: config.json is saved (`save_config`) only after a stage's own refusals passed, so
+    a refused command leaves the run directory as it was."""
     run_dir = check_run_dir(cfg.run.dir)  # a file in the way, read-only, damaged config.json
     saved = RunDir(run_dir).config
     if saved.exists():
-        diff = config_diff(json.loads(saved.read_text()), cfg.to_dict(), _PINNED)
+        diff = config_diff(read_json(saved), cfg.to_dict(), _PINNED)
         if diff:
             raise InputError(
                 "this run directory was made with a different config (" + "; ".join(diff) + "); "
                 "use a new run.dir",
                 file=str(saved),
             )
-    cfg.save(saved)
     return run_dir
+
+
+def save_config(cfg: Config, run_dir: Path) -> None:
+    cfg.save(RunDir(run_dir).config)
 
 
 def has_checkpoint(rd: RunDir) -> bool:
@@ -75,9 +86,10 @@ def has_checkpoint(rd: RunDir) -> bool:
 
 
 def _retrain_hint(rd: RunDir) -> str:
+    # TensorBoard's event files would show both trainings as one run, two points per step.
     return (
-        f"rerunning here would mix two runs: use a new run.dir, or delete {rd.checkpoints} "
-        f"and {rd.metrics} to train again here"
+        f"rerunning here would mix two runs: use a new run.dir, or delete {rd.checkpoints}, "
+        f"{rd.metrics} and {rd.tensorboard} to train again here"
     )
 
 
@@ -140,17 +152,19 @@ def run_stage(
         log.info("%s: skipped (run.mode = sft trains on gold answers only)", stage)
         return None
     if stage == "train":
-        return _train(cfg, prepare_run_dir(cfg), resume)
+        return _train(cfg, resume)
     examples = examples if examples is not None else prepare(cfg)
-    run_dir = prepare_run_dir(cfg)
+    run_dir = check_run_config(cfg)
     rd = RunDir(run_dir)
     if stage == "generate":
+        save_config(cfg, run_dir)
         gens = stages.run_generate(cfg, run_dir, examples)
         inputs = content_hash([e.to_record() for e in examples])
         _record(cfg, rd, stage, inputs, _samples_hash(cfg, run_dir, examples))
         return gens
     if stage == "judge":
-        generated = _samples_hash(cfg, run_dir, examples)
+        generated = _samples_hash(cfg, run_dir, examples)  # refuses stale generations first
+        save_config(cfg, run_dir)
         verdicts = stages.run_judge(cfg, run_dir, examples)
         rejected = [e for e in examples if not verdicts[e.id].accept]
         if cfg.judge.paraphrase:
@@ -160,7 +174,8 @@ def run_stage(
         output = content_hash([[i, v.accept, v.score] for i, v in sorted(verdicts.items())])
         _record(cfg, rd, stage, generated, output)
         return verdicts
-    stats = run_build(cfg, run_dir, examples)
+    stats = run_build(cfg, run_dir, examples)  # refuses stale rows before writing
+    save_config(cfg, run_dir)
     upstream = read_provenance(rd).get("judge") if cfg.run.mode == "ssr" else None
     inputs = content_hash([[e.to_record() for e in examples], upstream and upstream.output])
     _record(cfg, rd, stage, inputs, rows_hash(read_typed(rd.rehearsal, RehearsalRow)))
@@ -168,10 +183,12 @@ def run_stage(
     return stats
 
 
-def check_rehearsal(cfg: Config, rd: RunDir) -> str:
+def check_rehearsal(cfg: Config, rd: RunDir, *, settings: dict[str, Any] | None = None) -> str:
     """The hash of rehearsal.jsonl after checking it is what the build stage makes under
     ``cfg``: built under these settings and not changed since. A rehearsal set the build stage
-    did not write (no build record: the user's own) is taken as given."""
+    did not write (no build record: the user's own) is taken as given. ``settings``: the config
+    to compare with instead of ``cfg``'s (a saved config.json as written, code settings
+    included: compared as data, never run)."""
     if not rd.rehearsal.exists():
         raise InputError("missing; run the build stage first", file=str(rd.rehearsal))
     rows = rows_hash(read_typed(rd.rehearsal, RehearsalRow))
@@ -179,7 +196,7 @@ def check_rehearsal(cfg: Config, rd: RunDir) -> str:
     if build is None:
         log.info("%s has no build record: using it as given", rd.rehearsal)
         return rows
-    why = config_changes(build.config, stage_config(cfg.to_dict(), "build"))
+    why = config_changes(build.config, stage_config(settings or cfg.to_dict(), "build"))
     if build.output != rows:
         why.append("its rows changed since the build stage wrote them")
     if why:
@@ -191,23 +208,31 @@ def check_rehearsal(cfg: Config, rd: RunDir) -> str:
     return rows
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool) -> Path:
+def _train(cfg: Config, resume: bool) -> Path:
     # The trainer (torch.distributed, the kernels) is imported by the train stage only.
     from ssrengine.training import distributed
     from ssrengine.training.trainer import train
 
+    run_dir = check_run_config(cfg)
     rd = RunDir(run_dir)
     inputs = check_rehearsal(cfg, rd)
-    records = read_provenance(rd)
-    if has_checkpoint(rd):
-        if records["train"].inputs != inputs:  # check_checkpoints_match made sure the record exists
-            raise InputError(
-                "these checkpoints were trained on another rehearsal set; " + _retrain_hint(rd),
-                file=str(rd.checkpoints),
-            )
-    elif distributed.init(cfg.model.device).is_main:
-        _record(cfg, rd, "train", inputs)  # before training: a killed run's checkpoints have it
-    return train(cfg, run_dir, require_resume=resume)
+    trained = has_checkpoint(rd)
+    if trained and read_provenance(rd)["train"].inputs != inputs:
+        # check_checkpoints_match made sure the record exists
+        raise InputError(
+            "these checkpoints were trained on another rehearsal set; " + _retrain_hint(rd),
+            file=str(rd.checkpoints),
+        )
+    main = distributed.init(cfg.model.device).is_main
+
+    def started() -> None:
+        """The trainer's first write, after its own refusals (a damaged checkpoint, the data)."""
+        if main:
+            save_config(cfg, run_dir)
+            if not trained:
+                _record(cfg, rd, "train", inputs)  # a killed run's checkpoints have it
+
+    return train(cfg, run_dir, require_resume=resume, on_start=started)
 
 
 def run_all(cfg: Config, *, resume: bool = False) -> Path:

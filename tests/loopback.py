@@ -29,8 +29,13 @@ n > 1, echo, and sampling options other than temperature/top_p/stop.
 Faults (``server.faults.script``, one entry per generation request, then "ok"): "500", "503",
 "400", "drop" (close the connection without a reply), "hang" (reply nothing for ``hang_s``),
 "garbage" (200 with invalid JSON), "short" (a batch reply missing its last result), "abort"
-(SGLang finish_reason abort), "slow" (answer after ``slow_s``). ``kill_after = N``: the request
-after the N-th kills the server (in-flight replies are dropped, the port closes).
+(SGLang finish_reason abort), "slow" (answer after ``slow_s``), "trickle" (the whole reply,
+status line included, one byte every ``trickle_s``), "huge" (200 announcing ``huge_bytes`` in
+Content-Length), "huge_stream" (200 without a length: ``huge_bytes`` of zeros until the client
+hangs up). ``tamper(path, reply)`` rewrites every answered reply (a hostile or broken server:
+bad token ids, NaN logprobs). ``kill_after = N``: the request after the N-th kills the server
+(in-flight replies are dropped, the port closes). ``auth`` records each request's Authorization
+header (None without one).
 
 Binds 127.0.0.1 only. Standalone: ``python -m tests.loopback --model DIR [--port N]
 [--exit-after N]`` (``--exit-after``: the process exits on the request after the N-th).
@@ -46,6 +51,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,6 +81,9 @@ class Faults:
     hang_s: float = 3.0
     slow_s: float = 0.2
     ignore_logit_bias: bool = False  # behave like a server without logit_bias support
+    trickle_s: float = 0.05
+    huge_bytes: int = 300 << 20
+    tamper: Callable[[str, Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +189,7 @@ class LoopbackServer:
         self.served_model = served_model
         self.faults = faults or Faults()
         self.requests = 0  # generation requests received
+        self.auth: list[str | None] = []  # each request's Authorization header
         self.inflight = self.max_inflight = 0
         self.dead = False
         self._lock = threading.Lock()
@@ -546,8 +556,43 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"detail": "Not Found"})
 
+    def _trickle(self, status: int, body: bytes) -> None:
+        """The whole reply, status line and headers included, one byte at a time."""
+        self._done()
+        self.close_connection = True
+        head = (
+            f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        lb: LoopbackServer = self.server.loopback
+        with contextlib.suppress(OSError):
+            for i in range(len(head + body)):
+                self.wfile.write((head + body)[i : i + 1])
+                self.wfile.flush()
+                if lb._stopping.wait(lb.faults.trickle_s):
+                    return
+
+    def _huge(self, stream: bool) -> None:
+        """200 with a body of ``huge_bytes``: announced (the client may refuse by the header),
+        or streamed without a length until the client hangs up."""
+        self._done()
+        self.close_connection = True
+        n = self.server.loopback.faults.huge_bytes
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if stream:
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Content-Length", str(n))
+        self.end_headers()
+        chunk = b"0" * (1 << 16)
+        with contextlib.suppress(OSError):
+            for _ in range(0, n if stream else 1 << 20, len(chunk)):
+                self.wfile.write(chunk)
+
     def do_POST(self) -> None:
         lb: LoopbackServer = self.server.loopback
+        lb.auth.append(self.headers.get("Authorization"))
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         routes = {"/generate": lb.sglang_generate, "/v1/completions": lb.openai_completions}
         if self.path not in routes:
@@ -573,6 +618,9 @@ class _Handler(BaseHTTPRequestHandler):
             if fault == "garbage":
                 self._send(200, b'{"text": "unterminated')
                 return
+            if fault in ("huge", "huge_stream"):
+                self._huge(stream=fault == "huge_stream")
+                return
             if fault == "slow":
                 time.sleep(lb.faults.slow_s)
             try:
@@ -583,6 +631,11 @@ class _Handler(BaseHTTPRequestHandler):
                 status, obj = 400, {"error": {"message": f"{type(e).__name__}: {e}"}}
             if lb.dead:  # killed while this request was in flight
                 self._drop()
+                return
+            if status == 200 and lb.faults.tamper is not None:
+                obj = lb.faults.tamper(self.path, obj)
+            if fault == "trickle":
+                self._trickle(status, json.dumps(obj).encode())
                 return
             self._json(status, obj)
         finally:

@@ -117,7 +117,9 @@ def test_range_error_names_the_file_or_the_command_line(tmp_path):
     # the command line fixes one value; the other is still the file's
     with pytest.raises(InputError, match=r"c\.toml: train\.grad_accum: must be >= 1, got 0"):
         load_config(p, ["--train.max_steps=3"])
-    with pytest.raises(InputError, match=r"<command line>: train\.lr: must be > 0, got -1\.0"):
+    with pytest.raises(
+        InputError, match=r"<command line>: train\.lr: must be > 0 and <= 1e\+06, got -1\.0"
+    ):
         load_config(p, ["--train.max_steps=3", "--train.grad_accum=1", "--train.lr=-1"])
 
 

@@ -278,7 +278,7 @@ CASES = [
     Case("report_to", T + "--train.report_to=mlfow", "train.report_to: each must be one of"),
     Case("lr=nan", T + "--train.lr=nan", "train.lr: must be a finite number, got nan"),
     Case("lr=inf", T + "--train.lr=inf", "train.lr: must be a finite number, got inf"),
-    Case("lr=0", T + "--train.lr=0", "train.lr: must be > 0, got 0.0"),
+    Case("lr=0", T + "--train.lr=0", "train.lr: must be > 0 and <= 1e+06, got 0.0"),
     Case("micro_batch=0", T + "--train.micro_batch_size=0", "train.micro_batch_size: must be >= 1"),
     Case("gen_batch=0", G + "--generation.batch_size=0", "generation.batch_size: must be >= 1"),
     Case("grad_accum=0", T + "--train.grad_accum=0", "train.grad_accum: must be >= 1, got 0"),
@@ -298,7 +298,7 @@ CASES = [
     Case("choice", G + "--run.mode=rl", "run.mode: must be one of 'ssr', 'sft', got 'rl'"),
     Case("bins < seq", T + "--data.max_seq_len=512", "train.max_tokens=256 is smaller than data.max_seq_len=512"),
     Case("http no url", G + "--generation.backend=openai", "generation.backend = 'openai' needs generation.url"),
-    Case("toml range", T, "c.toml: train.lr: must be > 0, got -1.0", toml_tail(b"lr = -1\n")),
+    Case("toml range", T, "c.toml: train.lr: must be > 0 and <= 1e+06, got -1.0", toml_tail(b"lr = -1\n")),
     Case("toml type", T, "c.toml: train.packing: expected bool, got 3", toml_tail(b"packing = 3\n")),
     # encodings: file, line and byte offset
     Case("toml latin-1", T, f"c.toml:{TAIL_LINE}: not valid UTF-8: byte 0xfc at byte offset", toml_tail("# Zürich\n".encode("latin-1"))),

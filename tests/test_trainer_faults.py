@@ -224,6 +224,14 @@ def _shard(ckpt: Path) -> Path:
     return next((ckpt / "dcp").glob("*.safetensors"))
 
 
+def _zero(f: Path) -> None:
+    """Zero 4 KiB in the second half of ``f`` (tensor data, past the header), keeping its size."""
+    data = bytearray(f.read_bytes())
+    at = len(data) // 2
+    data[at : at + 4096] = bytes(len(data[at : at + 4096]))
+    f.write_bytes(bytes(data))
+
+
 def _truncate(f: Path) -> None:
     f.write_bytes(f.read_bytes()[:-100])
 
@@ -239,6 +247,12 @@ DAMAGE = {
     "state lacks keys": (
         lambda c: (c / "trainer_state.json").write_text('{"step": 4}'),
         "trainer_state.json: lacks scheduler, optimizer",
+    ),
+    # Same size, valid header: only the SHA-256 recorded at save tells.
+    "shard zeroed": (lambda c: _zero(_shard(c)), "contents differ from the SHA-256 recorded"),
+    "export zeroed": (
+        lambda c: _zero(c / "model.safetensors"),
+        "model.safetensors: contents differ from the SHA-256 recorded",
     ),
 }
 

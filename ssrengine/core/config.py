@@ -67,7 +67,10 @@ class ModelConfig:
         "training uses FA2 and fp32 generation/scoring uses sdpa_varlen.",
     )
     trust_remote_code: bool = _f(
-        False, "Allow custom modeling code shipped with the model directory."
+        False,
+        "Allow custom modeling code shipped with the model directory. Taken only from your own "
+        "config file or command line, never from a saved run directory's config.json "
+        '(docs/troubleshooting.md, "Run directories are data").',
     )
     device: str = _f(
         "auto",
@@ -92,6 +95,13 @@ class DataConfig:
     )
     max_examples: int = _f(0, "Use only the first N training examples (0 = all).", ge=0)
     max_seq_len: int = _f(1024, "Longest prompt + target in tokens.", ge=1)
+    max_record_bytes: int = _f(
+        1_048_576,
+        "Largest data record in bytes (a JSONL line; in other formats the UTF-8 text of its "
+        "fields), checked before it is parsed or tokenized: a larger one stops the run naming "
+        "file and line (0 = no limit).",
+        ge=0,
+    )
     columns: str = _f(
         "{}",
         'Your data\'s column names for the record fields, a TOML table `{FIELD = "column"}` '
@@ -163,13 +173,31 @@ class GenerationConfig:
         "",
         "sglang-http with generation.launch: the Python that runs `-m sglang.launch_server`, e.g. "
         "`/opt/sglang/bin/python` when SGLang lives in its own environment (docs/generation.md, "
-        '"Environments"); empty = this interpreter.',
+        '"Environments"); empty = this interpreter. Taken only from your own config file or '
+        "command line, never from a saved run directory's config.json.",
     )
     tp_size: int = _f(1, "SGLang tensor-parallel size.", ge=1)
     dp_size: int = _f(1, "SGLang data-parallel size.", ge=1)
     mem_fraction: float = _f(0.85, "SGLang static memory fraction.", gt=0, le=1)
     concurrency: int = _f(4, "HTTP backends: batches in flight at once.", ge=1)
-    timeout_s: float = _f(120.0, "HTTP backends: per-request timeout.", gt=0)
+    timeout_s: float = _f(
+        120.0,
+        "HTTP backends: the connect and every read of a reply wait at most this long.",
+        gt=0,
+        le=86400,
+    )
+    deadline_s: float = _f(
+        600.0,
+        "HTTP backends: a whole request (connect, send, the server's work, the reply) ends "
+        "after this long, however the reply trickles in; it is then retried like a timeout.",
+        gt=0,
+        le=86400,
+    )
+    max_reply_bytes: int = _f(
+        67_108_864,
+        "HTTP backends: a reply larger than this is not read (stops the stage, not retried).",
+        ge=1024,
+    )
     max_retries: int = _f(
         5, "HTTP backends: retries with exponential backoff before giving up.", ge=0
     )
@@ -181,7 +209,9 @@ class JudgeConfig:
         "rule",
         "`rule`: refusal agreement + answer token-F1; `llm`: P(Yes) from one step of next-token "
         "logprobs; `python:MODULE:NAME`: your own judge (a function `(example, candidate)` "
-        "returning a Verdict or a bool, or a Judge class), see docs/judges.md.",
+        "returning a Verdict or a bool, or a Judge class), see docs/judges.md. A `python:` judge "
+        "is taken only from your own config file or command line, never from a saved run "
+        "directory's config.json.",
         pattern=r"rule|llm|python:[\w.]+:[\w.]+",
     )
     threshold: float = _f(
@@ -193,6 +223,14 @@ class JudgeConfig:
         "and it contains every number of the gold answer.",
         ge=0,
         le=1,
+    )
+    match: Literal["f1", "contains"] = _f(
+        "f1",
+        "Rule judge, how an answer must match the gold answer: `f1` = token F1 >= "
+        "judge.min_f1; `contains` = the gold's key values are in the answer (its numbers and "
+        "names, or every content word where it has neither), so a correct answer in other words "
+        '("The answer to this classic math problem is 4." for "4.") is accepted and a fluent '
+        "wrong one rejected. Both require every number of the gold answer.",
     )
     rubric: str = _f(
         "",
@@ -224,14 +262,6 @@ class JudgeConfig:
     batch_size: int = _f(16, "Examples per judge call.", ge=1)
     paraphrase: bool = _f(
         False,
-    match: Literal["f1", "contains"] = _f(
-        "f1",
-        "Rule judge, how an answer must match the gold answer: `f1` = token F1 >= "
-        "judge.min_f1; `contains` = the gold's key values are in the answer (its numbers and "
-        "names, or every content word where it has neither), so a correct answer in other words "
-        "(\"The answer to this classic math problem is 4.\" for \"4.\") is accepted and a fluent "
-        "wrong one rejected. Both require every number of the gold answer.",
-    )
         "S3FT tier: for rejected answers, the base model paraphrases the gold answer; an accepted paraphrase becomes the target.",
     )
     paraphrase_filter: bool = _f(
@@ -274,11 +304,11 @@ class TrainConfig:
         gt=0,
     )
     seed: int = _f(0, "Seed for data order and initialization of any new parameters.", ge=0)
-    lr: float = _f(2e-5, "Peak learning rate (AdamW).", gt=0)
-    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    lr: float = _f(2e-5, "Peak learning rate (AdamW).", gt=0, le=1e6)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0, le=1e6)
     adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = _f(0.95, "AdamW beta2.", ge=0, lt=1)
-    adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    adam_eps: float = _f(1e-8, "AdamW epsilon.", gt=0, le=1)
     optimizer: str = _f(
         "adamw",
         "`adamw` (torch's foreach implementation on CUDA), `adamw_fused` (torch's fused "
@@ -317,7 +347,7 @@ class TrainConfig:
     micro_batch_size: int = _f(4, "Sequences per micro-batch when train.packing = false.", ge=1)
     max_tokens: int = _f(2048, "Tokens per packed micro-batch when train.packing = true.", ge=1)
     grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
-    max_grad_norm: float = _f(1.0, "Gradient clipping (0 = off).", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0 = off).", ge=0, le=1e6)
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto",
         "Training compute dtype: `auto` = bf16 autocast over fp32 weights on CUDA, float32 on "
@@ -340,37 +370,6 @@ class TrainConfig:
         1.0, "Loss weight of gold-decision-prefix targets' tokens (the `prefix` tier).", ge=0
     )
     loss_weight_gold: float = _f(1.0, "Loss weight of gold targets' tokens (G).", ge=0)
-    decision_tokens: int = _f(
-        0,
-        "The first N target tokens of every example (the answer-or-decline decision) get "
-        "train.decision_weight on top of their source weight (0 = off).",
-        ge=0,
-    )
-    decision_weight: float = _f(1.0, "Loss weight multiplier of the train.decision_tokens.", ge=0)
-    loss_per_example: bool = _f(
-        False,
-        "Divide each example's token weights by its number of target tokens, so every example weighs its source weight in total however long its target (the step loss becomes the weighted mean over examples of their mean token loss).",
-    )
-    loss_grad_filter: bool = _f(
-        False,
-        "Fused loss: skip backward vocabulary tiles whose softmax stays below the compute "
-        "dtype's eps / 32 (cut-cross-entropy's gradient filtering; 2^-12 in bf16, 2^-28 in "
-        "fp32): faster on large vocabularies, gradients change by about the dtype's rounding.",
-    )
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    skip_nonfinite_steps: int = _f(
-        0,
-        "Optimizer steps with a non-finite loss or gradient norm to skip (weights and optimizer "
-        "state untouched) before training stops naming the step (0 = stop at the first).",
-        ge=0,
-    )
-    compile: bool = _f(
-        False,
-        "torch.compile each decoder layer (fused elementwise work: norms, RoPE, SiLU x up, "
-        "residual adds; attention runs eager inside it), dynamic in the token count so packed "
-        "lengths do not recompile. On CPU (SmolLM2, fp32, 2,048-token rows) about 10% faster per "
-        "step and 1.4 GB less peak memory, after about 30 s of compile in the first step; it "
-        "needs a C++ compiler there (docs/benchmarks.md, training).",
     loss_weight_gold_answerable: float = _f(
         1.0,
         "Multiplies train.loss_weight_gold for gold targets of answerable examples (they carry "
@@ -403,6 +402,46 @@ class TrainConfig:
         "The refusal whose first distinguishing token train.unlikelihood_weight penalizes.",
         nonempty=True,
     )
+    decision_tokens: int = _f(
+        0,
+        "The first N target tokens of every example (the answer-or-decline decision) get "
+        "train.decision_weight on top of their source weight (0 = off).",
+        ge=0,
+    )
+    decision_weight: float = _f(1.0, "Loss weight multiplier of the train.decision_tokens.", ge=0)
+    loss_per_example: bool = _f(
+        False,
+        "Divide each example's token weights by its number of target tokens, so every example weighs its source weight in total however long its target (the step loss becomes the weighted mean over examples of their mean token loss).",
+    )
+    loss_grad_filter: bool = _f(
+        False,
+        "Fused loss: skip backward vocabulary tiles whose softmax stays below the compute "
+        "dtype's eps / 32 (cut-cross-entropy's gradient filtering; 2^-12 in bf16, 2^-28 in "
+        "fp32): faster on large vocabularies, gradients change by about the dtype's rounding.",
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    skip_nonfinite_steps: int = _f(
+        0,
+        "Optimizer steps with a non-finite loss or gradient norm to skip (weights and optimizer "
+        "state untouched) before training stops naming the step (0 = stop at the first).",
+        ge=0,
+    )
+    divergence_factor: float = _f(
+        10.0,
+        "Stop training, before the step is recorded or checkpointed, when its loss reaches "
+        "ln(vocabulary size) (uniform guessing) from a running median clearly below it, or "
+        "exceeds this many times the median loss of the last 32 steps (that median taken as "
+        "at least 0.05 × ln(vocabulary size)); 0 = off.",
+        ge=0,
+        le=1e6,
+    )
+    compile: bool = _f(
+        False,
+        "torch.compile each decoder layer (fused elementwise work: norms, RoPE, SiLU x up, "
+        "residual adds; attention runs eager inside it), dynamic in the token count so packed "
+        "lengths do not recompile. On CPU (SmolLM2, fp32, 2,048-token rows) about 10% faster per "
+        "step and 1.4 GB less peak memory, after about 30 s of compile in the first step; it "
+        "needs a C++ compiler there (docs/benchmarks.md, training).",
     )
     compile_memory_budget: float = _f(
         0.8,
@@ -498,7 +537,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Every section as plain values, as config.json and every other saved copy hold them:
+        credentials in URLs (generation.url, judge.url) replaced by ``***``."""
+        from ssrengine.core.urls import redact_values
+
+        return redact_values(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
         from ssrengine.core.io import atomic_write_text

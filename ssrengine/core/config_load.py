@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import operator
 import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,8 @@ from ssrengine.core.config import SECTIONS, Config
 from ssrengine.core.config_paths import resolve_relative_paths
 from ssrengine.core.errors import InputError
 from ssrengine.core.io import read_json, read_text
+
+log = logging.getLogger(__name__)
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
@@ -288,13 +292,67 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(raw, source=where, origins=origins)
 
 
-def config_from_json(path: str | Path) -> Config:
-    """A run directory's saved config.json; a damaged one is an InputError naming the file."""
+# Settings that run or load code. A run directory is data: someone else's run on shared
+# storage must not run their program when you evaluate or export it, so these come only from
+# your own config file or command line (`saved_config` drops them from a saved config.json).
+# Each is dropped with one warning and the command goes on without it: an eval or export needs
+# none of them (trust_remote_code: a model that needs its own code then fails to load, naming
+# the key; launch_python: a launched server uses this interpreter; a python: judge: eval and
+# export never judge).
+CODE_SETTINGS: dict[str, Callable[[Any], bool]] = {
+    "model.trust_remote_code": lambda v: v is not False,  # "true" would parse as true
+    "generation.launch_python": lambda v: bool(v),
+    "judge.kind": lambda v: isinstance(v, str) and v.startswith("python:"),
+    "train.callbacks": lambda v: bool(v),
+}
+
+
+def drop_code_settings(raw: dict[str, Any], source: str, *, warn: bool = True) -> dict[str, Any]:
+    """``raw`` (a saved config's sections) without the `CODE_SETTINGS` it asks for, each named
+    in one warning (``warn``); the defaults take their place."""
+    out = {sec: dict(v) if isinstance(v, dict) else v for sec, v in raw.items()}
+    for key, runs_code in CODE_SETTINGS.items():
+        sec, _, name = key.partition(".")
+        values = out.get(sec)
+        if isinstance(values, dict) and name in values and runs_code(values[name]):
+            value = values.pop(name)
+            if not warn:
+                continue
+            log.warning(
+                "%s: ignoring %s = %s: settings that run code are taken only from your own "
+                "config file or command line, never from a run directory (pass --%s=... to "
+                "use it)",
+                source,
+                key,
+                json.dumps(value),
+                key,
+            )
+    return out
+
+
+def saved_config(
+    path: str | Path, overrides: list[str] | None = None, *, warn: bool = True
+) -> Config:
+    """A run directory's saved config.json, without its `CODE_SETTINGS` (each named in a
+    warning: ``warn``), with the user's own ``--section.field=value`` overrides on top; a
+    damaged file is an InputError naming it."""
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise InputError("expected a JSON object of config sections", file=str(path))
+    raw = drop_code_settings(raw, str(path), warn=warn)
+    origins: dict[str, str] = {}
+    for sec, values in parse_overrides(overrides or []).items():
+        if not isinstance(raw.setdefault(sec, {}), dict):
+            break  # build_config names the damaged section
+        raw[sec].update(values)
+        origins.update({f"{sec}.{key}": "<command line>" for key in values})
     # A saved config holds every key: both of each EITHER_OR pair, as the run resolved them.
-    return build_config(raw, source=str(path), either_or=False)
+    return build_config(raw, source=str(path), origins=origins, either_or=False)
+
+
+def config_from_json(path: str | Path, *, warn: bool = True) -> Config:
+    """A run directory's saved config.json (`saved_config` without overrides)."""
+    return saved_config(path, warn=warn)
 
 
 def markdown_table() -> str:

@@ -1,5 +1,8 @@
 """The rows of eval/: per-question details, the probe and multiple-choice items, the
-self-vs-gold log-probabilities (paper Figure 1) and eval.json itself (`EvalResult`)."""
+self-vs-gold log-probabilities (paper Figure 1) and eval.json itself (`EvalResult`).
+
+These files are strict JSON: an undefined number (an AUC over one class, the interval of an
+empty subset) is written as null and read back as NaN (`Row._NULL_AS_NAN`)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,15 @@ from ssrengine.core.io import read_json
 from ssrengine.core.rows import Row
 
 
+class EvalRow(Row):
+    """A row of eval/: null where a number is undefined, read back as NaN."""
+
+    _NULL_AS_NAN = True
+
+
 # --------------------------------------------------------------------------- eval rows
 @dataclass(frozen=True)
-class EvalDetail(Row):
+class EvalDetail(EvalRow):
     """One example of an eval split: gold class, whether the answer declined, and for
     answerable questions the answer's token recall/F1 (0 when it declined).
     ``refusal_logprob``: log p(the refusal | prompt) under the model (the decision probe)."""
@@ -29,7 +38,7 @@ class EvalDetail(Row):
 
 
 @dataclass(frozen=True)
-class ProbeDetail(Row):
+class ProbeDetail(EvalRow):
     """One retention probe prompt: the evaluated model's answer, the base model's, whether the
     answer is correct, and the base answer's log-probability per token under the model."""
 
@@ -42,7 +51,7 @@ class ProbeDetail(Row):
 
 
 @dataclass(frozen=True)
-class MCDetail(Row):
+class MCDetail(EvalRow):
     """One multiple-choice item: whether the model's argmax choice is the answer."""
 
     id: str
@@ -50,7 +59,7 @@ class MCDetail(Row):
 
 
 @dataclass(frozen=True)
-class SelfVsGoldRow(Row):
+class SelfVsGoldRow(EvalRow):
     """Paper Figure 1, one training example: mean log-probability per token of the gold
     answer and of the model's own answer under the base model."""
 
@@ -64,7 +73,7 @@ class SelfVsGoldRow(Row):
 
 
 @dataclass(frozen=True)
-class SelfVsGold(Row):
+class SelfVsGold(EvalRow):
     """OUT/eval/self_vs_gold.json: Figure 1 rows scored under the base model ``model``."""
 
     model: str
@@ -73,7 +82,7 @@ class SelfVsGold(Row):
 
 
 @dataclass(frozen=True)
-class Confusion(Row):
+class Confusion(EvalRow):
     """Answerable/unanswerable confusion matrix: ``matrix[gold class][behaviour]``."""
 
     rows: list[str]
@@ -82,7 +91,7 @@ class Confusion(Row):
 
 
 @dataclass(frozen=True)
-class UnanswerablePRF(Row):
+class UnanswerablePRF(EvalRow):
     """Detecting unanswerable questions by declining (positive class = unanswerable)."""
 
     precision: float
@@ -93,7 +102,7 @@ class UnanswerablePRF(Row):
 
 
 @dataclass(frozen=True)
-class SplitMetrics(Row):
+class SplitMetrics(EvalRow):
     """Task metrics of one eval split; ``score`` = mean of unanswerable F1 and answer recall, in
     points. ``data`` is the split's data spec (empty until the split is named in eval.json).
     ``paper``: the paper's metrics, each ``{value, lo, hi}`` with its 95% bootstrap interval
@@ -118,9 +127,11 @@ class SplitMetrics(Row):
 
 
 @dataclass(frozen=True)
-class EvalResult(Row):
+class EvalResult(EvalRow):
     """OUT/eval/eval.json. ``retention`` is ssrengine.evaluation.retention's nested result;
     ``retention_metrics`` its flat "higher is better" numbers the report compares."""
+
+    _NULL_AS_NAN_ANY = ("retention",)  # nested numbers of ssrengine.evaluation.retention
 
     name: str
     kind: str

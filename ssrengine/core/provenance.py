@@ -65,6 +65,9 @@ _OPERATIONAL = (
     "train.callbacks",
     "train.log_every",
     "train.loss_grad_filter",
+    # Limits that stop a run or not and otherwise change nothing.
+    "data.max_record_bytes",
+    "train.divergence_factor",
 )
 
 

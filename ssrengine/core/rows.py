@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterator
@@ -71,6 +72,31 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _null_as_nan(value: Any, tp: Any, *, anything: bool = False) -> Any:
+    """``value`` with JSON null read back as NaN wherever ``tp`` wants a float (a file written
+    with `ssrengine.core.io.finite_or_null`: null = undefined). ``anything``: every null leaf."""
+    if value is None:
+        return math.nan if tp is float or anything else None
+    if anything:
+        if isinstance(value, dict):
+            return {k: _null_as_nan(v, Any, anything=True) for k, v in value.items()}
+        if isinstance(value, list):
+            return [_null_as_nan(v, Any, anything=True) for v in value]
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        shaped = [a for a in arms if isinstance(value, typing.get_origin(a) or a)]
+        return _null_as_nan(value, shaped[0]) if len(shaped) == 1 else value
+    if origin is dict and isinstance(value, dict):
+        _, item = typing.get_args(tp)
+        return {k: _null_as_nan(v, item) for k, v in value.items()}
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_null_as_nan(v, item) for v in value]
+    return value
+
+
 R = TypeVar("R", bound="Row")
 
 
@@ -81,6 +107,10 @@ class Row:
     out of ``to_json`` so rows read the same as before they were typed."""
 
     _OMIT_NONE: tuple[str, ...] = ()
+    # Rows of files written with null for an undefined number (eval/): null reads back as NaN
+    # where a float is wanted, and anywhere inside the `_NULL_AS_NAN_ANY` fields.
+    _NULL_AS_NAN = False
+    _NULL_AS_NAN_ANY: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls: type[R], obj: Any, file: str, line: int | None = None, *, at: str = "") -> R:
@@ -94,6 +124,8 @@ class Row:
                     continue
                 raise InputError("missing", file=file, line=line, field=at + name)
             v = obj[name]
+            if cls._NULL_AS_NAN:
+                v = _null_as_nan(v, tp, anything=name in cls._NULL_AS_NAN_ANY)
             if isinstance(tp, type) and issubclass(tp, Row):
                 values[name] = tp.from_json(v, file, line, at=f"{at}{name}.")
                 continue

@@ -9,6 +9,7 @@
     build_stats.json         BuildStats                                   build stage
     metrics.jsonl            MetricRow per optimizer step                 train stage
     checkpoints/step-N/      see ssrengine.training.checkpoint                     train stage
+    tensorboard/             TensorBoard event files (train.report_to)    train stage
     provenance.json          Provenance per stage: what its output was made from
     eval/                    see `EvalDir`                                eval
     export/FORMAT/           the rehearsal set for another trainer        export
@@ -21,6 +22,7 @@ Here: the paths (`RunDir`, `EvalDir`) and the rows of the pipeline's stages. Eve
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ BUILD_STATS = "build_stats.json"
 PROVENANCE = "provenance.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
 EVAL = "eval"
 EXPORT = "export"
 
@@ -140,6 +143,10 @@ class RunDir:
         return self.root / CHECKPOINTS
 
     @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD
+
+    @property
     def eval(self) -> EvalDir:
         return EvalDir(self.root / EVAL)
 
@@ -194,6 +201,15 @@ class VerdictRow(Row):
 
     def key(self) -> str:
         return verdict_key(self.id, self.judge, self.input_hash)
+
+    @classmethod
+    def from_json(cls, obj: Any, file: str, line: int | None = None) -> VerdictRow:
+        row = super().from_json(obj, file, line)
+        if not math.isfinite(row.score):  # written by an older version: never reused
+            raise InputError(
+                f"not a finite number: {row.score!r}", file=file, line=line, field="score"
+            )
+        return row
 
 
 SOURCES = ("self", "paraphrase", "prefix", "gold")

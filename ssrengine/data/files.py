@@ -41,6 +41,7 @@ ARROW_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 # CSV cells that hold JSON lists; every other cell is text.
 _CSV_JSON_FIELDS = ("messages", "documents", "prompt", "completion")
 _EXTRA = "pip install 'ssrengine[data]'"
+RECORD_LIMIT = "data.max_record_bytes"
 
 
 def _suffix(path: Path) -> str:
@@ -210,11 +211,12 @@ def _saved_rows(path: Path, split: str | None) -> Rows:
     yield from enumerate(table.to_list(), 1)
 
 
-def read_rows(path: str | Path, split: str | None = None) -> Rows:
+def read_rows(path: str | Path, split: str | None = None, *, max_line_bytes: int = 0) -> Rows:
     """``(row number, object)`` for every record of a data file or dataset directory.
 
     ``split``: which split of a multi-split source (None: its only split, else ``train``);
-    single files have one split and ignore it."""
+    single files have one split and ignore it. ``max_line_bytes`` (data.max_record_bytes; 0 =
+    none): a longer JSONL line stops the read there, before it is parsed."""
     path = Path(path)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -226,7 +228,8 @@ def read_rows(path: str | Path, split: str | None = None) -> Rows:
     if suffix in _TEXT_SUFFIXES and path.suffix.lower() != ".gz" and _is_gzip(path):
         raise InputError(f"gzip-compressed; name it {path.name}.gz", file=str(path))
     if suffix in JSONL_SUFFIXES:
-        return _decode_errors(path, iter_jsonl(path))
+        rows = iter_jsonl(path, max_line_bytes=max_line_bytes, limit=RECORD_LIMIT)
+        return _decode_errors(path, rows)
     if suffix == ".json":
         return _decode_errors(path, _json_rows(path))
     if suffix in CSV_SUFFIXES:

@@ -19,7 +19,7 @@ from typing import Any
 from ssrengine.core.config import DataConfig
 from ssrengine.core.errors import InputError
 from ssrengine.data import shapes
-from ssrengine.data.files import read_rows
+from ssrengine.data.files import RECORD_LIMIT, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +174,26 @@ def load_examples(
     on_invalid: str = "error",
     max_examples: int = 0,
     columns: str = "{}",
+    max_record_bytes: int = 0,
 ) -> list[Example]:
     """Read and validate a data file or dataset directory (any format of
     `ssrengine.data.files`). Duplicate ids are an error (they break resume); records
-    without an id that repeat one another's content get ``-2``, ``-3``... after their hash."""
+    without an id that repeat one another's content get ``-2``, ``-3``... after their hash.
+    ``max_record_bytes`` (data.max_record_bytes, 0 = none): a larger record stops the read
+    before it is parsed (JSONL) or validated and tokenized (other formats)."""
     path = Path(path)
     mapping = shapes.column_map(columns)
     out: list[Example] = []
     seen: dict[str, int] = {}
     skipped = 0
-    for lineno, obj in read_rows(path, split):
+    for lineno, obj in read_rows(path, split, max_line_bytes=max_record_bytes):
+        if max_record_bytes and (size := text_bytes(obj)) > max_record_bytes:
+            raise InputError(
+                f"record holds {size} bytes of text, more than {RECORD_LIMIT}="
+                f"{max_record_bytes} (raise {RECORD_LIMIT} if it is meant to be this long)",
+                file=str(path),
+                line=lineno,
+            )
         try:
             obj = shapes.rename_columns(obj, mapping, _bad_at(str(path), lineno))
             ex = parse_record(obj, file=str(path), line=lineno)
@@ -214,6 +224,17 @@ def load_examples(
     if not out:
         raise InputError("no usable examples", file=str(path))
     return out
+
+
+def text_bytes(obj: Any) -> int:
+    """UTF-8 bytes of every string in ``obj`` (a record: nested lists and objects)."""
+    if isinstance(obj, str):
+        return len(obj.encode("utf-8", "surrogatepass"))
+    if isinstance(obj, dict):
+        return sum(text_bytes(k) + text_bytes(v) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return sum(text_bytes(v) for v in obj)
+    return 0
 
 
 def render_documents(documents: list[dict[str, str]]) -> str:

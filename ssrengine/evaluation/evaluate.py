@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ssrengine.core.config import Config
-from ssrengine.core.config_load import build_config, load_config, parse_overrides
+from ssrengine.core.config_load import load_config, saved_config
 from ssrengine.core.errors import InputError
 from ssrengine.core.eval_rows import (
     EvalResult,
@@ -35,7 +35,7 @@ from ssrengine.core.eval_rows import (
     SelfVsGoldRow,
     SplitMetrics,
 )
-from ssrengine.core.io import atomic_write_jsonl, atomic_write_text, read_json
+from ssrengine.core.io import atomic_write_json, atomic_write_jsonl
 from ssrengine.core.rows import read_typed
 from ssrengine.core.rundir import EvalDir, GenerationRow, RunDir, VerdictRow
 from ssrengine.core.runlock import lock_run_dir
@@ -66,7 +66,7 @@ from ssrengine.models.loading import load_model, load_tokenizer, pick_device
 from ssrengine.rehearsal.judge import gold_declines
 from ssrengine.rehearsal.prepare import prepare
 from ssrengine.rehearsal.stages import generate_rows, open_generator
-from ssrengine.training.checkpoint import latest_checkpoint
+from ssrengine.training.checkpoint import verified_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +140,12 @@ def resolve_target(
     p = Path(target)
     if p.is_dir() and _is_run_dir(p):
         rd = RunDir(p)
-        raw = read_json(rd.config)
-        for sec, values in parse_overrides(overrides or []).items():
-            raw.setdefault(sec, {}).update(values)
-        cfg = build_config(raw, source=str(rd.config))
-        ckpt = latest_checkpoint(rd.checkpoints)
+        # The run's settings, but never code it names (trust_remote_code, launch_python, a
+        # python: judge): those come from this command line only.
+        cfg = saved_config(rd.config, overrides)
+        # The newest checkpoint whose files match their recorded checksums; a damaged newer
+        # one is named in a warning.
+        ckpt = verified_checkpoint(rd.checkpoints)
         if ckpt is None:
             raise InputError(
                 "no finished checkpoint; train the run first", file=str(rd.checkpoints)
@@ -221,7 +222,12 @@ def _generate(
 def split_examples(spec: str, cfg: Config, opts: EvalOptions) -> list[Example]:
     """A split's questions under ``opts.limit``: class-balanced and seeded, in file order."""
     path = resolve_data_file(spec, cfg.data.seed)
-    examples = load_examples(path, on_invalid=cfg.data.on_invalid, columns=cfg.data.columns)
+    examples = load_examples(
+        path,
+        on_invalid=cfg.data.on_invalid,
+        max_record_bytes=cfg.data.max_record_bytes,
+        columns=cfg.data.columns,
+    )
     return stats.balanced_subset(
         examples, [gold_declines(e) for e in examples], opts.limit, opts.seed
     )
@@ -238,10 +244,12 @@ def refusal_scores(
     return {e.id: lp for e, (lp, _) in zip(examples, scores)}
 
 
-def _evaluate_splits(t: Target, opts: EvalOptions, m: Loaded) -> dict[str, SplitMetrics]:
+def _evaluate_splits(
+    t: Target, opts: EvalOptions, m: Loaded, split_sets: dict[str, list[Example]]
+) -> dict[str, SplitMetrics]:
     out = {}
     for name, spec in opts.splits:
-        examples = split_examples(spec, t.cfg, opts)
+        examples = split_sets[name]
         rows = _generate(t.cfg, t.out, examples, m.gen, t.eval_dir.split(name), chat=True)
         refusal = refusal_scores(t.cfg, m, examples, opts.refusal)
         answers = {i: r.response for i, r in rows.items()}
@@ -294,7 +302,7 @@ def self_vs_gold(t: Target, model: Any, tok: Any, limit: int, seed: int = 0) -> 
         for e, g, o in zip(examples, gold, own)
     ]
     res = SelfVsGold(model=t.base, unit="mean log-probability per answer token", rows=rows)
-    atomic_write_text(t.eval_dir.self_vs_gold, json.dumps(res.to_json(), indent=1) + "\n")
+    atomic_write_json(t.eval_dir.self_vs_gold, res.to_json())
     return res
 
 
@@ -319,15 +327,16 @@ def _lm_eval(t: Target, opts: EvalOptions) -> dict[str, Any]:
     )
 
 
-def _seed_base_answers(dst: EvalDir, base_eval: str) -> None:
-    """Start probe_base.jsonl from the base eval's rows. Rows are keyed by model + prompt +
-    sampling, so rows made with other settings are simply not reused."""
+def _base_answers(dst: EvalDir, base_eval: str) -> list[GenerationRow] | None:
+    """The base eval's probe answers to start probe_base.jsonl from (None: nothing to seed).
+    Rows are keyed by model + prompt + sampling, so rows made with other settings are simply
+    not reused."""
     src = RunDir(Path(base_eval)).eval.probe_base if base_eval else None
     if src is None or dst.probe_base.exists() or src.resolve() == dst.probe_base.resolve():
-        return
+        return None
     if not src.is_file():
         raise InputError("no probe answers of the base here; eval the base first", file=str(src))
-    atomic_write_jsonl(dst.probe_base, [r.to_json() for r in read_typed(src, GenerationRow)])
+    return list(read_typed(src, GenerationRow))
 
 
 @dataclass(frozen=True)
@@ -394,24 +403,30 @@ def _retention(
 def run_eval(t: Target, opts: EvalOptions) -> EvalResult:
     """Evaluate ``t``; write and return OUT/eval/eval.json."""
     t0 = time.perf_counter()
-    t.eval_dir.root.mkdir(parents=True, exist_ok=True)
+    # Every input read before anything is written: a bad one leaves OUT as it was.
     items = stats.seeded_subset(
         load_probe(opts.probe_file or None), opts.bound(opts.probe_limit), opts.seed
     )
     probe_ex = [p.example() for p in items]
     mc = stats.seeded_subset(load_mc(opts.mc_file or None), opts.bound(opts.mc_limit), opts.seed)
+    split_sets = {name: split_examples(spec, t.cfg, opts) for name, spec in opts.splits}
+    seed_rows = _base_answers(t.eval_dir, opts.base_eval)
+    if opts.lm_eval == "on" and not lm_eval_available():
+        _lm_eval(t, opts)  # its one line, before any work
     same = t.model == t.base
     with _loaded(t.cfg, t.base) as base:
-        _seed_base_answers(t.eval_dir, opts.base_eval)
+        t.eval_dir.root.mkdir(parents=True, exist_ok=True)
+        if seed_rows is not None:
+            atomic_write_jsonl(t.eval_dir.probe_base, [r.to_json() for r in seed_rows])
         base_rows = _generate(t.cfg, t.out, probe_ex, base.gen, t.eval_dir.probe_base, chat=False)
         probe = _Probe(items, probe_ex, base_rows, _own_answer_scores(base, probe_ex, base_rows))
         fig1 = self_vs_gold(t, base.lm, base.tok, opts.bound(opts.self_vs_gold_limit), opts.seed)
         if same:
-            splits = _evaluate_splits(t, opts, base)
+            splits = _evaluate_splits(t, opts, base, split_sets)
             retention = _retention(t, base, probe, mc, is_base=True, seed=opts.seed)
     if not same:
         with _loaded(t.cfg, t.model) as m:
-            splits = _evaluate_splits(t, opts, m)
+            splits = _evaluate_splits(t, opts, m, split_sets)
             retention = _retention(t, m, probe, mc, is_base=False, seed=opts.seed)
     retention["lm_eval"] = _lm_eval(t, opts)
     result = EvalResult(
@@ -429,7 +444,8 @@ def run_eval(t: Target, opts: EvalOptions) -> EvalResult:
         config=t.cfg.to_dict(),
         wall_s=round(time.perf_counter() - t0, 1),
     )
-    atomic_write_text(t.eval_dir.eval_json, json.dumps(result.to_json(), indent=2) + "\n")
+    # Strict JSON: an undefined number (an AUC over one class, an empty interval) is null.
+    atomic_write_json(t.eval_dir.eval_json, result.to_json())
     return result
 
 

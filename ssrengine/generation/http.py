@@ -8,17 +8,29 @@ transport failures (refused or dropped connections, timeouts), retryable statuse
 naming the server. A 4xx other than 408/429 means the request itself is wrong: it is not
 retried. ``timeout_s`` bounds the connect and every read: a non-streaming batch sends nothing
 until it is done, so set it above the slowest batch (a timed-out batch is sent again).
-Standard library only (http.client + a thread pool), so the CPU install stays small.
+``deadline_s`` bounds the whole request, however slowly the reply trickles in (a watchdog shuts
+the socket; retried like a timeout), and a reply over ``max_reply_bytes`` is not read (not
+retried: the same request gets the same reply). Credentials in a URL are sent as HTTP Basic
+authentication and shown as ``***`` everywhere (`ssrengine.core.urls`).
+
+A reply is checked before anything of it is stored (`check_token_ids`, `check_logprob`):
+token ids inside the vocabulary, at most max_new_tokens (+ the stop token) of them, logprobs
+finite and <= 0; a reply that fails is malformed (retried, then one line naming the server and
+the field). Standard library only (http.client + a thread pool), so the CPU install stays small.
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import contextlib
 import http.client
 import itertools
 import json
 import logging
+import math
 import random
+import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +40,7 @@ from typing import Any, TypeVar
 
 from ssrengine.core.config import ModelConfig
 from ssrengine.core.errors import InputError
+from ssrengine.core.urls import redact
 from ssrengine.data.records import encode_prompt
 from ssrengine.generation.base import BackendError, Request, eos_ids
 from ssrengine.models.fetch import resolve_model_path
@@ -41,6 +54,9 @@ U = TypeVar("U")
 RETRY_STATUS = frozenset({408, 425, 429})  # plus every 5xx
 BACKOFF_S = 1.0  # first retry delay; doubled per retry, with jitter, up to MAX_BACKOFF_S
 MAX_BACKOFF_S = 30.0
+READ_CHUNK = 1 << 20
+# A logprob a hair above 0 is float rounding of a certain token, not a broken server.
+LOGPROB_SLACK = 1e-5
 
 
 class MalformedReply(ValueError):
@@ -51,6 +67,33 @@ class _RetryableStatus(Exception):
     pass
 
 
+class DeadlineExceeded(TimeoutError):
+    """The whole request took longer than ``deadline_s`` (retried like a timeout)."""
+
+
+class ReplyTooLarge(Exception):
+    """The reply is larger than ``max_reply_bytes`` (not retried)."""
+
+
+def check_token_ids(ids: Sequence[int], *, vocab_size: int, limit: int, field: str) -> None:
+    """Generated ids a stage may store: inside the vocabulary, at most ``limit`` of them."""
+    if len(ids) > limit:
+        raise MalformedReply(f"field {field!r}: {len(ids)} tokens, more than the {limit} asked for")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise MalformedReply(
+            f"field {field!r}: token id {bad} is outside the vocabulary (0..{vocab_size - 1})"
+        )
+
+
+def check_logprob(value: Any, *, field: str) -> float:
+    """A log-probability a judge may use: a finite number <= 0."""
+    lp = float(value)
+    if not (math.isfinite(lp) and lp <= LOGPROB_SLACK):
+        raise MalformedReply(f"field {field!r}: {lp!r} is not a log-probability (finite, <= 0)")
+    return lp
+
+
 def parse_urls(urls: str | Sequence[str]) -> list[str]:
     """``"http://a:30000,http://b:30000"`` (or a list) → base URLs without trailing slashes."""
     items = urls.split(",") if isinstance(urls, str) else list(urls)
@@ -58,14 +101,20 @@ def parse_urls(urls: str | Sequence[str]) -> list[str]:
     for u in (x.strip().rstrip("/") for x in items):
         if not u:
             continue
-        parts = urllib.parse.urlsplit(u)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InputError(f"not an http(s) URL: {u!r}", field="generation.url")
+        try:
+            parts = urllib.parse.urlsplit(u)
+            parts.port  # noqa: B018  (raises ValueError on a port that is not a number)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"not an http(s) URL: {redact(u)!r}", field="generation.url")
         out.append(u)
     return out
 
 
-def _describe(e: BaseException, timeout_s: float) -> str:
+def _describe(e: BaseException, timeout_s: float, deadline_s: float) -> str:
+    if isinstance(e, DeadlineExceeded):
+        return f"no complete reply within generation.deadline_s={deadline_s:g}s"
     if isinstance(e, TimeoutError):
         return f"no reply within {timeout_s:g}s (timeout)"
     if isinstance(e, ConnectionRefusedError):
@@ -92,6 +141,8 @@ class HTTPClient:
         timeout_s: float,
         max_retries: int,
         concurrency: int,
+        deadline_s: float = 600.0,
+        max_reply_bytes: int = 64 << 20,
         backoff_s: float = BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
         headers: dict[str, str] | None = None,
@@ -99,7 +150,10 @@ class HTTPClient:
         self.urls = parse_urls(urls)
         if not self.urls:
             raise InputError("no server URL given", field="generation.url")
+        self.shown = [redact(u) for u in self.urls]  # what logs and errors name
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
+        self.max_reply_bytes = max_reply_bytes
         self.max_retries = max(0, max_retries)
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.headers = {"Content-Type": "application/json", **(headers or {})}
@@ -115,7 +169,7 @@ class HTTPClient:
 
     @property
     def name(self) -> str:
-        return ", ".join(self.urls)
+        return ", ".join(self.shown)
 
     def _first_url(self) -> int:
         with self._lock:
@@ -126,16 +180,63 @@ class HTTPClient:
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
     def _send(self, url: str, method: str, path: str, payload: Any) -> tuple[int, bytes]:
+        """One attempt: (status, body). A watchdog shuts the socket at the deadline, so no
+        read, however slowly the server trickles bytes, outlives it."""
         parts = urllib.parse.urlsplit(url)
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(parts.hostname or "", parts.port, timeout=self.timeout_s)
+        conn = cls(parts.hostname or "", parts.port, timeout=min(self.timeout_s, self.deadline_s))
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(self.deadline_s, expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
+            conn.connect()
+            if expired.is_set():  # the deadline passed while connecting
+                raise DeadlineExceeded
             body = None if payload is None else json.dumps(payload).encode()
-            conn.request(method, parts.path + path, body=body, headers=self.headers)
+            conn.request(method, parts.path + path, body=body, headers=self._headers(parts))
             resp = conn.getresponse()
-            return resp.status, resp.read()
+            return resp.status, self._read(resp, expired)
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise DeadlineExceeded from None
+            raise
         finally:
+            watchdog.cancel()
             conn.close()
+
+    def _headers(self, parts: urllib.parse.SplitResult) -> dict[str, str]:
+        """The request headers; credentials in the URL become HTTP Basic authentication
+        (unless an Authorization header is set already, as the openai API key is)."""
+        if parts.username is None or "Authorization" in self.headers:
+            return self.headers
+        user = urllib.parse.unquote(parts.username)
+        secret = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{secret}".encode()).decode()
+        return {**self.headers, "Authorization": f"Basic {token}"}
+
+    def _read(self, resp: http.client.HTTPResponse, expired: threading.Event) -> bytes:
+        """The body, at most ``max_reply_bytes``: a longer one is not read further."""
+        cap = self.max_reply_bytes
+        declared = resp.getheader("Content-Length")
+        if declared and declared.strip().isdigit() and int(declared) > cap:
+            raise ReplyTooLarge(f"it announces {int(declared)} bytes")
+        chunks, n = [], 0
+        while chunk := resp.read(min(READ_CHUNK, cap + 1 - n)):
+            n += len(chunk)
+            if n > cap:
+                raise ReplyTooLarge(f"more than {cap} bytes arrived")
+            chunks.append(chunk)
+        if expired.is_set():
+            raise DeadlineExceeded
+        return b"".join(chunks)
 
     def request(
         self,
@@ -149,23 +250,34 @@ class HTTPClient:
         ``parse`` validates the reply; a KeyError/TypeError/ValueError from it counts as a
         malformed reply and is retried."""
         attempts = self.max_retries + 1
-        url, error = self.urls[0], ""
+        shown, error = self.shown[0], ""
         # Requests take turns over the servers; a retry goes to the server after the one that
         # failed, so one dead server among several costs a retry, never the request.
         first = self._first_url()
         for attempt in range(attempts):
-            url = self.urls[(first + attempt) % len(self.urls)]
+            i = (first + attempt) % len(self.urls)
+            url, shown = self.urls[i], self.shown[i]
             if self._abort.is_set():
-                raise BackendError(f"{method} {path} abandoned: another request failed", server=url)
+                raise BackendError(
+                    f"{method} {path} abandoned: another request failed", server=shown
+                )
             try:
-                status, body = self._send(url, method, path, payload)
+                try:
+                    status, body = self._send(url, method, path, payload)
+                except ReplyTooLarge as e:
+                    raise BackendError(
+                        f"{method} {path}: reply larger than generation.max_reply_bytes="
+                        f"{self.max_reply_bytes} ({e}); not read further and not retried: lower "
+                        "generation.batch_size or raise generation.max_reply_bytes",
+                        server=shown,
+                    ) from None
                 if status >= 500 or status in RETRY_STATUS:
                     raise _RetryableStatus(f"HTTP {status}: {_snippet(body)}")
                 if status >= 400:
                     raise BackendError(
                         f"{method} {path} was rejected with HTTP {status} (not retried): "
-                        f"{_snippet(body)}",
-                        server=url,
+                        f"{redact(_snippet(body))}",
+                        server=shown,
                     )
                 try:
                     obj = json.loads(body)
@@ -178,13 +290,18 @@ class HTTPClient:
                 except (KeyError, TypeError, ValueError, IndexError) as e:
                     raise MalformedReply(f"{type(e).__name__}: {e}") from None
             except (OSError, http.client.HTTPException, MalformedReply, _RetryableStatus) as e:
-                error = str(e) if isinstance(e, _RetryableStatus) else _describe(e, self.timeout_s)
+                error = (
+                    str(e)
+                    if isinstance(e, _RetryableStatus)
+                    else _describe(e, self.timeout_s, self.deadline_s)
+                )
+                error = redact(error)
                 if attempt + 1 < attempts:
                     wait = self._delay(attempt)
                     log.warning(
                         "%s %s%s: %s; retry %d/%d in %.1fs",
                         method,
-                        url,
+                        shown,
                         path,
                         error,
                         attempt + 1,
@@ -195,7 +312,7 @@ class HTTPClient:
         tried = f" (servers tried in turn: {self.name})" if len(self.urls) > 1 else ""
         raise BackendError(
             f"{method} {path} failed after {attempts} attempt(s){tried}; last error: {error}",
-            server=url,
+            server=shown,
         )
 
     def map(self, fn: Callable[[U], T], items: Iterable[U]) -> list[T]:
@@ -230,7 +347,12 @@ class PromptEncoder:
         self.tokenizer = tokenizer or load_tokenizer(
             model, trust_remote_code=trust_remote_code, chat_template=chat_template
         )
-        self.eos_ids = eos_ids(self.tokenizer, _config_eos(model))
+        config = _model_config(model)
+        self.eos_ids = eos_ids(self.tokenizer, config.get("eos_token_id"))
+        # Generated ids may reach the model's embedding rows past the tokenizer's last id.
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        rows = config.get("vocab_size") or text.get("vocab_size") or 0
+        self.vocab_size = max(len(self.tokenizer), rows if isinstance(rows, int) else 0)
         # Replies are parsed on the pool's threads; a fast tokenizer shared across threads can
         # fail with "Already borrowed" (huggingface/tokenizers#537).
         self._lock = threading.Lock()
@@ -267,14 +389,18 @@ class PromptEncoder:
             return self.tokenizer.decode([t]), self.tokenizer.convert_ids_to_tokens(t)
 
 
-def _config_eos(model: str) -> Any:
-    """``eos_token_id`` of the model directory's generation_config.json, else config.json
-    (where transformers takes a model's generation config from); None without either."""
+def _model_config(model: str) -> dict[str, Any]:
+    """The model directory's generation_config.json merged over its config.json (where
+    transformers takes ``eos_token_id`` from); {} without either."""
     try:
         path = Path(resolve_model_path(model))
     except InputError:
-        return None
-    for name in ("generation_config.json", "config.json"):
+        return {}
+    out: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json"):
         if (path / name).is_file():
-            return json.loads((path / name).read_text()).get("eos_token_id")
-    return None
+            obj = json.loads((path / name).read_text())
+            out.update(
+                {k: v for k, v in obj.items() if v is not None} if isinstance(obj, dict) else {}
+            )
+    return out

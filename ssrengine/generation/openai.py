@@ -38,7 +38,14 @@ from ssrengine.generation.base import (
     SamplingParams,
     model_name,
 )
-from ssrengine.generation.http import BACKOFF_S, HTTPClient, MalformedReply, PromptEncoder
+from ssrengine.generation.http import (
+    BACKOFF_S,
+    HTTPClient,
+    MalformedReply,
+    PromptEncoder,
+    check_logprob,
+    check_token_ids,
+)
 
 TOP_LOGPROBS = 5  # the largest `logprobs` OpenAI's own API accepts; vLLM and SGLang take it too
 BIAS = 100.0  # the top of OpenAI's logit_bias range
@@ -73,6 +80,8 @@ class OpenAIGenerator(Generator):
             timeout_s=gen.timeout_s,
             max_retries=gen.max_retries,
             concurrency=gen.concurrency,
+            deadline_s=gen.deadline_s,
+            max_reply_bytes=gen.max_reply_bytes,
             backoff_s=backoff_s,
             headers={"Authorization": f"Bearer {key}"} if key else None,
         )
@@ -133,37 +142,50 @@ class OpenAIGenerator(Generator):
         choices = sorted(obj["choices"], key=lambda c: int(c["index"]))
         if len(choices) != len(batch):
             raise MalformedReply(f"expected {len(batch)} choices, got {len(choices)}")
-        return [self._completion(c, prompt, s) for c, prompt in zip(choices, batch)]
+        return [
+            self._completion(c, prompt, s, f"choices[{i}]")
+            for i, (c, prompt) in enumerate(zip(choices, batch))
+        ]
 
-    def _completion(self, c: dict[str, Any], prompt: list[int], s: SamplingParams) -> Completion:
+    def _completion(
+        self, c: dict[str, Any], prompt: list[int], s: SamplingParams, at: str
+    ) -> Completion:
         text, finish = c["text"], c["finish_reason"]
         if not isinstance(text, str) or finish not in ("stop", "length"):
             raise MalformedReply(f"bad choice: text {type(text).__name__}, finish {finish!r}")
         ids = c.get("token_ids")
-        ids = [int(t) for t in ids] if isinstance(ids, list) else self.enc.encode(text)
+        if isinstance(ids, list):
+            ids = [int(t) for t in ids]
+            # the ids asked for, plus the stop token that ended them
+            limit, field = s.max_new_tokens + 1, f"{at}.token_ids"
+        else:
+            ids = self.enc.encode(text)
+            # re-tokenized text need not split as the server's tokens did: a looser bound
+            limit, field = 2 * s.max_new_tokens + 8, f"{at}.text"
+        check_token_ids(ids, vocab_size=self.enc.vocab_size, limit=limit, field=field)
         if finish == "stop" and ids and ids[-1] in self.enc.eos_ids:
             ids = ids[:-1]
         return Completion(
             text=text.strip(),
             token_ids=ids,
             finish_reason=finish,
-            logprobs=self._logprobs(c.get("logprobs"), len(ids), s),
+            logprobs=self._logprobs(c.get("logprobs"), len(ids), s, f"{at}.logprobs"),
             prompt_tokens=len(prompt),
         )
 
-    def _logprobs(self, lp: Any, n_ids: int, s: SamplingParams) -> list[dict[int, float]]:
+    def _logprobs(self, lp: Any, n_ids: int, s: SamplingParams, at: str) -> list[dict[int, float]]:
         if not s.logprob_token_ids:
             return []
         if not isinstance(lp, dict) or not isinstance(lp.get("top_logprobs"), list):
             raise MalformedReply("logprobs were asked for but the reply has none")
         out = []
-        for top in lp["top_logprobs"][: max(1, n_ids)]:
+        for i, top in enumerate(lp["top_logprobs"][: max(1, n_ids)]):
             step = {}
             for t in s.logprob_token_ids:
                 key = next((k for k in self._token_keys(t) if top and k in top), None)
                 if key is None:
                     return []  # not in the top-k: the judge falls back to constrained choice
-                step[t] = float(top[key])
+                step[t] = check_logprob(top[key], field=f"{at}.top_logprobs[{i}][{key!r}]")
             out.append(step)
         return out
 

@@ -25,7 +25,14 @@ from typing import Any
 from ssrengine.core.config import GenerationConfig, ModelConfig
 from ssrengine.core.errors import InputError
 from ssrengine.generation.base import Completion, Generator, Request, SamplingParams, model_name
-from ssrengine.generation.http import BACKOFF_S, HTTPClient, MalformedReply, PromptEncoder
+from ssrengine.generation.http import (
+    BACKOFF_S,
+    HTTPClient,
+    MalformedReply,
+    PromptEncoder,
+    check_logprob,
+    check_token_ids,
+)
 
 
 def sglang_sampling(s: SamplingParams) -> dict[str, Any]:
@@ -46,15 +53,19 @@ def sglang_logprob_args(s: SamplingParams, n: int) -> dict[str, Any]:
     return {"return_logprob": True, "token_ids_logprob": [list(s.logprob_token_ids)] * n}
 
 
-def parse_sglang_outputs(obj: Any, n: int, s: SamplingParams) -> list[Completion]:
-    """A batched /generate reply (or Engine.generate result) → one Completion per prompt."""
+def parse_sglang_outputs(
+    obj: Any, n: int, s: SamplingParams, vocab_size: int | None = None
+) -> list[Completion]:
+    """A batched /generate reply (or Engine.generate result) → one Completion per prompt.
+    ``vocab_size``: check every id against it (a server's reply; the in-process engine's
+    results are not checked)."""
     if not isinstance(obj, list) or len(obj) != n:
         got = f"a list of {len(obj)}" if isinstance(obj, list) else type(obj).__name__
         raise MalformedReply(f"expected a list of {n} results, got {got}")
-    return [_parse_one(o, s) for o in obj]
+    return [_parse_one(o, s, vocab_size, f"[{i}]") for i, o in enumerate(obj)]
 
 
-def _parse_one(o: dict[str, Any], s: SamplingParams) -> Completion:
+def _parse_one(o: dict[str, Any], s: SamplingParams, vocab_size: int | None, at: str) -> Completion:
     meta = o["meta_info"]
     reason = meta["finish_reason"]
     kind = reason["type"]
@@ -69,6 +80,9 @@ def _parse_one(o: dict[str, Any], s: SamplingParams) -> Completion:
     if not 0 <= generated <= len(ids):
         raise MalformedReply(f"completion_tokens {generated} for {len(ids)} output_ids")
     ids = ids[len(ids) - generated :]  # drop the prompt tail the detokenizer prepends
+    if vocab_size is not None:  # the ids asked for, plus the stop token that ended them
+        field = f"{at}.output_ids"
+        check_token_ids(ids, vocab_size=vocab_size, limit=s.max_new_tokens + 1, field=field)
     matched = reason.get("matched")
     if kind == "stop" and isinstance(matched, int) and ids and ids[-1] == matched:
         ids = ids[:-1]  # the EOS/stop token, as the hf backend leaves it out
@@ -79,8 +93,9 @@ def _parse_one(o: dict[str, Any], s: SamplingParams) -> Completion:
         need = max(1, len(ids)) if s.max_new_tokens > 0 else 0
         if len(steps) < need:
             raise MalformedReply(f"{len(steps)} logprob positions for {len(ids)} tokens")
-        for step in steps[:need]:
-            got = {int(t): float(lp) for lp, t, *_ in step}
+        for i, step in enumerate(steps[:need]):
+            field = f"{at}.meta_info.output_token_ids_logprobs[{i}]"
+            got = {int(t): check_logprob(lp, field=field) for lp, t, *_ in step}
             missing = [t for t in s.logprob_token_ids if t not in got]
             if missing:
                 raise MalformedReply(f"token_ids_logprob misses ids {missing}")
@@ -140,6 +155,8 @@ class SGLangHTTPGenerator(Generator):
             timeout_s=gen.timeout_s,
             max_retries=gen.max_retries,
             concurrency=gen.concurrency,
+            deadline_s=gen.deadline_s,
+            max_reply_bytes=gen.max_reply_bytes,
             backoff_s=backoff_s,
         )
         self.url = self.client.name
@@ -165,7 +182,9 @@ class SGLangHTTPGenerator(Generator):
                 "POST",
                 "/generate",
                 payload,
-                parse=lambda obj: parse_sglang_outputs(obj, len(batch), sampling),
+                parse=lambda obj: parse_sglang_outputs(
+                    obj, len(batch), sampling, self.enc.vocab_size
+                ),
             )
 
         return [c for part in self.client.map(post, batches) for c in part]

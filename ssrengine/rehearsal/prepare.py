@@ -25,6 +25,7 @@ def train_examples(cfg: Config) -> list[Example]:
         on_invalid=cfg.data.on_invalid,
         columns=cfg.data.columns,
         max_examples=cfg.data.max_examples,
+        max_record_bytes=cfg.data.max_record_bytes,
     )
 
 

@@ -12,6 +12,7 @@ and build_stats.json whole, atomically.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
@@ -31,6 +32,7 @@ from ssrengine.core.rundir import (
     generation_key,
     verdict_key,
 )
+from ssrengine.core.urls import redact
 from ssrengine.data.records import Example, prompt_messages
 from ssrengine.generation import (
     BackendError,
@@ -248,7 +250,7 @@ def generate_rows(
         lambda e: keys[e.id],
         work,
         chunk=chunk,
-        server=g.url,
+        server=redact(g.url),
     )
 
 
@@ -273,6 +275,13 @@ def judge_rows(
 
     def work(part: Sequence[Example]) -> list[VerdictRow]:
         verdicts = judge.judge_batch(part, [candidates[e.id] for e in part])
+        for e, v in zip(part, verdicts):
+            if not math.isfinite(v.score):  # a stored verdict is reused forever: never a NaN
+                raise InputError(
+                    f"judge {judge.name} gave {e.id!r} the score {v.score!r}, not a finite "
+                    "number; not stored (the verdicts before it are)",
+                    file=str(path),
+                )
         return [
             VerdictRow(
                 id=e.id,

@@ -15,9 +15,13 @@ checkpoints/step-N/
                          weight decay, ...) and any non-tensor optimizer state, metrics summary
   rng.safetensors        torch (and CUDA) RNG state of rank 0, restored on every rank
 ```
-trainer_state.json also lists the size of every file of dcp/ and rng.safetensors (``files``):
-`checkpoint_damage` finds a missing or truncated one before anything is loaded, and the trainer
-resumes from the newest checkpoint without damage.
+trainer_state.json also lists every other file of the checkpoint (``files``: the HF export,
+adapter/, dcp/, rng.safetensors, run_config.json) with its size and SHA-256, hashed at save:
+`checkpoint_damage` finds a missing, truncated or overwritten one (a shard with bytes zeroed
+at the same size included) before anything is loaded, and the trainer resumes, and eval
+evaluates, the newest checkpoint without damage, naming each damaged newer one in a warning.
+Hashing reads the checkpoint once more at save and once at resume or eval (measured in
+docs/training.md, "Resuming"). Checkpoints written before the hashes are checked by size.
 Resuming reads dcp/ (never the export), so the optimizer state survives a change of world size
 or of train.parallel. No pickle anywhere: tensors are safetensors, everything else JSON; DCP's
 own `.metadata` (a pickle) is not written, its reader rebuilds the metadata from the safetensors
@@ -28,6 +32,7 @@ filesystem all of them see.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -91,54 +96,92 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def checkpoint_damage(path: Path) -> str | None:
-    """Why checkpoint ``path`` cannot be resumed from, as ``FILE: what is wrong``; None if it
-    can. Reads only headers and sizes: trainer_state.json, rng.safetensors, every DCP shard."""
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, streamed (hashlib reads it in 256 KiB blocks: flat memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_records(root: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``root`` but trainer_state.json (which holds them)."""
+    return {
+        str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.name != TRAINER_STATE
+    }
+
+
+def checkpoint_damage(path: Path, *, resume: bool = True) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (``resume``) or evaluated, as ``FILE:
+    what is wrong``; None if it can. Sizes and safetensors headers first, then every recorded
+    SHA-256. Evaluating needs no trainer state, only undamaged files."""
     try:
         state = read_trainer_state(path)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return f"{path / TRAINER_STATE}: unreadable ({e})"
+    if not isinstance(state, dict):
+        return f"{path / TRAINER_STATE}: not a JSON object"
     missing = [k for k in ("step", "scheduler", "optimizer") if k not in state]
-    if missing:
+    if missing and resume:
         return f"{path / TRAINER_STATE}: lacks {', '.join(missing)}"
     files = state.get("files")  # absent in checkpoints written before the list existed
+    if files is None and not resume:
+        return None  # nothing recorded to check the export against
     if files is None:
         files = {str(f.relative_to(path)): None for f in (path / DCP_DIR).glob("*.safetensors")}
         files.setdefault(RNG, None)
         if len(files) == 1:
             return f"{path / DCP_DIR}: no shard"
-    for name, size in sorted(files.items()):
+    # Checkpoints of earlier versions record a size (int) or nothing; now {"size", "sha256"}.
+    records = {k: v if isinstance(v, dict) else {"size": v} for k, v in files.items()}
+    for name, rec in sorted(records.items()):
         f = path / name
         if not f.is_file():
             return f"{f}: missing"
+        size = rec.get("size")
         if size is not None and f.stat().st_size != size:
             return f"{f}: {f.stat().st_size} bytes, written with {size} (truncated or overwritten)"
+        if f.suffix != ".safetensors":
+            continue
         try:
             with safe_open(str(f), "pt"):
                 pass
         except (OSError, SafetensorError) as e:
             return f"{f}: not a complete safetensors file ({e})"
+    for name, rec in sorted(records.items()):
+        if rec.get("sha256") and file_sha256(path / name) != rec["sha256"]:
+            return (
+                f"{path / name}: contents differ from the SHA-256 recorded at save "
+                "(overwritten or corrupted)"
+            )
     return None
 
 
-def resumable_checkpoint(ckpt_root: Path) -> Path | None:
+def resumable_checkpoint(ckpt_root: Path, *, resume: bool = True) -> Path | None:
     """The newest checkpoint without damage (each damaged newer one named in a warning); None
-    when there is no checkpoint. Raises InputError when every checkpoint is damaged."""
+    when there is no checkpoint. Raises InputError when every checkpoint is damaged.
+    ``resume`` False: the checkpoint eval reads (`verified_checkpoint`)."""
+    use = "resumed from" if resume else "evaluated"
     found = list_checkpoints(ckpt_root)
     damage = []
     for _, path in reversed(found):
-        why = checkpoint_damage(path)
+        why = checkpoint_damage(path, resume=resume)
         if why is None:
             return path
-        log.warning("damaged checkpoint, not resumed from: %s", why)
+        log.warning("damaged checkpoint, not %s: %s", use, why)
         damage.append(why)
     if damage:
         raise InputError(
-            f"no checkpoint can be resumed from ({'; '.join(damage)}); delete {ckpt_root} to "
+            f"no checkpoint can be {use} ({'; '.join(damage)}); delete {ckpt_root} to "
             "train from scratch",
             file=str(ckpt_root),
         )
     return None
+
+
+def verified_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint eval reads: the newest without damage (`resumable_checkpoint`)."""
+    return resumable_checkpoint(ckpt_root, resume=False)
 
 
 def tied_aliases(model: nn.Module) -> set[str]:
@@ -209,13 +252,12 @@ def save_checkpoint(
             rng["cuda"] = torch.cuda.get_rng_state(world.device)
         save_file(rng, str(tmp / RNG))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        files = [tmp / RNG, *sorted((tmp / DCP_DIR).glob("*.safetensors"))]
         state = {
             "step": step,
             "scheduler": sched,
             "optimizer": optim_json,
             "world_size": world.size,
-            "files": {str(f.relative_to(tmp)): f.stat().st_size for f in files},
+            "files": _file_records(tmp),  # every rank's shards are written by now
             **extra,
         }
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")

@@ -14,11 +14,10 @@ from typing import Any
 
 from ssrengine.core.config import Config
 from ssrengine.core.errors import InputError
-from ssrengine.core.rundir import MetricRow
+from ssrengine.core.rundir import MetricRow, RunDir
 
 # tracker -> the package (and module) it needs
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
-TENSORBOARD_DIR = "tensorboard"
 PROJECT = "ssrengine"
 
 
@@ -51,7 +50,8 @@ class Reporters:
     """The trackers of train.report_to, a training callback (`ssrengine.training.callbacks`):
     each metrics row on step end, closed at train end."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, *, start_step: int = 0) -> None:
+        """``start_step``: the step training starts from (the resumed checkpoint's, else 0)."""
         names = cfg.train.report_to
         check(names)
         self._tb: Any = None
@@ -59,7 +59,12 @@ class Reporters:
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
+            # purge_step hides the events of steps >= start_step already in the directory (a
+            # run killed after its last checkpoint, or a training before this one that was
+            # deleted but for tensorboard/): one point per step, as metrics.jsonl has.
+            self._tb = SummaryWriter(
+                log_dir=str(RunDir(Path(run_dir)).tensorboard), purge_step=start_step
+            )
         for name in ("wandb", "trackio"):
             if name in names:
                 mod = importlib.import_module(name)

@@ -21,7 +21,6 @@ The pieces: `loss` (the step's loss and backward), `net` (the trainable module),
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -39,7 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ssrengine.core.config import Config
 from ssrengine.core.errors import InputError, Stopped
-from ssrengine.core.io import atomic_write_jsonl
+from ssrengine.core.io import atomic_write_jsonl, json_text, open_append
 from ssrengine.core.rows import read_typed
 from ssrengine.core.rundir import MetricRow, RehearsalRow, RunDir
 from ssrengine.models import flops
@@ -53,6 +52,7 @@ from ssrengine.training.checkpoint import (
     read_trainer_state,
     resumable_checkpoint,
 )
+from ssrengine.training.divergence import DivergenceGuard
 from ssrengine.training.loss import accumulate, to_device
 from ssrengine.training.net import bf16_dtypes, build_model
 from ssrengine.training.optim import build_optimizer, planned_steps, resolve_steps, sync_lr
@@ -250,6 +250,7 @@ def train(
     *,
     rows: list[RehearsalRow] | None = None,
     require_resume: bool = False,
+    on_start: Callable[[], None] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> Path:
     """Train on ``rows`` (default: run_dir/rehearsal.jsonl); returns the final checkpoint dir.
@@ -257,9 +258,17 @@ def train(
 
     Resumes from the newest complete checkpoint in run_dir/checkpoints; a finished run is a no-op.
     Under torchrun every rank calls it; metrics and progress come from rank 0. Log lines go
-    above the progress bar."""
+    above the progress bar. ``on_start`` runs once every refusal (damaged checkpoints, the data)
+    has passed, before the first write to run_dir."""
     with logging_redirect_tqdm():
-        return _train(cfg, run_dir, rows=rows, require_resume=require_resume, callbacks=callbacks)
+        return _train(
+            cfg,
+            run_dir,
+            rows=rows,
+            require_resume=require_resume,
+            on_start=on_start,
+            callbacks=callbacks,
+        )
 
 
 def _train(
@@ -268,6 +277,7 @@ def _train(
     *,
     rows: list[RehearsalRow] | None = None,
     require_resume: bool = False,
+    on_start: Callable[[], None] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> Path:
     t = cfg.train
@@ -287,15 +297,19 @@ def _train(
     tr = setup(cfg, run_dir, rows=rows, resume=latest)
     if latest is not None and done >= tr.cfg.train.max_steps:  # train.epochs, resolved
         return _finished(latest, done, tr.cfg.train.max_steps)
+    if on_start is not None:
+        on_start()
     t = tr.cfg.train  # train.max_steps resolved
     main = tr.world.is_main
-    reporters = reporting.Reporters(cfg, run_dir) if main else None
+    reporters = reporting.Reporters(cfg, run_dir, start_step=tr.step) if main else None
     # Piped or redirected stderr: no \r progress bar, a plain log line every few steps.
     tty = sys.stderr.isatty()
     plain = [] if tty else [ProgressLog(t.max_steps, t.log_every)]
     cbs = Callbacks([reporters, *plain, *user_callbacks]) if main else None
     if cbs is not None:
         tr.save = _notify_checkpoint(tr.save, cbs)  # every save: step-N, interrupted, best
+    vocab = tr.hf_model.get_output_embeddings().weight.shape[0]
+    guard = DivergenceGuard(vocab, t.divergence_factor)
     metrics_path = RunDir(run_dir).metrics
     if main:
         _truncate_metrics(metrics_path, tr.step)
@@ -308,7 +322,7 @@ def _train(
         dynamic_ncols=True,
         **({} if main and tty else {"disable": True}),  # TQDM_DISABLE still works on rank 0
     )
-    with open(metrics_path, "a") if main else nullcontext() as mf, StopRequests(tr):
+    with open_append(metrics_path) if main else nullcontext() as mf, StopRequests(tr):
         try:
             while tr.step < t.max_steps:
                 t0 = time.perf_counter()
@@ -318,9 +332,11 @@ def _train(
                 eval_loss = validation.at_step(tr) if s.applied else None
                 if not s.applied:
                     _nonfinite(tr, s)
+                elif (why := guard.check(s.loss)) is not None:
+                    _diverged(tr, why)
                 elif main:
                     row = _metrics_row(tr, s, dt, eval_loss)
-                    mf.write(json.dumps(row.to_json()) + "\n")
+                    mf.write(json_text(row.to_json()) + "\n")
                     mf.flush()
                     cbs.on_step_end(row)
                     if eval_loss is not None:
@@ -391,4 +407,22 @@ def _nonfinite(tr: Trainer, s: StepStats) -> None:
         what,
         tr.skipped,
         limit,
+    )
+
+
+def _diverged(tr: Trainer, why: str) -> None:
+    """Stop before this step is recorded or checkpointed (every rank saw the same loss). The
+    loss was measured before this step's update: with the weights of step ``tr.step - 1``."""
+    last = resumable_checkpoint(tr.ckpt_root)
+    where = ""
+    if last is not None:
+        step = read_trainer_state(last)["step"]
+        where = (
+            f" (the last checkpoint, {last.name}, holds the weights that gave this loss)"
+            if step == tr.step - 1
+            else f" (the last checkpoint, {last.name}, stays resumable)"
+        )
+    raise InputError(
+        f"step {tr.step}: training diverged: {why}; stopped, nothing saved{where}: lower "
+        "train.lr (or raise train.divergence_factor; 0 = off)"
     )

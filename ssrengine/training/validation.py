@@ -61,7 +61,11 @@ def eval_file_rows(cfg: Config) -> list[RehearsalRow]:
 
     path = resolve_data_file(cfg.data.eval_file, cfg.data.seed)
     examples = load_examples(
-        path, split=cfg.data.eval_split, on_invalid=cfg.data.on_invalid, columns=cfg.data.columns
+        path,
+        split=cfg.data.eval_split,
+        on_invalid=cfg.data.on_invalid,
+        columns=cfg.data.columns,
+        max_record_bytes=cfg.data.max_record_bytes,
     )
     return [RehearsalRow.of(e) for e in examples]
 
