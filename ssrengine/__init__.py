@@ -110,11 +110,19 @@ def train(config: ConfigLike, *, resume: bool = False, callbacks: _Sequence[Call
         return run_stage(_config(config), "train", resume=resume)
 
 
-def export(run_dir: str | _os.PathLike[str], fmt: str = "trl", out: str | None = None) -> Path:
-    """A run's rehearsal set for another trainer (see ssrengine.export); returns its directory."""
+def export(
+    run_dir: str | _os.PathLike[str],
+    fmt: str = "trl",
+    out: str | None = None,
+    *,
+    checkpoint: str | None = None,
+) -> Path:
+    """A run's rehearsal set for another trainer (``fmt="trl"``) or a checkpoint as an HF
+    model directory (``fmt="hf"``, LoRA merged; ``checkpoint``: step-N or best, default the
+    newest) (see ssrengine.export); returns its directory."""
     from ssrengine.export import export as export_run
 
-    return export_run(run_dir, fmt, out)
+    return export_run(run_dir, fmt, out, checkpoint=checkpoint)
 
 
 def render(config: ConfigLike, n: int = 3, *, tokens: bool = False) -> str:

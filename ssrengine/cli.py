@@ -36,7 +36,8 @@ COMMANDS = {
     "eval": f"task metrics + retention of a run or a model -> OUT/{rundir.EVAL}/eval.json",
     "report": "one table and plots across evaluated runs -> markdown/HTML report",
     "render": "print the first --n training prompts as the model sees them, target marked",
-    "export": f"a run's {rundir.REHEARSAL} for another trainer (--format trl) -> RUN/export/",
+    "export": f"a run's {rundir.REHEARSAL} for another trainer (--format trl), or a checkpoint "
+    "as an HF model (--format hf) -> RUN/export/",
     "config": "print the resolved config (or --markdown: the key reference)",
     "models": "fetch an embedded model into the cache (python -m ssrengine models fetch NAME)",
     "datasets": "write the embedded dataset or convert a public one (python -m ssrengine datasets -h)",
@@ -87,7 +88,18 @@ def _add_arguments(s: argparse.ArgumentParser, name: str, command: str | None) -
         from ssrengine.export import FORMATS
 
         s.add_argument("run", help="run directory")
-        s.add_argument("--format", choices=FORMATS, default="trl")
+        s.add_argument(
+            "--format",
+            choices=FORMATS,
+            default="trl",
+            help="trl: the rehearsal set in TRL's prompt-completion format; hf: a checkpoint as "
+            "a standalone HF model directory (LoRA: merged)",
+        )
+        s.add_argument(
+            "--checkpoint",
+            metavar="step-N|best",
+            help="--format hf: which checkpoint (default the newest undamaged one)",
+        )
         s.add_argument("--out", help="output directory (default RUN/export/FORMAT)")
         return
     s.add_argument("--config", help="TOML run config (e.g. configs/demo.toml)")
@@ -225,7 +237,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: l
             if args.command == "export":
                 from ssrengine.export import export
 
-                print(export(args.run, args.format, args.out))
+                print(export(args.run, args.format, args.out, checkpoint=args.checkpoint))
                 return 0
             from ssrengine.evaluation.report import main as report_main
 

@@ -162,3 +162,25 @@ def test_generated_text_with_separators_round_trips_through_the_stages(tiny_mode
     run_build(cfg, tmp_path, own)
     rehearsal = read_rows(tmp_path / "rehearsal.jsonl")
     assert [(r["source"], r["target"]) for r in rehearsal] == [("self", answers[e.id]) for e in own]
+
+
+def test_checkpoint_on_full_disk_needs_at_least_what_it_wrote(tmp_path):
+    """A LoRA run's final checkpoint adds the merged model to the adapter-only ones before it:
+    the space it needs is then more than the newest complete checkpoint, at least what it wrote."""
+    from ssrengine.core.diskfull import disk_full_error
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step-1").mkdir(parents=True)
+    (ckpts / "step-1" / "adapter.bin").write_bytes(b"x" * 1000)
+    (ckpts / ".step-2.tmp").mkdir()
+    (ckpts / ".step-2.tmp" / "model.safetensors").write_bytes(b"x" * 5000)
+    e = disk_full_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert str(e).startswith(
+        f"{ckpts / '.step-2.tmp'}: disk full: writing this needs more than 4.9 KiB"
+    )
+    assert not (ckpts / ".step-2.tmp").exists() and (ckpts / "step-1").is_dir()
+    # A smaller partial write: the newest complete checkpoint's size.
+    (ckpts / ".step-2.tmp").mkdir()
+    (ckpts / ".step-2.tmp" / "a").write_bytes(b"x" * 10)
+    e = disk_full_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert "writing this needs 1000 bytes" in str(e)

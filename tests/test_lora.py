@@ -1,6 +1,7 @@
-"""LoRA through peft: training lowers the loss on the tiny model, the checkpoint holds a peft
-adapter and a merged HF export that transformers reloads with the adapter's exact function,
-and a resumed LoRA run (adapter + AdamW state from DCP, dropout RNG) is bit-identical."""
+"""LoRA through peft: training lowers the loss on the tiny model, the final checkpoint holds a
+peft adapter and a merged HF export that transformers reloads with the adapter's exact
+function, and a LoRA run resumed from an adapter-only checkpoint (adapter + AdamW state from
+DCP, dropout RNG) is bit-identical. tests/test_lora_export.py: the adapter-only checkpoints."""
 
 import json
 import shutil
@@ -78,12 +79,17 @@ def test_lora_resume_is_exact(lora_run, tiny_model_dir, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS}")
+    # What is resumed from: the adapter and the trainer state, no merged model.
+    middle = resumed / "checkpoints" / f"step-{STEPS // 2}"
+    assert (middle / "dcp").is_dir() and not (middle / "model.safetensors").exists()
     out = train(load_config(None, _args(tiny_model_dir, resumed)), resumed, require_resume=True)
-    a = load_file(str(final / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        a, b = load_file(str(final / name)), load_file(str(out / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(
+                a[k], b[k], rtol=0, atol=1e-6, msg=lambda m, k=k, n=name: f"{n} {k}: {m}"
+            )
     # Resuming needs only the trainable weights: the frozen base stays out of dcp/.
     meta = HuggingFaceStorageReader(str(final / "dcp")).read_metadata()
     weights = [k for k in meta.state_dict_metadata if k.startswith("model.")]

@@ -494,7 +494,7 @@ class TrainConfig:
     )
     lora: bool = _f(
         False,
-        "Train LoRA adapters (peft) instead of all weights; checkpoints hold the adapter (`adapter/`) and a merged HF export.",
+        "Train LoRA adapters (peft) instead of all weights; every checkpoint holds the adapter (`adapter/`) and the resume state, the final one also the merged model (`export --format hf` merges any other).",
     )
     lora_r: int = _f(8, "LoRA rank (S3FT used r = 8).", ge=1)
     lora_alpha: int = _f(16, "LoRA scaling numerator: the update is scaled by alpha / r.", gt=0)

@@ -48,7 +48,8 @@ def disk_full_error(exc: BaseException, run_dir: str | Path) -> DiskFullError | 
 
     A checkpoint being written (``checkpoints/.step-N.tmp``, see checkpoint.save_checkpoint)
     is named and removed, as it can never be used and holds the space the user must free; the
-    space it needs is the size of the newest complete checkpoint, when there is one."""
+    space it needs is the size of the newest complete checkpoint, when there is one and it is
+    larger than what was written."""
     for e in _chain(exc):
         if isinstance(e, DiskFullError):
             return e
@@ -62,9 +63,11 @@ def disk_full_error(exc: BaseException, run_dir: str | Path) -> DiskFullError | 
     if partial:
         path = partial[-1]
         complete = sorted(ckpts.glob("step-*"), key=lambda p: p.stat().st_mtime)
-        # No complete one to measure: what was written before the disk filled is a lower bound.
-        needed = _tree_size(complete[-1] if complete else path)
-        at_least = not complete
+        # No complete one to measure, or one smaller than what was written before the disk
+        # filled (a LoRA run's final checkpoint adds the merged model): a lower bound.
+        written = _tree_size(path)
+        needed = max(_tree_size(complete[-1]), written) if complete else written
+        at_least = not complete or written >= needed
         for p in partial:
             shutil.rmtree(p, ignore_errors=True)
     try:

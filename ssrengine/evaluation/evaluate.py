@@ -6,6 +6,8 @@ model's own answers' likelihood, lm-eval where installed).
 
 RUN_OR_MODEL is a run directory (its newest checkpoint and its config.json: system prompt,
 generation settings, base model) or a model (directory or embedded name: evaluated as a base).
+A LoRA checkpoint without the merged model (the newest of an interrupted run) is merged once
+into RUN/export/merged-step-N (`ssrengine.models.lora.hf_dir`).
 Everything goes to OUT/eval/ (OUT = the run dir, or --out; files in `rundir.EvalDir`):
 generations as resumable row files (a killed eval resumes), per-example details, and eval.json.
 """
@@ -63,6 +65,7 @@ from ssrengine.generation import Generator
 from ssrengine.generation.hf import HFGenerator
 from ssrengine.models.fetch import EMBEDDED, resolve_model_path
 from ssrengine.models.loading import load_model, load_tokenizer, pick_device
+from ssrengine.models.lora import hf_dir
 from ssrengine.rehearsal.judge import gold_declines
 from ssrengine.rehearsal.prepare import prepare
 from ssrengine.rehearsal.stages import generate_rows, open_generator
@@ -154,7 +157,8 @@ def resolve_target(
             name=p.name,
             kind="run",
             mode=cfg.run.mode,
-            model=str(ckpt),
+            # A LoRA checkpoint but the final one holds the adapter only: merged once here.
+            model=str(hf_dir(ckpt, cfg)),
             base=base or cfg.model.path,
             out=Path(out) if out else p,
             run_dir=p,

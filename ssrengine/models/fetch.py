@@ -298,6 +298,13 @@ def resolve_model_path(path: str) -> Path:
             f"id such as HuggingFaceTB/SmolLM2-135M-Instruct, or one of: {', '.join(EMBEDDED)})",
             field="model.path",
         )
+    if not (p / "config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
+        raise InputError(
+            f"{path!r} is a LoRA checkpoint holding the adapter only (a run's final checkpoint "
+            "also holds the merged model): evaluate the run directory, or write an HF "
+            f"directory with `python -m ssrengine export RUN --format hf --checkpoint {p.name}`",
+            field="model.path",
+        )
     if not (p / "config.json").is_file():
         raise InputError(
             f"{path!r} has no config.json; not a Hugging Face model directory", field="model.path"

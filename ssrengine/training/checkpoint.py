@@ -1,8 +1,10 @@
-"""Checkpoints: an HF directory `from_pretrained` and SGLang load, plus sharded trainer state.
+"""Checkpoints: trainer state to resume from, and an HF directory `from_pretrained` and SGLang load.
 
 ```
 checkpoints/step-N/
-  config.json, model.safetensors, tokenizer files   HF export (rank 0, full weights; LoRA: merged)
+  config.json, model.safetensors                    HF export (rank 0, full weights); LoRA: the
+                         merged model, in the run's final checkpoint only (`hf_export` below)
+  tokenizer files        tokenizer and chat template (every checkpoint)
   adapter/               LoRA only: adapter_config.json + adapter_model.safetensors (peft)
   dcp/                   torch.distributed.checkpoint in safetensors (HuggingFaceStorageWriter):
     shard-0000R-model-00001-of-00001.safetensors   one per rank R (1-based) that holds tensors:
@@ -12,9 +14,16 @@ checkpoints/step-N/
                          loads on any world size; replicated tensors are written by one rank
   run_config.json        the resolved ssrengine config
   trainer_state.json     step, data position, scheduler, optimizer param groups (lr, betas,
-                         weight decay, ...) and any non-tensor optimizer state, metrics summary
+                         weight decay, ...) and any non-tensor optimizer state, metrics summary,
+                         ``hf_export`` (whether config.json + weights are here)
   rng.safetensors        torch (and CUDA) RNG state of rank 0, restored on every rank
 ```
+Full fine-tuning: every checkpoint is an HF directory. LoRA: every checkpoint holds the
+adapter and the resume state (43 MB for SmolLM2-135M at r = 8, all-linear: adapter 10 MB,
+adapter + AdamW moments in dcp/ 30 MB, tokenizer 3.5 MB), and only the one that reaches
+train.max_steps also holds the merged model (a copy of the whole model in model.dtype: 538 MB
+more in fp32, ~28 GB at 7B). `ssrengine.models.lora.hf_dir` merges an adapter-only checkpoint
+on demand (eval of an interrupted run; `export --format hf --checkpoint step-N`).
 trainer_state.json also lists every other file of the checkpoint (``files``: the HF export,
 adapter/, dcp/, rng.safetensors, run_config.json) with its size and SHA-256, hashed at save:
 `checkpoint_damage` finds a missing, truncated or overwritten one (a shard with bytes zeroed
@@ -220,9 +229,12 @@ def save_checkpoint(
     keep: int,
     peft_model: Any = None,
     prefix: str = "model.",
+    merged: bool = True,
 ) -> Path:
     """Collective: every rank calls it. ``model`` is the (wrapped) module the optimizer trains,
-    ``hf_model`` the transformers model inside it under ``prefix``; ``peft_model`` for LoRA."""
+    ``hf_model`` the transformers model inside it under ``prefix``; ``peft_model`` for LoRA.
+    ``merged``: with LoRA, also write the merged HF export (the run's final checkpoint);
+    without, the adapter only. Full fine-tuning always writes the HF export."""
     world = distributed.init()
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".step-{step}.tmp"
@@ -244,7 +256,8 @@ def save_checkpoint(
             raise
     weights = full_state_dict(distributed.unwrap(model), prefix)
     if world.is_main:
-        _export_hf(tmp, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg)
+        hf_export = peft_model is None or merged
+        _export_hf(tmp, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg, merged=merged)
         tokenizer.save_pretrained(tmp)
         (tmp / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         rng = {"torch": torch.get_rng_state()}
@@ -257,6 +270,7 @@ def save_checkpoint(
             "scheduler": sched,
             "optimizer": optim_json,
             "world_size": world.size,
+            "hf_export": hf_export,
             "files": _file_records(tmp),  # every rank's shards are written by now
             **extra,
         }
@@ -330,22 +344,37 @@ def _stream_dcp_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _export_hf(
-    out: Path, weights: dict[str, torch.Tensor], *, hf_model: Any, peft_model: Any, cfg: Config
+    out: Path,
+    weights: dict[str, torch.Tensor],
+    *,
+    hf_model: Any,
+    peft_model: Any,
+    cfg: Config,
+    merged: bool = True,
 ) -> None:
     with quiet_transformers():  # no "Writing model shards" bar under ours
-        _export_hf_files(out, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg)
+        _export_hf_files(
+            out, weights, hf_model=hf_model, peft_model=peft_model, cfg=cfg, merged=merged
+        )
 
 
 def _export_hf_files(
-    out: Path, weights: dict[str, torch.Tensor], *, hf_model: Any, peft_model: Any, cfg: Config
+    out: Path,
+    weights: dict[str, torch.Tensor],
+    *,
+    hf_model: Any,
+    peft_model: Any,
+    cfg: Config,
+    merged: bool = True,
 ) -> None:
     if peft_model is None:
         hf_model.save_pretrained(out, state_dict=weights, safe_serialization=True)
         return
     from ssrengine.models import lora
 
-    lora.save_adapter(peft_model, weights, out / "adapter")
-    lora.export_merged(out / "adapter", cfg, out)
+    lora.save_adapter(peft_model, weights, out / lora.ADAPTER)
+    if merged:
+        lora.export_merged(out / lora.ADAPTER, cfg, out)
 
 
 def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

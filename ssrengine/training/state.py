@@ -102,6 +102,7 @@ class Trainer:
             cfg=self.cfg,
             extra={"micro_batches": self.consumed, "nonfinite_skipped": self.skipped, **extra},
             keep=self.cfg.train.keep_checkpoints,
+            merged=self.step >= self.cfg.train.max_steps,  # LoRA: merged model at the end only
         )
 
 
