@@ -56,7 +56,15 @@ def _train(tiny, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tmp_path_factory):
-    return _train(tiny_model_dir, tmp_path_factory.mktemp("lora"), "--train.lora=true")
+    # Validation every step: train.keep_best makes checkpoints/best of one of them.
+    return _train(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("lora"),
+        "--train.lora=true",
+        "--data.eval_fraction=0.3",
+        "--train.keep_best=true",
+        "--train.eval_every=1",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +202,28 @@ def test_export_hf_of_a_lora_run(lora_run, tiny_model_dir, tmp_path, capsys):
         == 0
     )
     assert json.loads((dest / SOURCE).read_text())["checkpoint"] == "step-2"
+
+
+def test_export_hf_of_the_best_lora_checkpoint(lora_run, tmp_path):
+    best = RunDir(lora_run).checkpoints / "best"
+    step = read_trainer_state(best)["step"]  # the lowest validation loss: here the last step
+    assert read_trainer_state(best)["hf_export"] is (step == STEPS)
+    # checkpoints/best of a run whose best step came before its last: adapter only.
+    run = tmp_path / "earlier-best"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("export"))
+    shutil.rmtree(run / "checkpoints" / "best")
+    shutil.copytree(_ckpt(run, 1), run / "checkpoints" / "best")
+    for name in ("step-1", "best"):
+        dest = tmp_path / name
+        assert (
+            cli_main(["export", str(run), "--format=hf", f"--checkpoint={name}", f"--out={dest}"])
+            == 0
+        )
+        assert json.loads((dest / SOURCE).read_text())["checkpoint"] == name
+    torch.testing.assert_close(
+        _logits(tmp_path / "best"), _logits(tmp_path / "step-1"), rtol=0, atol=0
+    )
+    assert hf_dir(run / "checkpoints" / "best") == run / "export" / "merged-best"
 
 
 def test_export_hf_of_a_full_run(full_run, tmp_path):

@@ -12,7 +12,9 @@
     tensorboard/             TensorBoard event files (train.report_to)    train stage
     provenance.json          Provenance per stage: what its output was made from
     eval/                    see `EvalDir`                                eval
-    export/FORMAT/           the rehearsal set for another trainer        export
+    export/trl/              the rehearsal set for another trainer        export
+    export/hf/               a checkpoint as an HF model (LoRA: merged)   export --format hf
+    export/merged-step-N/    a LoRA checkpoint merged on demand (models.lora.hf_dir)  eval
 
 Here: the paths (`RunDir`, `EvalDir`) and the rows of the pipeline's stages. Every row is a
 `ssrengine.core.rows.Row`; provenance.json is `ssrengine.core.provenance`, the rows of eval/
