@@ -218,7 +218,7 @@ def install(
         if profiling:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 s = orig_step(tr)
-            phases.profile = top_ops(prof, time.process_time() - c0)
+            phases.profile = top_ops(prof, time.perf_counter() - w0)
         else:
             s = orig_step(tr)
         row = dict(phases.step)
@@ -250,15 +250,17 @@ def install(
 PHASES = ("data", "forward", "backward", "optimizer", "other")
 
 
-def top_ops(prof: Any, cpu_s: float, n: int = 15) -> list[dict[str, Any]]:
-    """The ``n`` ops with the most self CPU time in a profiled step, with their share of it."""
+def top_ops(prof: Any, step_s: float, n: int = 15) -> list[dict[str, Any]]:
+    """The ``n`` ops with the most self CPU time in a profiled step, with their share of the
+    step's wall time: the profiler's own clock (an op's self time is wall time between its
+    start and end on its thread), so a descheduled process does not push the shares past 1."""
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return [
         {
             "op": e.key,
             "self_cpu_s": round(e.self_cpu_time_total / 1e6, 4),
             "calls": e.count,
-            "share_of_step": round(e.self_cpu_time_total / 1e6 / cpu_s, 4),
+            "share_of_step": round(e.self_cpu_time_total / 1e6 / step_s, 4),
         }
         for e in rows[:n]
     ]
