@@ -28,7 +28,14 @@ from ssrengine.core.provenance import (
     write_provenance,
 )
 from ssrengine.core.rows import Row, content_hash, read_typed
-from ssrengine.core.rundir import BuildStats, MetricRow, RehearsalRow, RunDir
+from ssrengine.core.rundir import (
+    BuildStats,
+    GenerationRow,
+    MetricRow,
+    RehearsalRow,
+    RunDir,
+    VerdictRow,
+)
 from ssrengine.core.runlock import check_run_dir
 from ssrengine.data.records import Example
 from ssrengine.rehearsal import stages
@@ -157,6 +164,7 @@ def run_stage(
     run_dir = check_run_config(cfg)
     rd = RunDir(run_dir)
     if stage == "generate":
+        _check_rows(rd.generations, GenerationRow)
         save_config(cfg, run_dir)
         gens = stages.run_generate(cfg, run_dir, examples)
         inputs = content_hash([e.to_record() for e in examples])
@@ -164,6 +172,7 @@ def run_stage(
         return gens
     if stage == "judge":
         generated = _samples_hash(cfg, run_dir, examples)  # refuses stale generations first
+        _check_rows(rd.verdicts, VerdictRow)
         save_config(cfg, run_dir)
         verdicts = stages.run_judge(cfg, run_dir, examples)
         rejected = [e for e in examples if not verdicts[e.id].accept]
@@ -181,6 +190,14 @@ def run_stage(
     _record(cfg, rd, stage, inputs, rows_hash(read_typed(rd.rehearsal, RehearsalRow)))
     print(f"rehearsal set ({cfg.run.mode}):\n{format_stats(stats)}")
     return stats
+
+
+def _check_rows(path: Path, cls: type[Row]) -> None:
+    """A stage file's rows, read before config.json is saved: a damaged one (not UTF-8, a row
+    of the wrong shape) stops the command with the run directory as it was."""
+    if path.exists():
+        for _ in read_typed(path, cls):
+            pass
 
 
 def check_rehearsal(cfg: Config, rd: RunDir, *, settings: dict[str, Any] | None = None) -> str:

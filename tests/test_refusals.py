@@ -129,6 +129,11 @@ def generations_is_a_link(ctx: Ctx) -> None:
     (ctx.run / "generations.jsonl").symlink_to(victim)
 
 
+def damaged_generations(ctx: Ctx) -> None:
+    with open(ctx.run / "generations.jsonl", "a") as f:
+        f.write("[1, 2]\n")  # a row of the wrong shape
+
+
 # (id, state, setup on a copy of it, command, fragment of the one error line)
 REFUSALS: list[tuple[str, str, Callable[[Ctx], None] | None, str, str]] = [
     ("changed settings", "trained_sft", None, T + "--run.mode=sft --train.seed=1",
@@ -155,6 +160,8 @@ REFUSALS: list[tuple[str, str, Callable[[Ctx], None] | None, str, str]] = [
      "run/.lock: is a symbolic link; files in a run directory are not written through links"),
     ("stage file is a symlink", "empty", generations_is_a_link, "generate --config {cfg}",
      "run/generations.jsonl: is a symbolic link"),
+    ("damaged stage file", "generated", damaged_generations, "generate --config {cfg}",
+     "generations.jsonl:7: corrupt row in a stage output"),
     ("export without rehearsal", "generated", None, "export {run}", "rehearsal.jsonl: missing"),
     ("eval without checkpoint", "built_sft", None, "eval {run}", "no finished checkpoint"),
 ]  # fmt: skip
