@@ -4,13 +4,23 @@ SSR trains on assistant targets from two sources (the model's own answer or the 
 ignores every prompt token. At Llama-3's 128,256-token vocabulary the [tokens x vocab] logits
 dominate activation memory, so neither path here ever holds them:
 
-- `impl="torch"` (this file): rows are compacted to the supervised tokens, then processed in
+- `impl="torch"` (torch_cross_entropy.py): rows are compacted to the supervised tokens, then processed in
   chunks of rows, so at most one [chunk, V] tile of logits exists. With reduction "sum" (the
   training case) the gradient is computed in the forward pass chunk by chunk — (softmax -
   onehot) @ W and its transpose, Liger-Kernel's trick — so backward is only a scale. It is the
   CPU training path, the test oracle of the Triton kernels and the benchmark baseline.
 - `impl="triton"` (triton_cross_entropy.py): tiles the vocabulary with an online log-sum-exp and
   recomputes logit tiles in backward (Apple's cut-cross-entropy design), with no host sync.
+
+Beyond plain cross-entropy, both paths take what Liger-Kernel and cut-cross-entropy take: an
+lm_head ``bias``, final-logit ``softcap`` (Gemma-2: z -> c * tanh(z / c)), ``label_smoothing``
+(F.cross_entropy's definition) and a ``z_loss`` coefficient (PaLM / OLMo: + coef * lse^2 per
+token), each with per-token weights; ``return_lse`` also returns every token's log-sum-exp,
+differentiable. Every one of them reduces to per-row coefficients of the logit gradient
+(`torch_cross_entropy.logit_coefficients`), so no pass holds more than one [rows, V] tile
+either way.
+
+This file is the API: argument checks, the reductions and the scorer.
 
 Loss normalization for training (torchtitan/torchtune): count the supervised tokens of the
 whole optimizer step first (all micro-batches, all ranks), then per micro-batch call
@@ -26,20 +36,28 @@ which need a host sync (see `_validate_values`).
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
 
-# Label of a token without a target, as torch.nn.functional.cross_entropy's default.
-IGNORE_INDEX = -100
+from .torch_cross_entropy import IGNORE_INDEX, filter_eps_for, torch_linear_cross_entropy
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KernelInputError",
+    "LossWithLSE",
+    "SequenceScores",
+    "filter_eps_for",
+    "fused_linear_cross_entropy",
+    "sequence_log_likelihood",
+    "torch_linear_cross_entropy",
+]
 
 Reduction = Literal["sum", "mean", "none"]
 Impl = Literal["auto", "torch", "triton"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Logits of one row chunk of the torch path: about this many fp32 bytes. 64 MiB keeps the CPU
-# matmuls large enough to run near peak while staying far below the [N, V] logits.
-CHUNK_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -64,9 +82,10 @@ def _check_args(
     impl: str,
     normalizer: torch.Tensor | float | None,
     autocast: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> None:
     """Shapes, dtypes, devices and options: metadata only, never a host sync. ``autocast``:
-    weight may differ from hidden's dtype (it is cast inside the kernel's autograd node)."""
+    weight and bias may differ from hidden's dtype (cast inside the kernel's autograd node)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise _bad("hidden", f"must be a 2-D tensor [N, H], got shape {_shape(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -87,6 +106,12 @@ def _check_args(
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise _bad("labels", f"dtype {labels.dtype} is not an integer dtype")
     tensors = {"weight": weight, "labels": labels}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise _bad("bias", f"must have shape ({weight.shape[0]},), got {_shape(bias)}")
+        if bias.dtype not in _FLOAT_DTYPES or (bias.dtype != weight.dtype and not autocast):
+            raise _bad("bias", f"dtype {bias.dtype} differs from weight's {weight.dtype}")
+        tensors["bias"] = bias
     if token_weights is not None:
         if not isinstance(token_weights, torch.Tensor) or token_weights.shape != (n,):
             raise _bad("token_weights", f"must have shape ({n},), got {_shape(token_weights)}")
@@ -109,6 +134,22 @@ def _check_args(
             raise _bad("normalizer", "cannot be combined with reduction='mean' (use 'sum')")
         if not isinstance(normalizer, torch.Tensor) and not normalizer >= 0:
             raise _bad("normalizer", f"{normalizer!r} is negative or NaN")
+
+
+def _check_logit_options(
+    softcap: float | None, label_smoothing: float, z_loss: float, grad_filter: bool
+) -> None:
+    """The scalar options of the loss (plain floats: no host sync)."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise _bad("softcap", f"{softcap!r} is not a positive finite number (None: no capping)")
+    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing <= 1):
+        raise _bad("label_smoothing", f"{label_smoothing!r} is not in [0, 1]")
+    if not (isinstance(z_loss, (int, float)) and 0 <= z_loss < math.inf):
+        raise _bad("z_loss", f"{z_loss!r} is not a finite number >= 0")
+    if grad_filter and label_smoothing > 0:
+        # Smoothing puts label_smoothing / V on every column: a skipped tile would drop a
+        # systematic share of the gradient, not a rounding error.
+        raise _bad("grad_filter", "cannot be combined with label_smoothing > 0")
 
 
 def _shape(x: object) -> object:
@@ -141,223 +182,24 @@ def _validate_values(
             )
 
 
-# ------------------------------------------------------------------------- torch reference
-def chunk_rows_for(vocab: int) -> int:
-    """Rows per chunk so that one [chunk, V] fp32 logit tile is about CHUNK_BYTES."""
-    return max(8, min(4096, CHUNK_BYTES // (4 * vocab)))
-
-
-def _exp_shifted(logits: torch.Tensor, y: torch.Tensor):
-    """In place: logits (C, V) fp32 -> exp(logits - rowmax). Returns (lse, target logit, sum of
-    exp), each (C,). One tile of memory, unlike torch.logsumexp's temporary."""
-    target = logits.gather(1, y[:, None]).squeeze(1)
-    rowmax = logits.amax(dim=1)
-    logits.sub_(rowmax[:, None]).exp_()
-    sumexp = logits.sum(dim=1)
-    return rowmax + sumexp.log(), target, sumexp
-
-
-# 16-bit products added to the fp32 grad_weight go in vocabulary slices of this many rows:
-# the (slice, H) temporary, never a (V, H) one (57 MB in bf16 for SmolLM2, 1 GB for Llama-3).
-MIXED_SLICE = 4096
-# Columns per vocabulary tile of the torch path's gradient filter: large enough that the
-# per-tile matmuls of a CPU stay efficient.
-FILTER_TILE = 1024
-
-
-def filter_eps_for(dtype: torch.dtype) -> float:
-    """The gradient-filter threshold of a compute dtype: its machine epsilon / 32, as in
-    cut-cross-entropy ("auto"): 2^-12 for bf16, 2^-15 for fp16, 2^-28 for fp32. A logit
-    gradient below it is lost to rounding once added to the ~1-sized entries around it."""
-    return torch.finfo(dtype).eps / 32
-
-
-def _kept_tiles(
-    e: torch.Tensor, sumexp: torch.Tensor, y: torch.Tensor, eps: float
-) -> list[tuple[int, int]]:
-    """Column ranges of the vocabulary tiles to keep: e (C, V) = exp(logits - shift) with row
-    sums ``sumexp`` (C,), so e / sumexp is the softmax. A tile is dropped when every softmax
-    entry of every row is below ``eps`` and it holds no target. Host-side list: a sync on CUDA
-    (`tolist`), free on the CPU this path is built for."""
-    c, vocab = e.shape
-    full = vocab // FILTER_TILE * FILTER_TILE
-    parts = [e[:, :full].view(c, -1, FILTER_TILE).amax(2)] if full else []
-    if full < vocab:
-        parts.append(e[:, full:].amax(1, keepdim=True))
-    tile_max = torch.cat(parts, dim=1)  # (C, T)
-    keep = (tile_max >= eps * sumexp[:, None]).any(0)  # (T,)
-    keep[torch.div(y, FILTER_TILE, rounding_mode="floor")] = True
-    return [(t * FILTER_TILE, min(vocab, (t + 1) * FILTER_TILE)) for t in keep.nonzero().flatten().tolist()]  # fmt: skip
-
-
-def _chunk_grad_logits(
-    logits: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
-    filter_eps: float = 0.0,
-) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:  # fmt: skip
-    """In place: logits (C, V) fp32 -> scale * (softmax - onehot(y)); with the tiles to keep
-    when filtering (None: all)."""
-    logits.sub_(lse[:, None]).exp_()
-    tiles = _kept_tiles(logits, torch.ones_like(lse), y, filter_eps) if filter_eps else None
-    logits.mul_(scale[:, None])
-    return logits.scatter_add_(1, y[:, None], -scale[:, None]), tiles
-
-
-class _TorchLinearCrossEntropy(torch.autograd.Function):
-    """Chunked torch path. Returns the weighted loss sum (per_token=False) or per-token losses.
-
-    Sum: forward stores grad_hidden (N, H) and grad_weight (V, H) in fp32, computed chunk by
-    chunk, so backward is a scale; the buffers are freed by that backward (a second backward
-    through the same graph raises). Per-token ("none"): grad_output differs per row and enters
-    grad_weight's sum, so forward keeps only the log-sum-exp and backward recomputes the chunks.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        hidden: torch.Tensor,  # (N, H)
-        weight: torch.Tensor,  # (V, H)
-        labels: torch.Tensor,  # (N,)
-        token_weights: torch.Tensor | None,  # (N,)
-        ignore_index: int,
-        per_token: bool,
-        chunk_rows: int | None,
-        filter_eps: float,
-    ) -> torch.Tensor:
-        n, vocab = hidden.shape[0], weight.shape[0]
-        # Under autocast the fp32 master weight comes in and is cast here, not before: its
-        # gradient then leaves in fp32 straight from the fp32 buffer, with no 16-bit copy
-        # and no copy back through a cast node. (V, H) in the compute dtype.
-        w_dtype, weight = weight.dtype, weight.to(hidden.dtype)
-        # Compaction: a host sync on CUDA (nonzero), free on the CPU this path is built for.
-        rows = (labels != ignore_index).nonzero().squeeze(1)  # (M,)
-        y = labels[rows].long()
-        w = None if token_weights is None else token_weights[rows].float()
-        chunk = chunk_rows or chunk_rows_for(vocab)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        eager_grad = not per_token and (need_h or need_w)
-        acc = torch.float32
-        grad_h = hidden.new_zeros(hidden.shape, dtype=acc) if eager_grad and need_h else None
-        grad_w = weight.new_zeros(weight.shape, dtype=acc) if eager_grad and need_w else None
-        losses = torch.empty(rows.shape[0], dtype=acc, device=hidden.device)  # (M,)
-        lses = torch.empty_like(losses) if per_token else None
-        for s in range(0, rows.shape[0], chunk):
-            r, yc = rows[s : s + chunk], y[s : s + chunk]
-            hc = hidden[r]  # (C, H)
-            logits = (hc @ weight.T).float()  # (C, V): the only logit tile alive
-            lse, target, sumexp = _exp_shifted(logits, yc)
-            losses[s : s + chunk] = lse - target
-            if per_token:
-                lses[s : s + chunk] = lse
-            if eager_grad:
-                scale = torch.ones_like(lse) if w is None else w[s : s + chunk]
-                tiles = _kept_tiles(logits, sumexp, yc, filter_eps) if filter_eps else None
-                # scale * (softmax - onehot), in place
-                logits.mul_((scale / sumexp)[:, None])
-                logits.scatter_add_(1, yc[:, None], -scale[:, None])
-                g = logits.to(hidden.dtype)  # (C, V)
-                _accumulate(grad_h, grad_w, g, hc, r, weight, tiles)
-                del g
-            del logits
-        if w is not None:
-            losses = losses * w
-        ctx.per_token, ctx.chunk, ctx.dtype = per_token, chunk, hidden.dtype
-        ctx.filter_eps, ctx.w_dtype = filter_eps, w_dtype
-        ctx.grads = (grad_h, grad_w)
-        if per_token:
-            ctx.save_for_backward(hidden, weight, rows, y, w, lses)
-            return hidden.new_zeros(n, dtype=acc).index_copy_(0, rows, losses)
-        return losses.sum()
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.per_token:
-            grad_h, grad_w = ctx.grads
-            if grad_h is None and grad_w is None and any(ctx.needs_input_grad[:2]):
-                raise RuntimeError("fused_linear_cross_entropy: backward called twice (sum)")
-            ctx.grads = (None, None)  # free the buffers with the graph, not later
-            if grad_h is not None:
-                grad_h = _scaled(grad_h, grad_out, ctx.dtype)
-            if grad_w is not None:
-                grad_w = _scaled(grad_w, grad_out, ctx.w_dtype)
-            return grad_h, grad_w, None, None, None, None, None, None
-        hidden, weight, rows, y, w, lses = ctx.saved_tensors
-        scale = grad_out.float()[rows]
-        if w is not None:
-            scale = scale * w
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        for s in range(0, rows.shape[0], ctx.chunk):
-            r = rows[s : s + ctx.chunk]
-            hc = hidden[r]
-            logits = (hc @ weight.T).float()
-            g, tiles = _chunk_grad_logits(logits, lses[s : s + ctx.chunk], y[s : s + ctx.chunk],
-                                          scale[s : s + ctx.chunk], ctx.filter_eps)  # fmt: skip
-            g = g.to(hidden.dtype)
-            del logits
-            _accumulate(grad_h, grad_w, g, hc, r, weight, tiles)
-            del g
-        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
-        grad_w = None if grad_w is None else grad_w.to(ctx.w_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
-
-
-def _accumulate(
-    grad_h: torch.Tensor | None,  # (N, H) fp32
-    grad_w: torch.Tensor | None,  # (V, H) fp32
-    g: torch.Tensor,  # (C, V) grad of the chunk's logits, in the input dtype
-    hc: torch.Tensor,  # (C, H)
-    rows: torch.Tensor,  # (C,)
-    weight: torch.Tensor,  # (V, H)
-    tiles: list[tuple[int, int]] | None = None,  # vocabulary column ranges; None = all
-) -> None:
-    if tiles is None:
-        if grad_h is not None:
-            grad_h[rows] = (g @ weight).float()
-        if grad_w is not None and grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.T, hc)  # no (V, H) temporary
-            return
-        tiles = [(a, a + MIXED_SLICE) for a in range(0, weight.shape[0], MIXED_SLICE)]
-        grad_h = None  # done above
-    if grad_h is not None:
-        gh = torch.zeros(g.shape[0], weight.shape[1], dtype=torch.float32, device=g.device)
-        for a, b in tiles:
-            gh += (g[:, a:b] @ weight[a:b]).float()
-        grad_h[rows] = gh
-    if grad_w is not None:
-        for a, b in tiles:
-            if grad_w.dtype == g.dtype:
-                grad_w[a:b].addmm_(g[:, a:b].T, hc)  # no (V, H) temporary
-            else:
-                grad_w[a:b] += g[:, a:b].T @ hc
-
-
-def _scaled(buf: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """buf * grad_out in `dtype`, reusing buf's memory where the dtype allows."""
-    if buf.dtype == dtype:
-        return buf.mul_(grad_out)
-    return buf.to(dtype).mul_(grad_out.to(dtype))
-
-
-def torch_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    token_weights: torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    per_token: bool = False,
-    chunk_rows: int | None = None,
-    filter_eps: float = 0.0,
-) -> torch.Tensor:
-    """Chunked torch path (no checks): the weighted loss sum, or per-token losses (N,) fp32.
-    ``filter_eps`` > 0: gradient filtering (`fused_linear_cross_entropy`'s ``grad_filter``)."""
-    fn = _TorchLinearCrossEntropy
-    return fn.apply(
-        hidden, weight, labels, token_weights, ignore_index, per_token, chunk_rows, filter_eps
-    )
-
-
 # --------------------------------------------------------------------------------- public
+class LossWithLSE(NamedTuple):
+    """`fused_linear_cross_entropy(..., return_lse=True)`."""
+
+    loss: torch.Tensor  # as without return_lse (z-loss included)
+    lse: torch.Tensor  # (N,) fp32 log-sum-exp of each token's logits, 0 where ignored; has grad
+    z_loss: torch.Tensor  # the z-loss part of `loss`, reduced the same way, detached (logging)
+
+
+class LogitOptions(NamedTuple):
+    """The options of `fused_linear_cross_entropy` that change the loss of a token."""
+
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    return_lse: bool = False
+
+
 def _resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
@@ -374,46 +216,61 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     reduction: Reduction = "sum",
     normalizer: torch.Tensor | float | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
     impl: Impl = "auto",
     validate: bool = True,
     grad_filter: bool = False,
     grad_into_weight: bool = False,
-) -> torch.Tensor:
-    """Cross-entropy of `hidden @ weight.T` against `labels`, never materializing the logits.
+) -> torch.Tensor | LossWithLSE:
+    """Cross-entropy of the logits `hidden @ weight.T + bias` against `labels`, never
+    materializing them.
 
-    hidden (N, H) and weight (V, H) share a dtype (fp32, fp16 or bf16; accumulation is fp32);
-    labels (N,) are already shifted, `ignore_index` marks unsupervised tokens (prompt, padding).
-    token_weights (N,), optional and >= 0, weight each token's loss (e.g. per target source);
-    no gradient flows to them. The result is fp32:
+    hidden (N, H), weight (V, H) and bias (V,), optional, share a dtype (fp32, fp16 or bf16;
+    accumulation is fp32); labels (N,) are already shifted, `ignore_index` marks unsupervised
+    tokens (prompt, padding). token_weights (N,), optional and >= 0, weight each token's loss
+    (e.g. per target source); no gradient flows to them. The result is fp32:
 
     - "sum": Σ w_i·loss_i over supervised tokens (the training reduction, see the module doc);
     - "mean": that sum / Σ w_i over supervised tokens (the token count without weights);
     - "none": per-token w_i·loss_i (N,), 0 where ignored; its sum equals "sum".
 
+    The logits and each token's loss: `softcap` c caps the logits to c·tanh(z / c) (Gemma-2's
+    final_logit_softcapping; None: no cap); `label_smoothing` ε targets (1 - ε)·onehot + ε / V,
+    as F.cross_entropy does; `z_loss` adds z_loss · lse² (PaLM's auxiliary loss, lse = log Σ
+    exp of the token's logits), weighted with the token like the rest of its loss.
+    `return_lse=True` returns `LossWithLSE(loss, lse, z_loss)`: the per-token lse (N,) carries
+    gradients into hidden, weight and bias like the loss does.
+
     `normalizer` (a Python number or a 0-d device tensor, e.g. the supervised-token count of the
     whole optimizer step) divides the "sum"/"none" result; a normalizer of 0 and an empty or
-    all-ignored batch give 0 and zero gradients, never NaN. Gradients flow to hidden and weight
-    (only those that require grad are computed). `impl`: "triton" (CUDA, or CPU under
+    all-ignored batch give 0 and zero gradients, never NaN. Gradients flow to hidden, weight and
+    bias (only those that require grad are computed). `impl`: "triton" (CUDA, or CPU under
     TRITON_INTERPRET=1), "torch" (chunked reference), "auto" = triton on CUDA, torch elsewhere.
     `validate=True` checks label range and weight signs at the cost of a host sync.
-    Under torch.autocast, hidden and weight are cast to the autocast dtype first.
+    Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first.
     `grad_filter=True`: gradient filtering (cut-cross-entropy, arXiv 2411.09009): backward
     skips vocabulary tiles whose softmax entries all lie below `filter_eps_for(dtype)` (and that
     hold no target); the loss is unchanged, the gradients differ by about the dtype's rounding.
+    Not with label smoothing, which gives every column a share of the gradient.
     `grad_into_weight=True` (Triton path; for `loss.backward()` only): an fp32 leaf weight's
     gradient is added by the kernel straight into `weight.grad`, with no [V, H] gradient buffer
     per call (gradient accumulation over micro-batches); autograd then sees a broadcast zero
     for it, so `torch.autograd.grad` and tensor hooks on the weight must not be used with it.
     """
     hidden, autocast = _autocast_inputs(hidden)
+    opts = LogitOptions(softcap, label_smoothing, z_loss, return_lse)
     with torch.autocast(_device_type(hidden), enabled=False):
         return _fused_linear_cross_entropy(
             hidden, weight, labels, token_weights, ignore_index, reduction, normalizer, impl,
-            validate, grad_filter, autocast, grad_into_weight,
+            validate, grad_filter, autocast, grad_into_weight, bias, opts,
         )  # fmt: skip
 
 
@@ -449,8 +306,11 @@ def _fused_linear_cross_entropy(
     grad_filter: bool = False,
     autocast: bool = False,
     grad_into_weight: bool = False,
-) -> torch.Tensor:
-    _check_args(hidden, weight, labels, token_weights, reduction, impl, normalizer, autocast)
+    bias: torch.Tensor | None = None,
+    opts: LogitOptions = LogitOptions(),  # noqa: B008 (an immutable NamedTuple)
+) -> torch.Tensor | LossWithLSE:
+    _check_args(hidden, weight, labels, token_weights, reduction, impl, normalizer, autocast, bias)
+    _check_logit_options(opts.softcap, opts.label_smoothing, opts.z_loss, grad_filter)
     if validate:
         _validate_values(labels, weight.shape[0], ignore_index, token_weights)
         if isinstance(normalizer, torch.Tensor) and not bool(normalizer >= 0):
@@ -459,17 +319,44 @@ def _fused_linear_cross_entropy(
         token_weights = token_weights.detach()
     per_token = reduction == "none"
     eps = filter_eps_for(hidden.dtype) if grad_filter else 0.0
+    kw = dict(
+        bias=bias, softcap=opts.softcap, label_smoothing=opts.label_smoothing,
+        z_loss=opts.z_loss, return_lse=opts.return_lse,
+    )  # fmt: skip
     if _resolve_impl(impl, hidden.device) == "triton":
         from .triton_cross_entropy import triton_linear_cross_entropy
 
-        loss = triton_linear_cross_entropy(
+        out = triton_linear_cross_entropy(
             hidden, weight, labels, token_weights, ignore_index, per_token, filter_eps=eps,
-            into_grad=grad_into_weight,
+            into_grad=grad_into_weight, **kw,
         )  # fmt: skip
-    else:  # its weight gradient is built in the forward pass: nothing to save there
-        loss = torch_linear_cross_entropy(
-            hidden, weight, labels, token_weights, ignore_index, per_token, filter_eps=eps
+    else:  # its weight gradient is built in the forward pass unless the lse is differentiable
+        out = torch_linear_cross_entropy(
+            hidden, weight, labels, token_weights, ignore_index, per_token, filter_eps=eps, **kw
         )
+    loss, lse = out if opts.return_lse else (out, None)
+    if not opts.return_lse:
+        return _reduce(loss, labels, ignore_index, token_weights, reduction, normalizer)
+    zl = lse.detach().square() * opts.z_loss
+    if token_weights is not None:
+        zl = zl * token_weights.float()
+    zl = zl if per_token else zl.sum()
+    return LossWithLSE(
+        _reduce(loss, labels, ignore_index, token_weights, reduction, normalizer),
+        lse,
+        _reduce(zl, labels, ignore_index, token_weights, reduction, normalizer),
+    )
+
+
+def _reduce(
+    loss: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    token_weights: torch.Tensor | None,
+    reduction: Reduction,
+    normalizer: torch.Tensor | float | None,
+) -> torch.Tensor:
+    """The summed or per-token ``loss`` divided as ``reduction`` and ``normalizer`` say."""
     if reduction == "mean":
         valid = labels != ignore_index
         if token_weights is None:
@@ -508,6 +395,8 @@ def sequence_log_likelihood(
     cu_seqlens: torch.Tensor,
     *,
     ignore_index: int = IGNORE_INDEX,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
     impl: Impl = "auto",
     validate: bool = True,
 ) -> SequenceScores:
@@ -515,8 +404,9 @@ def sequence_log_likelihood(
 
     hidden (N, H) are the final hidden states of a packed batch, labels (N,) shifted within each
     sequence, cu_seqlens (S + 1,) the sequence boundaries in rows (cu_seqlens[0] = 0,
-    cu_seqlens[-1] = N). Used to compare the base model's likelihood of its own answers with the
-    gold ones (the SSR paper's Figure 1).
+    cu_seqlens[-1] = N); the logits are those of `fused_linear_cross_entropy` (``bias``,
+    ``softcap``). Used to compare the base model's likelihood of its own answers with the gold
+    ones (the SSR paper's Figure 1).
     """
     n = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 else -1
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -531,8 +421,8 @@ def sequence_log_likelihood(
                 f"{c.tolist()[:8]}... must start at 0, end at N={n} and never decrease",
             )
     tok = -fused_linear_cross_entropy(
-        hidden, weight, labels, ignore_index=ignore_index, reduction="none", impl=impl,
-        validate=validate,
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction="none",
+        softcap=softcap, impl=impl, validate=validate,
     )  # fmt: skip
     s = cu_seqlens.numel() - 1
     lengths = cu_seqlens.long().diff()

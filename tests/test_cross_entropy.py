@@ -16,6 +16,7 @@ from ssrengine.kernels.triton_cross_entropy import KernelConfig, triton_linear_c
 
 from ssrengine.kernels import cross_entropy as CE
 from ssrengine.kernels import fused_linear_cross_entropy, sequence_log_likelihood
+from ssrengine.kernels import torch_cross_entropy as TCE
 
 IGNORE = -100
 # The Triton path on CPU tensors runs in the interpreter (skipped on a GPU node, see conftest).
@@ -380,7 +381,7 @@ def test_grad_filter_error_is_bounded_by_the_same_dtype_reference(
 ):
     """Skipped tiles (softmax below the dtype's eps / 32) leave the loss as it was and the
     gradients within the error bound of naive torch in the same dtype; and tiles were skipped."""
-    monkeypatch.setattr(CE, "FILTER_TILE", 32)
+    monkeypatch.setattr(TCE, "FILTER_TILE", 32)
     hidden, weight, labels, tw = make_inputs(130, 72, 515, dtype, 0.6, weighted=True, seed=3)
     weight = weight * 8  # logits with std ~16: a peaked softmax, most of the vocabulary ~0
     eps = CE.filter_eps_for(dtype)
@@ -401,7 +402,7 @@ def test_grad_filter_threshold_by_dtype():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_grad_filter_through_the_public_function(impl, dtype, monkeypatch):
     """fp32 (threshold 2^-28) keeps the fixed fp32 tolerances."""
-    monkeypatch.setattr(CE, "FILTER_TILE", 32)
+    monkeypatch.setattr(TCE, "FILTER_TILE", 32)
     hidden, weight, labels, tw = make_inputs(*SHAPES[1], dtype, 0.6, weighted=True)
     fn = kernel_fn(impl, grad_filter=True)
     check_against_oracle(fn, hidden, weight, labels, tw, "sum", dtype)

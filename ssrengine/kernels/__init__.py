@@ -20,6 +20,7 @@ if not (_Path(__file__).parent / "cross_entropy.py").exists():  # a checkout: mo
 from .cross_entropy import (
     IGNORE_INDEX,
     KernelInputError,
+    LossWithLSE,
     SequenceScores,
     fused_linear_cross_entropy,
     sequence_log_likelihood,
@@ -28,6 +29,7 @@ from .cross_entropy import (
 __all__ = [
     "IGNORE_INDEX",
     "KernelInputError",
+    "LossWithLSE",
     "SequenceScores",
     "fused_linear_cross_entropy",
     "sequence_log_likelihood",
