@@ -14,6 +14,7 @@ from ssrengine.core.config import Config
 from ssrengine.core.errors import InputError
 from ssrengine.kernels import fused_linear_cross_entropy
 from ssrengine.kernels import triton_cross_entropy as tce
+from ssrengine.kernels import triton_tiles as tiles
 from ssrengine.models import attention
 from ssrengine.training import distributed
 from tests.conftest import default_triton_interpret
@@ -48,11 +49,14 @@ def test_explicit_flash_with_fp32_compute_is_refused(flash_installed):
         attention.pick_attn_implementation("flash_attention_2", CUDA, weights="float32")
 
 
-def test_train_dtype_auto_is_bf16_autocast_on_cuda_only():
+def test_train_dtype_auto_is_bf16_autocast_on_cuda_gpus_with_bf16_only():
     assert Config().train.dtype == "auto" and Config().model.dtype == "float32"
-    assert attention.compute_dtype("auto", CUDA) == "bfloat16"
+    assert attention.compute_dtype("auto", CUDA, cap=(8, 0)) == "bfloat16"  # A100
+    assert attention.compute_dtype("auto", CUDA, cap=(9, 0)) == "bfloat16"  # H100
+    assert attention.compute_dtype("auto", CUDA, cap=(7, 5)) == "float32"  # T4: no bf16
     assert attention.compute_dtype("auto", CPU) == "float32"
     assert attention.compute_dtype("float32", CUDA) == "float32"
+    assert attention.compute_dtype("float16", CUDA, cap=(7, 0)) == "float16"
 
 
 # ------------------------------------------------------------------ fused loss and autocast
@@ -102,54 +106,84 @@ def test_retention_scores_in_the_model_dtype(tiny_model_dir, monkeypatch):
 
 
 # --------------------------------------------------------------- tiles from shared memory
-@pytest.mark.parametrize("arch,limit", sorted(tce.SHARED_MEMORY_BY_ARCH.items()))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+MODES = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch,limit", sorted(tiles.SHARED_MEMORY_BY_ARCH.items()))
+@pytest.mark.parametrize("dtype,tf32", MODES, ids=["fp32", "fp32+tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("kind", ["forward", "backward"])
-def test_picked_tiles_fit_the_shared_memory(arch, limit, dtype, kind):
-    _, cfg = tce.pick_config(kind, dtype, limit)
-    assert tce.estimate_shared_memory(cfg, dtype, kind) <= limit
+def test_picked_tiles_fit_without_spilling_by_the_compiled_table(arch, limit, dtype, tf32, kind):
+    """The pick is the first candidate whose compiled figures (kernels/tile_table.py, checked
+    against fresh compiles by test_triton_aot.py) fit the shared memory and spill nothing."""
+    variants = ("plain", "all") if kind == "forward" else ("plain", "dh", "filter", "all")
+    for variant in variants:
+        index, cfg = tiles.pick_config(kind, dtype, limit, arch, tf32, variant)
+        known = tiles.table_arch(arch)
+        rows = dict(tiles.tile_table.TILES[(known, tiles.mode_of(dtype, tf32), kind, variant)])
+        shared, _registers, spill = rows[index]
+        assert shared <= limit and spill == 0, (variant, cfg)
+        assert all(rows[i][0] > limit or rows[i][2] for i in rows if i < index), "not the first"
 
 
-def test_sm86_backward_gets_smaller_tiles_than_sm90():
-    """The fixed 128x128x64, 3-stage backward needed 128 KiB in bf16 (compiled): over the
-    99 KiB of sm86/sm89. The launcher now steps down there and not on sm90."""
-    small = tce.pick_config("backward", torch.bfloat16, tce.SHARED_MEMORY_BY_ARCH[86])[1]
-    large = tce.pick_config("backward", torch.bfloat16, tce.SHARED_MEMORY_BY_ARCH[90])[1]
-    assert small.block_n * small.block_v * small.num_stages < (
-        large.block_n * large.block_v * large.num_stages
-    )
+def test_a100_gets_the_3_stage_backward_and_sm86_sm89_the_128_row_tile():
+    """What the shared-memory formula cost (it overestimated 1.3-2x): the compiled figures
+    give A100 the 3-stage bf16 backward and sm86/sm89 its 128-row tile."""
+    for arch in (80, 86, 89):
+        limit = tiles.SHARED_MEMORY_BY_ARCH[arch]
+        cfg = tiles.pick_config("backward", torch.bfloat16, limit, arch)[1]
+        assert (cfg.block_n, cfg.block_v, cfg.num_stages) == (128, 128, 3), arch
+
+
+def test_an_arch_the_table_lacks_takes_the_nearest_older_ones_figures():
+    assert tiles.table_arch(87) == 86 and tiles.table_arch(91) == 90
+    assert tiles.table_arch(120) == 89  # consumer Blackwell: mma, not sm90's wgmma
+    assert tiles.table_arch(70) is None
+    pick = tiles.pick_config("backward", torch.bfloat16, 10**6, 70)  # no figures: the first
+    assert pick == (0, tiles.candidate_configs(torch.bfloat16, "backward")[0])
+
+
+def test_variant_of_a_launch():
+    assert tiles.variant_of("forward") == "plain"
+    assert tiles.variant_of("forward", softcap=True) == "all"
+    assert tiles.variant_of("backward", dh=True, dw=True) == "plain"
+    assert tiles.variant_of("backward", dh=True) == "dh"
+    assert tiles.variant_of("backward", dh=True, dw=True, filter=True) == "filter"
+    assert tiles.variant_of("backward", dh=True, bias=True, db=True) == "all"
 
 
 def test_launch_falls_back_on_out_of_resources(monkeypatch):
     """A compiled kernel over the device's shared memory raises OutOfResources before it runs:
     the launcher retries with the next smaller candidate and remembers the one that ran."""
-    monkeypatch.setattr(tce, "device_shared_memory", lambda device: 10**9)  # picks the largest
-    monkeypatch.setattr(tce, "_CHOSEN", {})
-    tiles = tce.candidate_configs(torch.bfloat16)
+    monkeypatch.setattr(tiles, "device_shared_memory", lambda device: 10**9)
+    monkeypatch.setattr(tiles, "device_arch", lambda device: 70)  # no figures: the largest
+    monkeypatch.setattr(tiles, "_CHOSEN", {})
+    cands = tiles.candidate_configs(torch.bfloat16, "backward")
     tried: list[KernelConfig] = []
 
     def run(tile: KernelConfig) -> str:
         tried.append(tile)
-        if tile in tiles[:2]:  # the two largest do not fit this (pretend) device
+        if tile in cands[:2]:  # the two largest do not fit this (pretend) device
             raise OutOfResources(10**6, 10**5, "shared memory")
         return "ran"
 
-    assert tce._launch("backward", None, torch.bfloat16, CUDA, run) == "ran"
-    assert tried == list(tiles[:3])
+    launch = tiles.launch
+    assert launch("backward", "plain", None, torch.bfloat16, False, CUDA, run) == "ran"
+    assert tried == list(cands[:3])
     tried.clear()
-    assert tce._launch("backward", None, torch.bfloat16, CUDA, run) == "ran"
-    assert tried == [tiles[2]]  # remembered: no failing launch again
+    assert launch("backward", "plain", None, torch.bfloat16, False, CUDA, run) == "ran"
+    assert tried == [cands[2]]  # remembered: no failing launch again
 
 
 def test_launch_reraises_when_no_smaller_tile_is_left(monkeypatch):
-    monkeypatch.setattr(tce, "device_shared_memory", lambda device: 0)
-    monkeypatch.setattr(tce, "_CHOSEN", {})
+    monkeypatch.setattr(tiles, "device_shared_memory", lambda device: 0)
+    monkeypatch.setattr(tiles, "device_arch", lambda device: 80)
+    monkeypatch.setattr(tiles, "_CHOSEN", {})
 
     def run(tile: KernelConfig) -> None:
         raise OutOfResources(1, 0, "shared memory")
 
     with pytest.raises(OutOfResources):
-        tce._launch("forward", None, torch.float32, CUDA, run)
+        tiles.launch("forward", "plain", None, torch.float32, False, CUDA, run)
 
 
 # ------------------------------------------------------------------- empty batch on CUDA
@@ -197,8 +231,8 @@ def _packed(examples: list[list[int]]):
 @pytest.mark.gpu
 def test_fp32_weights_train_under_bf16_autocast_with_flash_attention(tiny_model_dir):
     """The GPU default (fp32 master weights, train.dtype auto = bf16 autocast) picks FA2 and
-    runs forward and backward through it and the Triton loss; without autocast (generation,
-    scoring) the same weights get sdpa_varlen instead of a flash-attn dtype error."""
+    runs forward and backward through it and the Triton loss; without autocast the same weights
+    get sdpa_varlen instead of a flash-attn dtype error."""
     pytest.importorskip("flash_attn")
     from ssrengine.models.loading import hidden_and_head, load_model
     from ssrengine.models.packing import model_inputs
@@ -216,7 +250,7 @@ def test_fp32_weights_train_under_bf16_autocast_with_flash_attention(tiny_model_
     assert torch.isfinite(loss).item()
     assert model.get_output_embeddings().weight.grad.dtype == torch.float32
 
-    plain = load_model(str(tiny_model_dir), dtype="float32", device="cuda")
+    plain = load_model(str(tiny_model_dir), dtype="float32", device="cuda", autocast="float32")
     assert plain.config._attn_implementation == "sdpa_varlen"
     with torch.no_grad():
         hidden, _ = hidden_and_head(plain, **model_inputs(batch, "sdpa_varlen"))

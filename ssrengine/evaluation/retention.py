@@ -194,7 +194,8 @@ def score_sequences(
     `ssrengine.data.records.encode` returns them. Sequences are packed into rows of ``max_tokens``
     (raised to the longest one) and scored without building [tokens, vocab] logits."""
     from ssrengine.kernels import sequence_log_likelihood
-    from ssrengine.models.loading import hidden_and_head
+    from ssrengine.models import precision
+    from ssrengine.models.loading import head_bias_and_softcap, hidden_and_head
     from ssrengine.models.packing import model_inputs, pack
 
     if not sequences:
@@ -209,11 +210,16 @@ def score_sequences(
     for batch in pack(list(sequences), budget, ids=names):
         b = batch.to(device)
         kw = model_inputs(b, attn)
-        hidden, weight = hidden_and_head(model, kw.pop("input_ids"), **kw)
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
-        # In the model's dtype (or autocast's): the scorer accumulates in fp32 itself, and an
-        # fp32 copy of a 16-bit lm_head per batch would move its product off tensor cores.
-        s = sequence_log_likelihood(hidden, weight, b.labels, b.cu_seqlens)
+        # bf16 autocast over fp32 weights on a GPU with bf16 (training's auto), the lm_head
+        # product included: the scorer accumulates in fp32 itself, and an fp32 copy of a
+        # 16-bit lm_head per batch would move its product off tensor cores.
+        with precision.model_autocast(model):
+            hidden, weight = hidden_and_head(model, kw.pop("input_ids"), **kw)
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+            bias, softcap = head_bias_and_softcap(model)  # the rest of the model's logits
+            s = sequence_log_likelihood(
+                hidden, weight, b.labels, b.cu_seqlens, bias=bias, softcap=softcap
+            )
         for name, lp, n in zip(batch.ids, s.logprob_sum.tolist(), s.num_tokens.tolist()):
             out[int(name)] = (float(lp), int(n))
     model.train(was_training)
@@ -269,6 +275,17 @@ def local_task_name(path: str | Path) -> str:
     return MC_TASK if Path(path).name == MC_FILE else f"local_{stem}"
 
 
+def lm_eval_dtype(dtype: str, device: str) -> str:
+    """The weights lm-eval loads (it has no autocast): bf16 for fp32 weights on a GPU with
+    bf16, as the rest of eval computes there (`ssrengine.models.precision`)."""
+    from ssrengine.models import precision
+
+    dev = torch.device(device)
+    if dtype == "float32" and precision.inference_dtype(torch.float32, precision.capability(dev)) == "bfloat16":  # fmt: skip
+        return "bfloat16"
+    return dtype
+
+
 def run_lm_eval(
     model_path: str,
     *,
@@ -283,6 +300,8 @@ def run_lm_eval(
     hub) plus a local task per JSONL in ``local_files``. Returns {task: {metric: value}}."""
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    dtype = lm_eval_dtype(dtype, device)
 
     names = list(tasks)
     with tempfile.TemporaryDirectory(prefix="ssr-lmeval-") as tmp:

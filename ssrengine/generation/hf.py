@@ -27,6 +27,7 @@ from ssrengine.generation.base import (
     eos_ids,
     model_name,
 )
+from ssrengine.models import precision
 from ssrengine.models.loading import load_model, load_tokenizer
 
 
@@ -68,6 +69,9 @@ class HFGenerator(Generator):
         self.hf_model.eval()
         self.batch_size = gen.batch_size
         self.device = next(self.hf_model.parameters()).device
+        # bf16 autocast over fp32 weights on a GPU with bf16, as training's train.dtype auto:
+        # fp32 would run every matmul on CUDA cores.
+        self._compute = precision.model_inference_dtype(self.hf_model)
         self.eos_ids = eos_ids(self.tokenizer, self.hf_model.generation_config.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self._pad = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
@@ -122,14 +126,15 @@ class HFGenerator(Generator):
         self, ids: torch.Tensor, rows: _Rows, pos: torch.Tensor, **kw: Any
     ) -> torch.Tensor:
         """Logits of the last position of each row, the KV cache extended in place."""
-        out = self.hf_model(
-            input_ids=ids,
-            attention_mask=rows.mask,
-            position_ids=pos,
-            use_cache=True,
-            **{self._cache_arg: rows.cache},
-            **kw,
-        )
+        with precision.autocast_for(self.device, self._compute):
+            out = self.hf_model(
+                input_ids=ids,
+                attention_mask=rows.mask,
+                position_ids=pos,
+                use_cache=True,
+                **{self._cache_arg: rows.cache},
+                **kw,
+            )
         return out.logits[:, -1]
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[_Rows, torch.Tensor]:

@@ -14,7 +14,8 @@ flash-attn takes ``softcap``, else in ``eager`` (SDPA has no softcap); a model c
 SDPA support gets ``eager`` too.
 
 `compute_dtype` resolves ``train.dtype = "auto"``: bf16 autocast over fp32 master weights on
-CUDA, fp32 on the CPU (bf16 matmuls are slow on CPUs without AMX).
+CUDA GPUs with bf16 (Ampere and newer), fp32 on older GPUs and the CPU (bf16 matmuls are slow
+on CPUs without AMX); generation and scoring use the same (`ssrengine.models.precision`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ssrengine.core.errors import InputError
+from ssrengine.models import precision
 
 FLASH = "flash_attention_2"
 SDPA_VARLEN = "sdpa_varlen"
@@ -47,11 +49,15 @@ _ROW_BOUNDS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.Contex
 )
 
 
-def compute_dtype(train_dtype: str, device: torch.device) -> str:
-    """``train.dtype`` for `device`: "bfloat16" (autocast) or "float32"."""
-    if train_dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return train_dtype
+def compute_dtype(train_dtype: str, device: torch.device, cap: Any = "device") -> str:
+    """``train.dtype`` for `device`: "auto" is "bfloat16" (autocast) on a CUDA GPU with bf16
+    (compute capability ``cap``, read from the device by default), else "float32"."""
+    if train_dtype != "auto":
+        return train_dtype
+    if device.type != "cuda":
+        return "float32"
+    cap = precision.capability(device) if cap == "device" else cap
+    return "bfloat16" if precision.has_bf16(cap) else "float32"
 
 
 def _flash_attn_installed() -> bool:
@@ -236,6 +242,10 @@ def sdpa_varlen_attention(
         raise NotImplementedError("sdpa_varlen is causal attention only")
     window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
+    if gqa and expands_gqa(query.dtype, query.device.type, masked=window is not None):
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        gqa = False
     # split, not a slice per example: each slice's backward zero-fills a full-size gradient
     # and adds it up (n examples x 3 tensors per layer); split's backward is one cat. Same
     # gradients bit for bit; SmolLM2 fp32, 9 examples of 180 tokens: 34 vs 51 ms per layer.
@@ -257,6 +267,14 @@ def sdpa_varlen_attention(
             )
         out.append(o)
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def expands_gqa(dtype: torch.dtype, device_type: str, masked: bool = False) -> bool:
+    """Whether `sdpa_varlen` repeats the key/value heads itself instead of passing SDPA
+    ``enable_gqa``: on CUDA, torch's fused kernels take enable_gqa only in 16-bit and without
+    an attention mask (flash and cuDNN; memory-efficient attention has no GQA), and fall back
+    to the math kernel otherwise: an (L, L) fp32 score matrix per head, no fused kernel."""
+    return device_type == "cuda" and (dtype == torch.float32 or masked)
 
 
 def causal_band(n: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:

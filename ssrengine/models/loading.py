@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ssrengine.core.errors import InputError
+from ssrengine.models import precision
 from ssrengine.models.attention import (
     HOST_BOUNDS,
     SDPA_VARLEN,
@@ -99,13 +100,15 @@ def load_model(
     device: str = "auto",
     attn_implementation: str = "auto",
     trust_remote_code: bool = False,
-    autocast: str = "float32",
+    autocast: str = "auto",
     attn_device: str | None = None,
 ) -> Any:
     """A transformers causal LM with `dtype` weights on `device`; `autocast` is the dtype it
-    will run under ("float32": none), which decides whether FlashAttention-2 can be used.
+    will run under ("float32": none; "auto": inference's, `precision.inference_dtype`: bf16
+    over fp32 weights on a GPU with bf16), which decides whether FlashAttention-2 can be used.
     The attention is chosen for ``attn_device`` (default: `device`), where the model will run:
-    an FSDP2 model is loaded on the CPU and runs on a GPU."""
+    an FSDP2 model is loaded on the CPU and runs on a GPU. On Ampere and newer, fp32 matmuls
+    may use TF32 from here on (`precision.enable_tf32`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = pick_device(device)
@@ -113,6 +116,9 @@ def load_model(
     check_model_files(model_dir)  # name a broken file before transformers reads it
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     run_on = pick_device(attn_device) if attn_device is not None else dev
+    if autocast == "auto":
+        autocast = precision.inference_dtype(DTYPES[dtype], precision.capability(run_on))
+    precision.enable_tf32(run_on)
     attn = pick_attn_implementation(
         attn_implementation, run_on, weights=dtype, autocast=autocast, config=config
     )
@@ -129,15 +135,27 @@ def load_model(
 # Models whose logits are `lm_head(hidden) * scale` (as their modeling_*.py computes them):
 # model type prefix -> (config attribute, whether the scale multiplies or divides).
 _LOGIT_SCALES = {"cohere": ("logit_scale", False), "granite": ("logits_scaling", True)}
-# Config attributes of logit transforms the fused loss cannot express as hidden @ W.T.
-_UNSUPPORTED = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling")
+# Config attributes of logit transforms the fused loss cannot express. (Gemma-2/3's
+# final_logit_softcapping it can: `logit_softcap`.)
+_UNSUPPORTED = ("logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def logit_softcap(config: Any) -> float | None:
+    """The cap c of a model whose logits are c * tanh(lm_head(hidden) / c) (Gemma-2's
+    ``final_logit_softcapping``, applied after the lm_head in modeling_gemma2.py and its
+    successors), for the fused loss's ``softcap``; None without one."""
+    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+        value = getattr(cfg, "final_logit_softcapping", None)
+        if value:
+            return float(value)
+    return None
 
 
 def logit_multiplier(config: Any) -> float:
     """The factor s with logits = s * (hidden @ lm_head.T) for this model: folded into the
     hidden states, so the fused loss (which never builds logits) sees the model's own logits.
-    A transform that is not a scale (Gemma's tanh softcapping) or a scale attribute on a model
-    type whose use of it is not known here is refused, naming the model type."""
+    A transform the fused loss cannot express, or a scale attribute on a model type whose use
+    of it is not known here, is refused, naming the model type."""
     kind = getattr(config, "model_type", "") or ""
     scale = 1.0
     for prefix, (attr, divides) in _LOGIT_SCALES.items():
@@ -156,11 +174,24 @@ def logit_multiplier(config: Any) -> float:
     return scale
 
 
+def head_bias_and_softcap(model: Any) -> tuple[torch.Tensor | None, float | None]:
+    """The rest of the model's logits beyond `hidden_and_head`: logits =
+    softcap(hidden @ weight.T + bias), for the fused loss's ``bias`` and ``softcap`` (an
+    lm_head with a bias, as Phi's; Gemma-2's final softcapping). The bias carries the logit
+    scale `hidden_and_head` folds into the hidden states."""
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    scale = logit_multiplier(model.config)
+    if bias is not None and scale != 1.0:
+        bias = bias * scale
+    return bias, logit_softcap(model.config)
+
+
 def hidden_and_head(
     model: Any, input_ids: torch.Tensor, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states (B, T, H) and the lm_head weight (V, H), tied or not, with
-    hidden @ weight.T = the model's logits (a logit scale is folded into the hidden states)."""
+    hidden @ weight.T = the model's logits (a logit scale is folded into the hidden states)
+    before the lm_head's bias and a final softcap (`head_bias_and_softcap`)."""
     if skips_mask_building(model.config._attn_implementation, kwargs):
         # The boundaries reach the attention through a context, not the layers' kwargs: a
         # compiled layer (train.compile) would guard on them, and on the tensors' lengths.

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssrengine.data.records import IGNORE_INDEX
-from ssrengine.models.loading import hidden_and_head
+from ssrengine.models.loading import head_bias_and_softcap, hidden_and_head
 from ssrengine.training import distributed
 from ssrengine.training.batching import MicroBatch
 
@@ -41,7 +41,9 @@ def loss_sum(
     ``grad_filter``: the fused kernel's gradient filtering (train.loss_grad_filter)."""
     hidden, weight = hidden_and_head(model, mb.input_ids, **mb.model_kwargs)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    loss = _cross_entropy_sum(hidden, weight, mb, impl, grad_filter)
+    # Phi's lm_head bias, Gemma-2's final softcap: the rest of the model's logits
+    head = head_bias_and_softcap(model)
+    loss = _cross_entropy_sum(hidden, weight, mb, impl, grad_filter, head)
     if unlikelihood and mb.unlikely_positions is not None:
         loss = loss + unlikelihood * unlikelihood_sum(
             hidden, weight, mb.unlikely_positions, mb.unlikely_tokens
@@ -63,12 +65,20 @@ def unlikelihood_sum(
 
 
 def _cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, mb: MicroBatch, impl: str, grad_filter: bool
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mb: MicroBatch,
+    impl: str,
+    grad_filter: bool,
+    head: tuple[torch.Tensor | None, float | None] = (None, None),  # (bias, softcap)
 ) -> torch.Tensor:
     labels = mb.labels.reshape(-1)  # (N,)
     tw = None if mb.token_weights is None else mb.token_weights.reshape(-1)
+    bias, softcap = head
     if impl == "naive":
-        logits = (hidden @ weight.T).float()  # (N, V)
+        logits = F.linear(hidden, weight, bias).float()  # (N, V)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
         if tw is None:
             return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
         ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
@@ -78,8 +88,9 @@ def _cross_entropy_sum(
     # Labels come from our own tokenization; the range check costs a host sync, so it runs
     # only where syncs are free (CPU).
     return fused_linear_cross_entropy(
-        hidden, weight, labels, token_weights=tw, ignore_index=IGNORE_INDEX, reduction="sum",
-        impl=impl, validate=hidden.device.type == "cpu", grad_filter=grad_filter,
+        hidden, weight, labels, bias=bias, token_weights=tw, ignore_index=IGNORE_INDEX,
+        reduction="sum", softcap=softcap, impl=impl, validate=hidden.device.type == "cpu",
+        grad_filter=grad_filter,
         grad_into_weight=True,  # the trainer only ever calls .backward() on it
     )  # fmt: skip
 
@@ -122,13 +133,15 @@ def accumulate(
     impl: str = "auto",
     autocast: Any = None,
     world_size: int = 1,
+    scaler: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward over this rank's micro-batches of one optimizer step.
 
     ``model``: a transformers model, or a `CausalLMLoss` (wrapped by FSDP2/DDP or not). Returns
     (summed loss, normalizer) of the whole step over all ranks, as 0-d tensors: the normalizer is
     the supervised-token count, or with loss weights their sum. FSDP2 and DDP average gradients
-    over ranks, hence the factor ``world_size`` in the normalizer."""
+    over ranks, hence the factor ``world_size`` in the normalizer. ``scaler``: a GradScaler
+    whose scale multiplies the loss before backward (fp16)."""
     if not isinstance(distributed.unwrap(model), CausalLMLoss):
         model = CausalLMLoss(model, impl)
     device = next(model.parameters()).device
@@ -143,7 +156,9 @@ def accumulate(
         with distributed.grad_sync(model, i == len(mbs) - 1):
             with autocast or nullcontext():
                 loss = model(to_device(mb, device))
-            (loss / norm).backward()
+            step_loss = loss / norm
+            # fp16 (train.dtype = float16): backward through the loss times the loss scale
+            (step_loss if scaler is None else scaler.scale(step_loss)).backward()
         total += loss.detach()
     return distributed.all_sum(total), n_sup
 
