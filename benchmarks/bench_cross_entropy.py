@@ -6,6 +6,14 @@ the tokens ignored (prompt tokens), reduction "sum":
     python benchmarks/bench_cross_entropy.py                      # CPU: torch path vs naive
     python benchmarks/bench_cross_entropy.py --shapes smollm2 --n 8192
     python benchmarks/bench_cross_entropy.py --device cuda        # + Triton, Liger, CCE
+    python benchmarks/bench_cross_entropy.py --shapes gemma3-270m --threads 1 \
+        --out benchmarks/results/cross_entropy_cpu_gemma3.json      # 262k vocabulary, CPU
+
+On the CPU, "liger-torch" is Liger-Kernel's own fused linear cross-entropy (its Python
+driver: chunk size, matmuls, gradient accumulation) with its one Triton kernel, the per-chunk
+loss and in-place logits gradient, replaced by the same computation in torch through Liger's
+implementation registry (`register_op("cross_entropy_loss_and_grad", ...)`): under the Triton
+interpreter that kernel takes minutes per 128 rows at a 262k vocabulary.
 
 Timing. CUDA: triton.testing.do_bench (median). CPU: wall clock of whole iterations after one
 warm-up, median over --repeats; forward is timed with grad enabled (a training forward: the
@@ -47,6 +55,9 @@ SHAPES = {
     "smollm2": (576, 49_152, 16_384, 8_192),
     "mistral-7b": (4096, 32_000, 16_384, 1_024),
     "llama-3-8b": (4096, 128_256, 16_384, 512),
+    # Gemma-3 270M: the logits of one 2,048-token micro-batch (train.max_tokens) alone are
+    # 262,144 x 2,048 x 4 bytes = 2 GiB in fp32, 3.2x its 168M-parameter lm_head.
+    "gemma3-270m": (640, 262_144, 16_384, 2_048),
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -70,8 +81,12 @@ def contenders(device: str) -> tuple[dict[str, Callable], dict[str, str]]:
     skipped: dict[str, str] = {}
     if device != "cuda":
         reason = "GPU only: under the CPU Triton interpreter its timing means nothing"
-        return fns, {"ssr-triton": reason, "ssr-triton-filter": reason, "liger": reason,
-                     "cut-cross-entropy": reason}  # fmt: skip
+        try:
+            fns["liger-torch"] = liger_torch()
+        except ImportError as e:
+            skipped["liger-torch"] = f"not importable: {e}"
+        return fns, {**skipped, "ssr-triton": reason, "ssr-triton-filter": reason,
+                     "liger": reason, "cut-cross-entropy": reason}  # fmt: skip
     fns["ssr-triton"] = ours("triton")
     fns["ssr-triton-filter"] = ours("triton", True)  # gradient filtering (train.loss_grad_filter)
     try:
@@ -91,6 +106,57 @@ def contenders(device: str) -> tuple[dict[str, Callable], dict[str, str]]:
     except ImportError as e:
         skipped["cut-cross-entropy"] = f"not importable: {e}"
     return fns, skipped
+
+
+def _liger_ce_torch(logits, target, ce_weight, ignore_index, lse_square_scale,
+                    label_smoothing, reduction, softcap, n_non_ignore, sum_non_ignore_weight,
+                    weight_sum, return_z_loss, return_token_accuracy, return_predicted_tokens,
+                    has_gradients, *, mode=None):  # fmt: skip
+    """Liger's per-chunk primitive ``cross_entropy_loss_and_grad`` in torch, with its contract
+    (liger_kernel/ops/backends/_triton/cross_entropy.py): per-row fp32 loss, and the gradient
+    of the chunk's loss written in place into ``logits`` (softmax - one-hot; zero on ignored
+    rows; divided by the non-ignored count for reduction "mean"). Plain cross-entropy only."""
+    if ce_weight is not None or lse_square_scale or label_smoothing or softcap is not None:
+        raise NotImplementedError("liger-torch: plain cross-entropy only")
+    if return_z_loss or return_token_accuracy or return_predicted_tokens:
+        raise NotImplementedError("liger-torch: no z-loss or token metrics")
+    keep = target != ignore_index
+    rows = keep.nonzero().flatten()
+    y = target[rows]
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    loss = torch.zeros(len(target), dtype=torch.float32, device=logits.device)
+    loss[rows] = lse[rows] - logits[rows, y].float()
+    if has_gradients:
+        logits.sub_(lse[:, None].to(logits.dtype)).exp_()  # softmax, in place as Liger's kernel
+        logits[rows, y] -= 1.0
+        logits[~keep] = 0.0
+        if reduction == "mean":
+            logits.div_(max(n_non_ignore, 1))
+    if reduction == "mean":
+        loss /= max(n_non_ignore, 1)
+    return loss, None, None, None, logits
+
+
+def liger_torch() -> Callable:
+    """Liger-Kernel's fused linear cross-entropy driven through its implementation registry
+    with `_liger_ce_torch` as the per-chunk primitive (see the module doc)."""
+    from liger_kernel.backends import Capability, register_op
+    from liger_kernel.backends.registry import get_registered
+    from liger_kernel.ops.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyFunction as Liger,
+    )
+
+    if get_registered("cross_entropy_loss_and_grad", "cpu-torch") is None:
+        register_op("cross_entropy_loss_and_grad", impl_name="cpu-torch",
+                    capability=Capability(), modes=("default",), default_mode="default",
+                    preference_rank=1000)(_liger_ce_torch)  # fmt: skip
+
+    def fn(h, w, y):
+        out = Liger.apply(h, w, y, None, None, IGNORE, 0.0, 0.0, "sum", None, False, None,
+                          False, False, False, "cpu-torch")  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out
+
+    return fn
 
 
 def make_inputs(n: int, hdim: int, vocab: int, ignored: float, dtype, device, seed: int = 0):
@@ -156,6 +222,8 @@ def _proc_status(key: str) -> int:
 
 def _child(spec: dict) -> None:
     """Runs in a fresh process: one forward+backward, peak RSS above the inputs."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     fns, _ = contenders("cpu")
     dtype = getattr(torch, spec["dtype"])
     h, w, y = make_inputs(spec["n"], spec["H"], spec["V"], spec["ignored"], dtype, "cpu")
@@ -198,7 +266,8 @@ def accumulation_memory(n: int, hdim: int, vocab: int, steps: int, ignored: floa
 
 
 def memory_cpu(impl: str, n: int, hdim: int, vocab: int, ignored: float, dtype: str) -> int:
-    spec = dict(impl=impl, n=n, H=hdim, V=vocab, ignored=ignored, dtype=dtype)
+    spec = dict(impl=impl, n=n, H=hdim, V=vocab, ignored=ignored, dtype=dtype,
+                threads=torch.get_num_threads())  # fmt: skip
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -341,6 +410,7 @@ def cli() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--impls", help="comma list to run a subset (default: all available)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", type=Path)
     p.add_argument(
         "--accumulation-memory", type=int, metavar="K",
@@ -353,6 +423,8 @@ def cli() -> None:
         return _child(json.loads(a.child))
     if a.accum_child:
         return _accum_child(json.loads(a.accum_child))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.accumulation_memory:
         hdim, vocab, _, n_cpu = SHAPES[a.shapes.split(",")[0]]
         return print(

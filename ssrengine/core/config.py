@@ -62,9 +62,9 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = _f(
         "auto",
         "`auto`: flash_attention_2 on CUDA when flash-attn is installed and the compute is 16-bit "
-        "(model.dtype bf16/fp16, or training under bf16 autocast); else sdpa_varlen (packed rows "
-        "as one SDPA call per example; plain sdpa for padded batches and generation). So on GPU "
-        "training uses FA2 and fp32 generation/scoring uses sdpa_varlen.",
+        "(model.dtype bf16/fp16, or bf16 autocast: training, generation and scoring on GPUs with "
+        "bf16); else sdpa_varlen (packed rows as one SDPA call per example; plain sdpa for padded "
+        "batches and generation).",
     )
     trust_remote_code: bool = _f(
         False,
@@ -348,10 +348,13 @@ class TrainConfig:
     max_tokens: int = _f(2048, "Tokens per packed micro-batch when train.packing = true.", ge=1)
     grad_accum: int = _f(1, "Micro-batches per optimizer step.", ge=1)
     max_grad_norm: float = _f(1.0, "Gradient clipping (0 = off).", ge=0, le=1e6)
-    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto",
-        "Training compute dtype: `auto` = bf16 autocast over fp32 weights on CUDA, float32 on "
-        "CPU (bf16 matmuls are slow without AMX); or `float32` / `bfloat16` everywhere.",
+        "Training compute dtype: `auto` = bf16 autocast over fp32 weights on CUDA GPUs with "
+        "bf16 (Ampere and newer), float32 on older GPUs and the CPU (bf16 matmuls are slow "
+        "without AMX); or `float32` / `bfloat16` everywhere; `float16`: fp16 autocast with a "
+        "dynamic loss scale (torch.amp.GradScaler) for GPUs without bf16 (T4, V100), over "
+        "model.dtype = float32, one GPU or train.parallel = ddp.",
     )
     packing: bool = _f(
         True,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ssrengine.core.config import Config
+from ssrengine.core.errors import InputError
 from ssrengine.models.attention import compute_dtype, recompute_with_packed_bounds
 from ssrengine.models.layers import decoder_layers
 from ssrengine.models.loading import load_model
@@ -24,10 +25,41 @@ def bf16_dtypes(
     cfg: Config, world: distributed.World
 ) -> tuple[torch.dtype | None, torch.dtype | None]:
     """(FSDP2 param dtype, autocast dtype), decided once: bf16 compute comes from FSDP2's
-    mixed-precision policy when sharded, from torch.autocast otherwise, never from both."""
-    if compute_dtype(cfg.train.dtype, world.device) != "bfloat16":
+    mixed-precision policy when sharded, from torch.autocast otherwise, never from both;
+    fp16 from torch.autocast (with a GradScaler, `grad_scaler`)."""
+    compute = compute_dtype(cfg.train.dtype, world.device)
+    if compute == "float16":
+        check_float16(cfg, world)
+        return None, torch.float16
+    if compute != "bfloat16":
         return None, None
     return (torch.bfloat16, None) if is_fsdp(cfg, world) else (None, torch.bfloat16)
+
+
+def check_float16(cfg: Config, world: distributed.World) -> None:
+    """train.dtype = float16 needs fp32 master weights (GradScaler unscales fp32 gradients
+    only) and gradients that are whole on every rank: FSDP2 shards them, so each rank's
+    scaler would see its own overflows and skip other steps than its peers."""
+    if cfg.model.dtype != "float32":
+        raise InputError(
+            f"train.dtype = float16 trains fp32 master weights under fp16 autocast; "
+            f"model.dtype is {cfg.model.dtype}: set it to float32",
+            field="model.dtype",
+        )
+    if is_fsdp(cfg, world):
+        raise InputError(
+            "float16 with a gradient scaler needs whole gradients on every rank: use "
+            "train.parallel = ddp (FSDP2 shards them), or bfloat16 on a GPU that has it",
+            field="train.dtype",
+        )
+
+
+def grad_scaler(autocast: torch.dtype | None, device: torch.device) -> Any:
+    """A dynamic loss scale for fp16 autocast (torch.amp.GradScaler: starts at 2^16, halves
+    on an overflow, doubles after 2,000 steps without one); None for any other dtype."""
+    if autocast != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def compile_blocks(model: Any) -> None:

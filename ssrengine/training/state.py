@@ -73,6 +73,7 @@ class Trainer:
     consumed: int = 0
     eval_batches: list[MicroBatch] = dataclasses.field(default_factory=list)
     skipped: int = 0  # non-finite steps skipped so far in this run
+    scaler: Any = None  # torch.amp.GradScaler under train.dtype = float16, else None
     stop_signal: int = 0  # set by `StopRequests`: a signal asked this rank to stop
 
     def save(self, **extra: Any) -> Path:
@@ -100,7 +101,13 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             cfg=self.cfg,
-            extra={"micro_batches": self.consumed, "nonfinite_skipped": self.skipped, **extra},
+            extra={
+                "micro_batches": self.consumed,
+                "nonfinite_skipped": self.skipped,
+                # the loss scale goes on where it was (float16): no new overflows to find it
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler else {}),
+                **extra,
+            },
             keep=self.cfg.train.keep_checkpoints,
             merged=self.step >= self.cfg.train.max_steps,  # LoRA: merged model at the end only
         )

@@ -54,7 +54,7 @@ from ssrengine.training.checkpoint import (
 )
 from ssrengine.training.divergence import DivergenceGuard
 from ssrengine.training.loss import accumulate, to_device
-from ssrengine.training.net import bf16_dtypes, build_model
+from ssrengine.training.net import bf16_dtypes, build_model, grad_scaler
 from ssrengine.training.optim import build_optimizer, planned_steps, resolve_steps, sync_lr
 from ssrengine.training.state import MicroBatchStream, StepStats, Trainer, rank_micro_batches
 
@@ -114,6 +114,7 @@ def setup(
         scheduler=sched,
         stream=stream,
         autocast=bf16_dtypes(cfg, world)[1],
+        scaler=grad_scaler(bf16_dtypes(cfg, world)[1], world.device),
         eval_batches=[
             to_device(mb, world.device) for mb in validation.batches(cfg, eval_rows, tokenizer)
         ],
@@ -123,6 +124,8 @@ def setup(
         tr.step = state["step"]
         tr.consumed = state.get("micro_batches", tr.step * cfg.train.grad_accum)
         tr.skipped = state.get("nonfinite_skipped", 0)
+        if tr.scaler is not None and "grad_scaler" in state:
+            tr.scaler.load_state_dict(state["grad_scaler"])
         sync_lr(sched)  # this run's schedule: an extended run's differs from the checkpoint's
         ranks = f"{world.size} rank" + ("s" if world.size != 1 else "")
         log.info("resuming from %s (step %d, %s)", resume, tr.step, ranks)
@@ -137,31 +140,37 @@ def train_step(tr: Trainer) -> StepStats:
     t, world = tr.cfg.train, tr.world
     mbs = rank_micro_batches(tr.stream, tr.consumed, t.grad_accum, world)
     autocast = torch.autocast(world.device.type, dtype=tr.autocast) if tr.autocast else None
-    total, n_sup = accumulate(
-        tr.net, mbs, impl=t.loss_impl, autocast=autocast, world_size=world.size
-    )
-    params = [p for p in tr.net.parameters() if p.requires_grad]
-    clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    lr = tr.optimizer.param_groups[0]["lr"]
-    # Real tokens, supervised tokens and stop requests of all ranks in one all-reduce.
-    summed = distributed.all_sum(
-        torch.tensor(
-            [
-                float(sum(mb.real_tokens for mb in mbs)),
-                float(sum(mb.supervised_tokens for mb in mbs)),
-                float(tr.stop_signal > 0),
-            ],
-            device=world.device,
+    for attempt in range(MAX_RESCALES + 1):
+        total, n_sup = accumulate(
+            tr.net, mbs, impl=t.loss_impl, autocast=autocast, world_size=world.size,
+            scaler=tr.scaler,
+        )  # fmt: skip
+        if tr.scaler is not None:
+            tr.scaler.unscale_(tr.optimizer)  # clip and step see the true gradients
+        params = [p for p in tr.net.parameters() if p.requires_grad]
+        clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        lr = tr.optimizer.param_groups[0]["lr"]
+        # Real tokens, supervised tokens and stop requests of all ranks in one all-reduce.
+        summed = distributed.all_sum(
+            torch.tensor(
+                [
+                    float(sum(mb.real_tokens for mb in mbs)),
+                    float(sum(mb.supervised_tokens for mb in mbs)),
+                    float(tr.stop_signal > 0),
+                ],
+                device=world.device,
+            )
         )
-    )
-    # The one host sync per step, before the optimizer step: it decides whether to apply it.
-    # The loss is per unit of weight (per supervised token when unweighted).
-    stats = torch.cat(
-        [torch.stack([total, n_sup.float(), distributed.full_value(grad_norm).float()]), summed]
-    )
-    loss_sum_v, n_sup_v, grad_norm_v, real_v, n_tok_v, stop_v = stats.tolist()
-    applied = math.isfinite(loss_sum_v) and math.isfinite(grad_norm_v)
+        # The one host sync per step, before the optimizer step: it decides whether to apply
+        # it. The loss is per unit of weight (per supervised token when unweighted).
+        stats = torch.cat(
+            [torch.stack([total, n_sup.float(), distributed.full_value(grad_norm).float()]), summed]
+        )
+        loss_sum_v, n_sup_v, grad_norm_v, real_v, n_tok_v, stop_v = stats.tolist()
+        applied = math.isfinite(loss_sum_v) and math.isfinite(grad_norm_v)
+        if not _rescaled(tr, loss_sum_v, applied, attempt):
+            break
     if applied:
         tr.optimizer.step()
         tr.scheduler.step()
@@ -177,6 +186,25 @@ def train_step(tr: Trainer) -> StepStats:
         applied=applied,
         stop=stop_v > 0,
     )
+
+
+# fp16 overflows a step recomputes at a halved loss scale before it counts as non-finite:
+# from GradScaler's initial 2^16, 24 halvings reach 2^-8.
+MAX_RESCALES = 24
+
+
+def _rescaled(tr: Trainer, loss: float, applied: bool, attempt: int) -> bool:
+    """train.dtype = float16: update the loss scale (halved after an overflow); True when the
+    gradients overflowed at a finite loss, so the same micro-batches run again at the lower
+    scale (the first steps find the scale this way) instead of counting as non-finite."""
+    if tr.scaler is None:
+        return False
+    tr.scaler.update()
+    if applied or not math.isfinite(loss) or attempt >= MAX_RESCALES:
+        return False
+    log.debug("fp16 gradients overflowed: loss scale now %g", tr.scaler.get_scale())
+    tr.optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 class StopRequests:
