@@ -38,6 +38,7 @@ from ssrengine.core.rundir import (
 )
 from ssrengine.core.runlock import check_run_dir
 from ssrengine.data.records import Example
+from ssrengine.models.fetch import resolve_once
 from ssrengine.rehearsal import stages
 from ssrengine.rehearsal.build import format_stats, run_build
 from ssrengine.rehearsal.prepare import prepare
@@ -148,6 +149,7 @@ def _record(cfg: Config, rd: RunDir, stage: str, inputs: str, output: str = "") 
     write_provenance(rd, Provenance(stage, config, inputs, output))
 
 
+@resolve_once()
 def run_stage(
     cfg: Config, stage: str, *, resume: bool = False, examples: list[Example] | None = None
 ) -> Any:
@@ -252,6 +254,7 @@ def _train(cfg: Config, resume: bool) -> Path:
     return train(cfg, run_dir, require_resume=resume, on_start=started)
 
 
+@resolve_once()
 def run_all(cfg: Config, *, resume: bool = False) -> Path:
     """Every stage in order into run.dir; finished work is skipped. Returns the final checkpoint.
 

@@ -12,12 +12,15 @@ import pytest
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+import ssrengine
+import ssrengine.models.fetch as fetch_mod
 from ssrengine.core.config import ModelConfig
 from ssrengine.core.errors import InputError
 from ssrengine.data.records import render_prompt
 from ssrengine.generation.hf import HFGenerator
-from ssrengine.models.fetch import resolve_model_path
+from ssrengine.models.fetch import resolve_model_path, resolve_once
 from ssrengine.models.loading import load_model, load_tokenizer
+from tests.tiny import records, write_jsonl
 
 REPO = "tiny-org/Tiny-Chat"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -128,3 +131,43 @@ def test_loading_shows_no_transformers_bar(capfd, tiny_model_dir):
     load_tokenizer(str(tiny_model_dir))
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the user's setting is back
+
+
+def _move_main(hub, model_dir, commit):
+    """A second snapshot of REPO, made the one refs/main names (a newer download)."""
+    repo_dir = hub / f"models--{REPO.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / commit
+    shutil.copytree(model_dir, snap)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_a_command_resolves_its_model_once(tmp_path, monkeypatch, tiny_model_dir):
+    first = build_hub_cache(tmp_path / "hub", tiny_model_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with resolve_once():
+        assert resolve_model_path(REPO) == first
+        newer = _move_main(tmp_path / "hub", tiny_model_dir, "f" * 40)
+        with resolve_once():  # nested: the outer command's resolution
+            assert resolve_model_path(REPO) == first
+        assert load_tokenizer(REPO).name_or_path == str(first)
+    assert resolve_model_path(REPO) == newer  # the next command sees the cache as it is now
+
+
+def test_the_pipeline_resolves_model_path_once(tmp_path, monkeypatch, tiny_model_dir):
+    """prepare, the generator (tokenizer + model) and the trainer (tokenizer + model) all
+    used to resolve model.path themselves: five resolutions per run."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    calls = []
+    resolve = fetch_mod._resolve
+    monkeypatch.setattr(fetch_mod, "_resolve", lambda p: calls.append(p) or resolve(p))
+    config = {
+        "model": {"path": str(tiny_model_dir), "device": "cpu"},
+        "data": {"train_file": str(write_jsonl(tmp_path / "train.jsonl", records(4)))},
+        "generation": {"max_new_tokens": 4},
+        "train": {"max_steps": 1},
+        "run": {"dir": str(tmp_path / "run"), "mode": "ssr"},
+    }
+    ssrengine.run(config)
+    assert calls == [str(tiny_model_dir)]

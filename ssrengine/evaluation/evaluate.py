@@ -63,7 +63,7 @@ from ssrengine.evaluation.retention import (
 )
 from ssrengine.generation import Generator
 from ssrengine.generation.hf import HFGenerator
-from ssrengine.models.fetch import EMBEDDED, resolve_model_path
+from ssrengine.models.fetch import EMBEDDED, resolve_model_path, resolve_once
 from ssrengine.models.loading import load_model, load_tokenizer, pick_device
 from ssrengine.models.lora import hf_dir
 from ssrengine.rehearsal.judge import gold_declines
@@ -404,6 +404,7 @@ def _retention(
     return {"probe": pm, "mc": mcm, "own_answers": own}
 
 
+@resolve_once()
 def run_eval(t: Target, opts: EvalOptions) -> EvalResult:
     """Evaluate ``t``; write and return OUT/eval/eval.json."""
     t0 = time.perf_counter()
@@ -558,6 +559,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     )
 
 
+@resolve_once()
 def main(args: argparse.Namespace, overrides: list[str]) -> int:
     t = resolve_target(
         args.target, config=args.config, overrides=overrides, out=args.out, base=args.base

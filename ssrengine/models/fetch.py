@@ -24,11 +24,11 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-
-import torch
 
 from ssrengine.core.cache import cache_dir
 from ssrengine.core.errors import InputError
@@ -120,6 +120,7 @@ def fetch(name: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         gguf = assemble(spec, Path(tmp))
         log.info("converting %s to bf16 safetensors", spec.gguf)
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -235,6 +236,7 @@ def write_model_dir(
     builds it (Llama, Gemma-3, ...), the weights load strictly (a missing or extra tensor
     fails). ``chat_template`` replaces the tokenizer's; each of ``stop_tokens`` must be one
     token of the vocabulary, and its id joins the tokenizer's EOS in ``eos_token_id``."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = src.config
@@ -284,9 +286,43 @@ def _from_hub_cache(repo_id: str) -> Path:
         ) from None
 
 
+# model.path -> its directory, for the command running in this context (`resolve_once`).
+_RESOLVED: ContextVar[dict[str, Path] | None] = ContextVar("ssrengine_model_dirs", default=None)
+
+
+@contextmanager
+def resolve_once() -> Iterator[None]:
+    """Within it, each model.path is resolved once, when first asked for, and every later
+    `resolve_model_path` of it (prepare's, the generator's, the trainer's tokenizer and model)
+    gets that directory: a Hub id whose cached ``refs/main`` moves, or an embedded model
+    fetched again, cannot switch snapshots under a running command. A command's entry points
+    open it (`pipeline.run_all`, `pipeline.run_stage`, `trainer.train`, `evaluate.run_eval`);
+    nested uses share the outermost one, and it ends with the command, so the next command sees
+    the cache as it is then. Also a decorator."""
+    if _RESOLVED.get() is not None:
+        yield
+        return
+    token = _RESOLVED.set({})
+    try:
+        yield
+    finally:
+        _RESOLVED.reset(token)
+
+
 def resolve_model_path(path: str) -> Path:
     """An embedded model name (fetched on first use), an existing local HF directory, or a Hub
-    id (``owner/name``) already in the Hugging Face cache."""
+    id (``owner/name``) already in the Hugging Face cache; inside `resolve_once`, the directory
+    this command resolved first."""
+    memo = _RESOLVED.get()
+    if memo is not None and path in memo:
+        return memo[path]
+    resolved = _resolve(path)
+    if memo is not None:
+        memo[path] = resolved
+    return resolved
+
+
+def _resolve(path: str) -> Path:
     if path in EMBEDDED:
         return fetch(path)
     p = Path(path).expanduser()

@@ -43,6 +43,7 @@ from ssrengine.core.rows import read_typed
 from ssrengine.core.rundir import MetricRow, RehearsalRow, RunDir
 from ssrengine.models import flops
 from ssrengine.models.attention import compute_dtype
+from ssrengine.models.fetch import resolve_once
 from ssrengine.models.loading import load_tokenizer
 from ssrengine.training import distributed, reporting, validation
 from ssrengine.training.batching import encode_rows
@@ -272,6 +273,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_jsonl(path, [r.to_json() for r in old])
 
 
+@resolve_once()
 def train(
     cfg: Config,
     run_dir: Path,
