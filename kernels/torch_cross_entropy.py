@@ -94,6 +94,25 @@ def token_losses(
     return loss + z_loss * lse.square() if z_loss else loss
 
 
+def upstream_scale(
+    grad_out: torch.Tensor | None,
+    rows: torch.Tensor,
+    n: int,
+    per_token: bool,
+    w: torch.Tensor | None,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """d total / d (row's weighted loss) times its token weight, (n,) fp32, for the n rows the
+    backward computes: a per-token loss's upstream gradient at ``rows``, a reduced loss's
+    scalar broadcast; zeros (shaped ``like``) when only the lse output has a gradient."""
+    if grad_out is None:
+        scale = torch.zeros_like(like)
+    else:
+        g = grad_out.float()
+        scale = g[rows] if per_token else g.expand(n)
+    return scale if w is None else scale * w
+
+
 def logit_coefficients(
     scale: torch.Tensor, lse: torch.Tensor, z_loss: float, grad_lse: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,13 +258,7 @@ class _TorchLinearCrossEntropy(torch.autograd.Function):
             return _TorchLinearCrossEntropy._eager_backward(ctx, grad_out) + nones
         hidden, weight, bias, rows, y, w, lses = ctx.saved_tensors
         filter_eps, softcap, smoothing, z_loss = ctx.opts
-        if grad_out is None:
-            scale = torch.zeros_like(lses)
-        else:
-            g = grad_out.float()
-            scale = g[rows] if ctx.per_token else g.expand(rows.shape[0])
-        if w is not None:
-            scale = scale * w
+        scale = upstream_scale(grad_out, rows, rows.shape[0], ctx.per_token, w, lses)
         coef_p, coef_y = logit_coefficients(
             scale, lses, z_loss, None if grad_lse is None else grad_lse[rows]
         )

@@ -33,7 +33,7 @@ import triton
 from triton.runtime.errors import OutOfResources  # noqa: F401 (re-exported for callers)
 
 from . import triton_tiles
-from .torch_cross_entropy import logit_coefficients, token_losses
+from .torch_cross_entropy import logit_coefficients, token_losses, upstream_scale
 from .triton_kernels import _lce_backward_kernel, _lce_forward_kernel
 from .triton_tiles import KernelConfig, Pass, T
 
@@ -377,12 +377,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
         hidden, weight, bias, rows, y, count, lse, w = ctx.saved_tensors
         filter_eps, softcap, smoothing, z_loss = ctx.opts
-        if grad_out is None:
-            scale = torch.zeros_like(lse)
-        else:
-            g = grad_out.float()
-            scale = g[rows] if ctx.per_token else g.expand(hidden.shape[0])
-        scale = scale if w is None else scale * w
+        scale = upstream_scale(grad_out, rows, hidden.shape[0], ctx.per_token, w, lse)
         coef_p, coef_y = logit_coefficients(
             scale, lse, z_loss, None if grad_lse is None else grad_lse[rows]
         )

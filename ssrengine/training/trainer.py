@@ -103,6 +103,7 @@ def setup(
     stream = MicroBatchStream(encoded, cfg, tokenizer.pad_token_id)
     cfg = resolve_steps(cfg, stream.per_epoch, world.size)
     opt, sched = build_optimizer(cfg.train, net, world.device, cfg.train.max_steps)
+    autocast = bf16_dtypes(cfg, world)[1]
     tr = Trainer(
         cfg=cfg,
         world=world,
@@ -114,8 +115,8 @@ def setup(
         optimizer=opt,
         scheduler=sched,
         stream=stream,
-        autocast=bf16_dtypes(cfg, world)[1],
-        scaler=grad_scaler(bf16_dtypes(cfg, world)[1], world.device),
+        autocast=autocast,
+        scaler=grad_scaler(autocast, world.device),
         eval_batches=[
             to_device(mb, world.device) for mb in validation.batches(cfg, eval_rows, tokenizer)
         ],
