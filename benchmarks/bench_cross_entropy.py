@@ -6,8 +6,9 @@ the tokens ignored (prompt tokens), reduction "sum":
     python benchmarks/bench_cross_entropy.py                      # CPU: torch path vs naive
     python benchmarks/bench_cross_entropy.py --shapes smollm2 --n 8192
     python benchmarks/bench_cross_entropy.py --device cuda        # + Triton, Liger, CCE
-    python benchmarks/bench_cross_entropy.py --shapes gemma3-270m --threads 1 \
-        --out benchmarks/results/cross_entropy_cpu_gemma3.json      # 262k vocabulary, CPU
+    OMP_NUM_THREADS=1 python benchmarks/bench_cross_entropy.py --shapes gemma3-270m \
+        --threads 1 --warmup 0 --repeats 1 \
+        --out benchmarks/results/cross_entropy_cpu_gemma3.json      # 262k vocabulary, ~25 min
 
 On the CPU, "liger-torch" is Liger-Kernel's own fused linear cross-entropy (its Python
 driver: chunk size, matmuls, gradient accumulation) with its one Triton kernel, the per-chunk
@@ -374,7 +375,7 @@ def plot(result: dict, path: Path) -> None:
     rows = result["results"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(2, len(shapes), figsize=(4 * len(shapes), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(shapes), figsize=(max(4 * len(shapes), 8), 7), squeeze=False)
     panels = [("fwd_bwd_ms", "forward+backward (ms)"), ("peak_extra_bytes", "peak extra (MiB)")]
     for col, shape in enumerate(shapes):
         by_impl = {r["impl"]: r for r in rows if r["shape"] == shape}
