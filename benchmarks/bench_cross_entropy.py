@@ -169,6 +169,25 @@ def make_inputs(n: int, hdim: int, vocab: int, ignored: float, dtype, device, se
     return h.requires_grad_(), w.requires_grad_(), y.to(device)
 
 
+def agreement(fn: Callable, hdim: int, vocab: int, ignored: float, dtype, device: str,
+              n: int = 16) -> dict:  # fmt: skip
+    """``fn``'s loss and gradients against naive's on n rows of the shape: the relative error
+    of the loss and the largest gradient error relative to naive's largest gradient entry. A
+    contender that computes something else must not get a timing."""
+    got, want = [], []
+    for f, out in ((fn, got), (naive, want)):
+        h, w, y = make_inputs(n, hdim, vocab, ignored, dtype, device, seed=1)
+        loss = f(h, w, y)
+        loss.backward()
+        out += [loss.detach().float(), h.grad.float(), w.grad.float()]
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))  # noqa: E731
+    return dict(loss=rel(got[0], want[0]), grad_h=rel(got[1], want[1]), grad_w=rel(got[2], want[2]))
+
+
+# Largest relative error `agreement` lets through, by dtype (the loss is a sum over rows).
+AGREEMENT_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+
 # ----------------------------------------------------------------------------------- timing
 def time_cpu(fn: Callable, h, w, y, repeats: int, warmup: int) -> dict:
     fwd, bwd = [], []
@@ -304,6 +323,9 @@ def main(
         esize = torch.finfo(getattr(torch, dtype)).bits // 8
         grad_bytes = (n_here + vocab) * hdim * esize
         for impl, fn in fns.items():
+            agree = agreement(fn, hdim, vocab, ignored, getattr(torch, dtype), device)
+            if max(agree.values()) > AGREEMENT_TOL[dtype]:
+                raise SystemExit(f"{impl} disagrees with naive at {name}: {agree}")
             h, w, y = make_inputs(n_here, hdim, vocab, ignored, getattr(torch, dtype), device)
             extra = {}
             if device == "cuda":
@@ -317,7 +339,7 @@ def main(
                 peak = memory_cpu(impl, n_here, hdim, vocab, ignored, dtype) if memory else None
             row = dict(shape=name, H=hdim, V=vocab, N=n_here, supervised=round(n_here * (1 - ignored)),
                        impl=impl, **timing, peak_extra_bytes=peak, grad_bytes=grad_bytes,
-                       **extra)  # fmt: skip
+                       agreement=agree, **extra)  # fmt: skip
             rows.append(row)
             print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v)
                               for k, v in row.items()}), flush=True)  # fmt: skip
