@@ -69,6 +69,9 @@ OPT_balanced = --judge.gold_answerable_share=0.33
 OPT_decision = --train.decision_tokens=8 --train.decision_weight=3
 OPT_gold3 = --train.loss_weight_gold=3
 DONE := $(EXP)/.done
+# Every training run checkpoints every 10 steps (an operational setting: provenance ignores it),
+# so a run killed with the working session resumes there instead of from step 0.
+EXP_SAVE ?= --train.save_every=10
 RUN_ENV := OMP_NUM_THREADS=$(EXP_THREADS)
 report_of = $(RUN_ENV) $(PY) -m ssrengine report $(EXP)/base $(addprefix $(EXP)/,$(1)) --out $(EXP)/$(2)
 
@@ -168,7 +171,7 @@ $(DONE)/%.trained: | $(DONE)/model
 	  a="$$a $$f --train.seed=$$s"; fi; \
 	mkdir -p $(EXP)/$*; \
 	case $* in ssr) ;; *) case $${r##*/} in ssr*) cp -n $(EXP)/ssr/generations.jsonl $(EXP)/$*/;; esac;; esac; \
-	$(RUN_ENV) $(PY) -m ssrengine.train --config $$a --run.dir=$(EXP)/$*
+	$(RUN_ENV) $(PY) -m ssrengine.train --config $$a $(EXP_SAVE) --run.dir=$(EXP)/$*
 	mkdir -p $(@D) && touch $@
 
 # On a CUDA GPU node: pytest -m gpu (a skipped required test fails it), the bf16 cross-entropy

@@ -41,6 +41,9 @@ def _make(exp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
+SAVE = "--train.save_every=10"  # EXP_SAVE: a killed run resumes from its last 10-step checkpoint
+
+
 def _commands(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("-m ssrengine")]
 
@@ -67,7 +70,9 @@ def test_every_run_trains_with_its_config_and_flags(tmp_path):
     }
     assert {Path(k).name for k in train} == set(expected)
     for run_dir, cmd in train.items():
-        assert cmd == f"-m ssrengine.train {expected[Path(run_dir).name]} --run.dir={run_dir}"
+        assert (
+            cmd == f"-m ssrengine.train {expected[Path(run_dir).name]} {SAVE} --run.dir={run_dir}"
+        )
     # One shared generate, before every SSR training; every run evaluated against the base.
     gens = [i for i, c in enumerate(cmds) if c.startswith("-m ssrengine generate")]
     assert len(gens) == 1
@@ -110,7 +115,7 @@ def test_tuning_trains_the_grid_on_validation_and_selects(tmp_path):
         epochs, lr = rest.split("-lr")
         flags = f"--train.epochs={epochs} --train.lr={lr}"
         assert cmd == f"-m ssrengine.train --config configs/experiment_{arm}.toml {flags} " + (
-            f"--run.dir={run_dir}"
+            f"{SAVE} --run.dir={run_dir}"
         )
     evals = [c for c in cmds if c.startswith("-m ssrengine eval ")]
     assert len(evals) == 8
@@ -150,7 +155,9 @@ def test_seeded_runs_train_each_arm_at_its_tuned_settings(tmp_path):
             "ssr-ul": f"{ssr} --train.unlikelihood_weight=1",
             "ssr-contains": f"{ssr} --judge.match=contains",
         }[arm]
-        assert cmd == f"-m ssrengine.train {head} {tuned} --train.seed={seed} --run.dir={run_dir}"
+        assert cmd == (
+            f"-m ssrengine.train {head} {tuned} --train.seed={seed} {SAVE} --run.dir={run_dir}"
+        )
     # the tuning grid and the selection come first; every seeded run is evaluated against base
     first_seeded = min(i for i, c in enumerate(cmds) if "/seed" in c and "ssrengine.train" in c)
     assert all(i < first_seeded for i, c in enumerate(cmds) if "/tune/" in c)
