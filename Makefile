@@ -87,8 +87,11 @@ TUNE_EVAL_ARGS ?= --split in_domain=builtin:validation --limit 0 --probe-limit 1
 
 experiment-tune: $(EXP)/tune/selected.json
 
+# Once selected, the grid's checkpoints (2.1 GB per full fine-tuning run) are deleted: the
+# selection needs only their eval.json, and the seeded runs need the disk. TUNE_KEEP=1 keeps them.
 $(EXP)/tune/selected.json: $(TUNE_RUNS:%=$(EXP)/%/eval/eval.json)
 	$(PY) benchmarks/experiment.py select $(EXP)/tune
+	$(if $(TUNE_KEEP),,rm -rf $(TUNE_RUNS:%=$(EXP)/%/checkpoints))
 
 # Seeds (docs/experiment.md): every arm at its tuned epochs and lr with train.seed 0, 1, 2 on
 # test, as $(EXP)/seedS/ARM; the SSR levers on the answer decision train at the SSR arm's

@@ -103,8 +103,12 @@ def test_an_unknown_run_name_stops_with_its_name(tmp_path):
 
 def test_tuning_trains_the_grid_on_validation_and_selects(tmp_path):
     exp = tmp_path / "exp"
+    ckpt = exp / "tune" / "sft-e1-lr5e-5" / "checkpoints" / "step-31"
+    ckpt.mkdir(parents=True)
     res = _make(exp, "experiment-tune", "TUNE_EPOCHS=1 3", "TUNE_LRS=5e-5 2e-4")
     assert res.returncode == 0, res.stderr
+    # selected: the grid's checkpoints are deleted, its evals kept
+    assert not ckpt.parent.exists() and (ckpt.parents[1] / "eval" / "eval.json").is_file()
     cmds = _commands(res.stdout)
     train = {c.rsplit("--run.dir=", 1)[1]: c for c in cmds if "ssrengine.train" in c}
     assert {Path(k).name for k in train} == {
@@ -130,6 +134,15 @@ def test_tuning_trains_the_grid_on_validation_and_selects(tmp_path):
     assert [line for line in res.stdout.splitlines() if "experiment.py select" in line] == [
         f"benchmarks/experiment.py select {exp}/tune"
     ]
+
+
+def test_tuning_keeps_its_checkpoints_when_asked(tmp_path):
+    exp = tmp_path / "exp"
+    ckpt = exp / "tune" / "ssr-e1-lr5e-5" / "checkpoints" / "step-31"
+    ckpt.mkdir(parents=True)
+    res = _make(exp, "experiment-tune", "TUNE_EPOCHS=1", "TUNE_LRS=5e-5", "TUNE_KEEP=1")
+    assert res.returncode == 0, res.stderr
+    assert ckpt.is_dir()
 
 
 def test_seeded_runs_train_each_arm_at_its_tuned_settings(tmp_path):
