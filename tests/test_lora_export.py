@@ -164,6 +164,26 @@ def test_eval_of_an_interrupted_lora_run_merges_its_newest_checkpoint(lora_run, 
     assert resumable_checkpoint(run / "checkpoints") == run / "checkpoints" / "step-2"
 
 
+def test_a_pruned_checkpoint_takes_its_merge_with_it(lora_run, tmp_path):
+    run = tmp_path / "resumed"
+    shutil.copytree(lora_run, run)
+    shutil.rmtree(run / "export", ignore_errors=True)
+    shutil.rmtree(_ckpt(run, STEPS))
+    assert hf_dir(_ckpt(run, 2)) == merged_dir(_ckpt(run, 2))  # eval merged step-2
+    saved = json.loads(RunDir(run).config.read_text())
+    cfg = load_config(
+        None,
+        [f"--model.path={saved['model']['path']}", f"--run.dir={run}", "--train.lr=1e-2",
+         "--train.max_steps=4", "--train.save_every=1", "--train.keep_checkpoints=2",
+         "--train.micro_batch_size=4", "--train.lora=true", "--data.eval_fraction=0.3",
+         "--train.keep_best=true", "--train.eval_every=1"],
+    )  # fmt: skip
+    train(cfg, run)  # resumes from step-2; keeps step-3 and step-4
+    assert sorted(p.name for p in RunDir(run).checkpoints.glob("step-*")) == ["step-3", "step-4"]
+    assert not merged_dir(_ckpt(run, 2)).exists() and not merged_dir(_ckpt(run, 1)).exists()
+    assert (run / "checkpoints" / "best").is_dir()  # not a step: never pruned
+
+
 def test_an_adapter_only_checkpoint_as_a_model_path_names_the_way_out(lora_run):
     with pytest.raises(InputError, match="LoRA checkpoint holding the adapter only") as e:
         resolve_model_path(str(_ckpt(lora_run, 1)))

@@ -69,6 +69,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ssrengine.core.config import Config
 from ssrengine.core.errors import InputError
 from ssrengine.models.loading import quiet_transformers
+from ssrengine.models.lora import merged_dir
 from ssrengine.training import distributed
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ def save_checkpoint(
         older = [p for s, p in done if s < step]
         for p in stale + (older[: max(0, len(older) - keep + 1)] if keep > 0 else []):
             shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(merged_dir(p), ignore_errors=True)  # eval's merge of it (LoRA)
     distributed.barrier()
     return final
 
