@@ -224,7 +224,11 @@ def test_bad_csv_cell_names_line_and_field(tmp_path):
 @pytest.mark.parametrize(
     ("name", "data", "needle"),
     [
-        ("t.jsonl", gzip.compress(b'{"id": "x"}\n', mtime=0), "gzip-compressed; name it t.jsonl.gz"),
+        (
+            "t.jsonl",
+            gzip.compress(b'{"id": "x"}\n', mtime=0),
+            "gzip-compressed; name it t.jsonl.gz",
+        ),
         ("t.csv", b"id,response\nx,caf\xe9\n", "not valid UTF-8"),
         ("t.jsonl.gz", b'{"id": "x"}\n', "corrupt gzip file"),
         ("t.json", b'{"id": 1', "malformed JSON"),
