@@ -30,10 +30,14 @@ TEMPLATE = (
 )
 
 
+def _repo_dir(root, repo=REPO):
+    return root / f"models--{repo.replace('/', '--')}"
+
+
 def build_hub_cache(root, model_dir, repo=REPO):
     """huggingface_hub's cache layout: blobs by content hash, a snapshot of symlinks into
     them per commit, refs/main naming the commit (huggingface_hub/file_download.py)."""
-    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    repo_dir = _repo_dir(root, repo)
     snap = repo_dir / "snapshots" / COMMIT
     (repo_dir / "blobs").mkdir(parents=True)
     snap.mkdir(parents=True)
@@ -48,10 +52,16 @@ def build_hub_cache(root, model_dir, repo=REPO):
     return snap
 
 
-def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch, tiny_model_dir):
-    snap = build_hub_cache(tmp_path / "hub", tiny_model_dir)
+def _offline_hub(tmp_path, monkeypatch, model_dir):
+    """REPO in a Hugging Face cache at tmp_path/hub that is the one used, offline."""
+    snap = build_hub_cache(tmp_path / "hub", model_dir)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return snap
+
+
+def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch, tiny_model_dir):
+    snap = _offline_hub(tmp_path, monkeypatch, tiny_model_dir)
     assert resolve_model_path(REPO) == snap
     tok = load_tokenizer(REPO)
     model = load_model(REPO, device="cpu")
@@ -135,7 +145,7 @@ def test_loading_shows_no_transformers_bar(capfd, tiny_model_dir):
 
 def _move_main(hub, model_dir, commit):
     """A second snapshot of REPO, made the one refs/main names (a newer download)."""
-    repo_dir = hub / f"models--{REPO.replace('/', '--')}"
+    repo_dir = _repo_dir(hub)
     snap = repo_dir / "snapshots" / commit
     shutil.copytree(model_dir, snap)
     (repo_dir / "refs" / "main").write_text(commit)
@@ -143,9 +153,7 @@ def _move_main(hub, model_dir, commit):
 
 
 def test_a_command_resolves_its_model_once(tmp_path, monkeypatch, tiny_model_dir):
-    first = build_hub_cache(tmp_path / "hub", tiny_model_dir)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first = _offline_hub(tmp_path, monkeypatch, tiny_model_dir)
     with resolve_once():
         assert resolve_model_path(REPO) == first
         newer = _move_main(tmp_path / "hub", tiny_model_dir, "f" * 40)

@@ -68,8 +68,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ssrengine.core.config import Config
 from ssrengine.core.errors import InputError
+from ssrengine.models import lora
 from ssrengine.models.loading import quiet_transformers
-from ssrengine.models.lora import merged_dir
 from ssrengine.training import distributed
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def save_checkpoint(
         older = [p for s, p in done if s < step]
         for p in stale + (older[: max(0, len(older) - keep + 1)] if keep > 0 else []):
             shutil.rmtree(p, ignore_errors=True)
-            shutil.rmtree(merged_dir(p), ignore_errors=True)  # eval's merge of it (LoRA)
+            shutil.rmtree(lora.merged_dir(p), ignore_errors=True)  # eval's merge of it (LoRA)
     distributed.barrier()
     return final
 
@@ -372,8 +372,6 @@ def _export_hf_files(
     if peft_model is None:
         hf_model.save_pretrained(out, state_dict=weights, safe_serialization=True)
         return
-    from ssrengine.models import lora
-
     lora.save_adapter(peft_model, weights, out / lora.ADAPTER)
     if merged:
         lora.export_merged(out / lora.ADAPTER, cfg, out)
